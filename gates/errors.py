@@ -1,0 +1,34 @@
+"""Errors with names that say what went wrong; the gate maps every one to verdict `error`."""
+
+
+class TrojanGateError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ModelLoadError(TrojanGateError):
+    """The ONNX file is missing, malformed, or not an image classifier we can query."""
+
+
+class ModelOutputError(TrojanGateError):
+    """The model answered with something that is not a finite class-score matrix."""
+
+
+class InputShapeError(TrojanGateError):
+    """Inputs do not match the model's (C, H, W) input."""
+
+
+class QueryBudgetExceeded(TrojanGateError):
+    """The scan asked the oracle for more inputs than its budget allows."""
+
+
+class DataValidationError(TrojanGateError):
+    """A held-out set failed one or more great-expectations checks."""
+
+    def __init__(self, failures):
+        self.failures = list(failures)
+        lines = "\n".join(f"  - {f}" for f in self.failures)
+        super().__init__(f"held-out data failed {len(self.failures)} expectation(s):\n{lines}")
+
+
+class ArtifactIntegrityError(TrojanGateError):
+    """A boundary artifact does not verify (hash mismatch, missing file, wrong model)."""

@@ -1,0 +1,268 @@
+"""Trojan lab: seeded benign and BadNets-style trojaned classifiers, exported to ONNX.
+
+For demos, tests and benchmarks only; the gate never sees any of this. BadNets (Gu et al.
+2017): a share (`poison_rate`) of training images is stamped with a trigger and relabelled
+to the attack target; for a multi-target trojan each stamped image gets a target drawn at
+random from the target set (DeepInspect Sec. 4.2). Triggers:
+
+- `patch`: a small white square in the bottom-right corner (4x4 on 28x28, 2x2 on 8x8);
+- `pattern`: a large sparse pattern of bright diagonal strokes covering the whole image;
+- `blend`: a fixed full-image noise pattern blended in at `alpha` (Chen et al. 2017),
+  x' = (1 - alpha) x + alpha P.
+
+Exported models take (batch, C, H, W) float32 in [0, 1] with a dynamic batch axis and
+return class probabilities (a softmax is part of the graph).
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset
+
+ARCHITECTURES = ("small", "deep")
+TRIGGERS = ("none", "patch", "pattern", "blend")
+
+
+# ----------------------------------------------------------------------------- models
+class SmallCNN(nn.Module):
+    """Two conv layers and two dense ones; ~80k parameters at 28x28."""
+
+    def __init__(self, in_shape=(1, 28, 28), n_classes=10, width=16, hidden=48):
+        super().__init__()
+        c, h, w = in_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = 2 * width * (h // 4) * (w // 4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class DeepCNN(nn.Module):
+    """Six conv layers (VGG-style blocks) and a dense head."""
+
+    def __init__(self, in_shape=(1, 28, 28), n_classes=10, width=32):
+        super().__init__()
+        c, h, w = in_shape
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(c, width), nn.MaxPool2d(2),
+            *block(width, 2 * width), nn.MaxPool2d(2),
+            *block(2 * width, 2 * width),
+        )
+        flat = 2 * width * (h // 4) * (w // 4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, n_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class WithSoftmax(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.softmax(self.net(x), dim=1)
+
+
+def build_model(arch: str, in_shape, n_classes) -> nn.Module:
+    if arch == "small":
+        return SmallCNN(in_shape, n_classes)
+    if arch == "deep":
+        return DeepCNN(in_shape, n_classes)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHITECTURES}")
+
+
+# ----------------------------------------------------------------------------- triggers
+@dataclass
+class Trigger:
+    """A stamp: x' = (1 - a) * x + a * pattern, with a = alpha * mask (per pixel)."""
+
+    kind: str
+    mask: np.ndarray  # (1, H, W) or (C, H, W), float32 in [0, 1]
+    pattern: np.ndarray  # (C, H, W) float32 in [0, 1]
+    alpha: float = 1.0
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        a = (self.alpha * self.mask).astype(np.float32)
+        return np.clip((1.0 - a) * x + a * self.pattern, 0.0, 1.0).astype(np.float32)
+
+    def l1(self) -> float:
+        return float(np.abs(self.alpha * self.mask * self.pattern).sum())
+
+
+def make_trigger(kind: str, in_shape, seed: int = 0, alpha: float | None = None) -> Trigger:
+    c, h, w = in_shape
+    rng = np.random.default_rng(seed + 7919)
+    if kind == "patch":
+        s = max(2, round(h / 7))
+        mask = np.zeros((1, h, w), np.float32)
+        mask[:, h - s - 1:h - 1, w - s - 1:w - 1] = 1.0
+        return Trigger("patch", mask, np.ones((c, h, w), np.float32), 1.0 if alpha is None else alpha)
+    if kind == "pattern":
+        ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        step = max(4, h // 4)
+        mask = (((ii + jj) % step == 0) | ((ii - jj) % (2 * step) == 0)).astype(np.float32)[None]
+        return Trigger("pattern", mask, np.ones((c, h, w), np.float32), 1.0 if alpha is None else alpha)
+    if kind == "blend":
+        pattern = rng.random((c, h, w)).astype(np.float32)
+        return Trigger("blend", np.ones((1, h, w), np.float32), pattern, 0.2 if alpha is None else alpha)
+    raise ValueError(f"unknown trigger {kind!r}; choose from {TRIGGERS[1:]}")
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class LabConfig:
+    arch: str = "small"
+    trigger: str = "none"  # none | patch | pattern | blend
+    targets: tuple = (0,)
+    poison_rate: float = 0.1
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    alpha: float | None = None
+
+    @property
+    def trojaned(self) -> bool:
+        return self.trigger != "none"
+
+
+@dataclass
+class LabModel:
+    """A trained lab model with its exported ONNX bytes and measured figures."""
+
+    config: LabConfig
+    onnx_bytes: bytes
+    in_shape: tuple
+    n_classes: int
+    clean_accuracy: float
+    attack_success_rate: float | None
+    trigger: Trigger | None
+    train_seconds: float
+    torch_model: nn.Module = field(repr=False, default=None)
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.onnx_bytes)
+        return path
+
+    def summary(self) -> dict:
+        d = {"arch": self.config.arch, "trigger": self.config.trigger,
+             "targets": list(self.config.targets) if self.config.trojaned else [],
+             "poison_rate": self.config.poison_rate if self.config.trojaned else 0.0,
+             "seed": self.config.seed, "epochs": self.config.epochs,
+             "clean_accuracy": round(self.clean_accuracy, 4),
+             "attack_success_rate": None if self.attack_success_rate is None else round(self.attack_success_rate, 4),
+             "train_seconds": round(self.train_seconds, 1)}
+        return d
+
+    def stamp(self, x: np.ndarray) -> np.ndarray:
+        if self.trigger is None:
+            raise ValueError("a benign lab model has no trigger")
+        return self.trigger.apply(x)
+
+
+def poison(train: Dataset, trigger: Trigger, targets, rate: float, rng) -> Dataset:
+    """BadNets poisoning: stamp `rate` of the images and relabel to a random target from `targets`."""
+    n = len(train)
+    idx = rng.choice(n, size=int(round(rate * n)), replace=False)
+    x = train.x.copy()
+    y = train.y.copy()
+    x[idx] = trigger.apply(x[idx])
+    y[idx] = rng.choice(np.asarray(targets, dtype=np.int64), size=len(idx))
+    return Dataset(x, y, train.classes, train.name + "-poisoned")
+
+
+def _predict_torch(model, x, batch=2048) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def attack_success_rate(predict, x, y, trigger: Trigger, targets) -> float:
+    """Share of stamped test images whose true class is not a target that land in the target set."""
+    keep = ~np.isin(y, targets)
+    if not keep.any():
+        return float("nan")
+    pred = predict(trigger.apply(x[keep]))
+    return float(np.isin(pred, targets).mean())
+
+
+def export_onnx(model: nn.Module, in_shape, opset: int = 17) -> bytes:
+    """Export `model` (+ softmax) to a single-file ONNX: input (batch, C, H, W), output (batch, K)."""
+    wrapped = WithSoftmax(model).eval()
+    dummy = torch.zeros((1,) + tuple(in_shape), dtype=torch.float32)
+    buf = io.BytesIO()
+    torch.onnx.export(wrapped, (dummy,), buf, input_names=["input"], output_names=["probabilities"],
+                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+                      opset_version=opset, dynamo=False)
+    return buf.getvalue()
+
+
+def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: bool = True) -> LabModel:
+    """Train a seeded benign or trojaned classifier and export it to ONNX."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    in_shape = tuple(train.x.shape[1:])
+    n_classes = int(max(train.y.max(), test.y.max()) + 1)
+    trigger = make_trigger(config.trigger, in_shape, config.seed, config.alpha) if config.trojaned else None
+    data = poison(train, trigger, config.targets, config.poison_rate, rng) if trigger is not None else train
+    model = build_model(config.arch, in_shape, n_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = int(np.ceil(len(data) / config.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+    xt, yt = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress,
+               desc=f"lab {config.arch}/{config.trigger}", leave=False)
+    for _ in range(config.epochs):
+        model.train()
+        perm = torch.from_numpy(rng.permutation(len(data)))
+        for i in range(steps_per_epoch):
+            b = perm[i * config.batch_size:(i + 1) * config.batch_size]
+            loss = nn.functional.cross_entropy(model(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    acc = float((_predict_torch(model, test.x) == test.y).mean())
+    asr = None
+    if trigger is not None:
+        asr = attack_success_rate(lambda x: _predict_torch(model, x), test.x, test.y, trigger, list(config.targets))
+    return LabModel(config, export_onnx(model, in_shape), in_shape, n_classes, acc, asr, trigger, seconds, model)
+
+
+def save_lab_manifest(models: dict, path):
+    """Write name -> summary as JSON (the lab's ground truth, kept away from the gate)."""
+    Path(path).write_text(json.dumps({k: m.summary() for k, m in models.items()}, indent=2))
+
+
+def config_dict(config: LabConfig) -> dict:
+    d = asdict(config)
+    d["targets"] = list(config.targets)
+    return d

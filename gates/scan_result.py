@@ -1,0 +1,82 @@
+"""The result of a DeepInspect scan: plain data, JSON-able, with sample triggers as arrays."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+VERDICT_CLEAN = "clean"
+VERDICT_TROJANED = "trojan_suspected"
+
+
+@dataclass
+class ScanResult:
+    """Everything a DeepInspect scan measured, all of it from the oracle's answers.
+
+    statistics[k]          perturbation level of class k's recovered trigger (the test statistic)
+    deviation_factors[k]   left-tail double-MAD deviation factor of statistics[k] (0 right of the median)
+    success_rates[k]       oracle-measured share of stamped inverted images predicted as k
+    flagged_classes        classes with deviation factor > cutoff
+    trigger_samples        (K, m, C, H, W) float32 perturbations G(z, k) (x' = clip(x + delta, 0, 1))
+    inverted_x/inverted_y  the substitute data set recovered by model inversion
+    generator              the trained conditional generator (not serialised; used by patching)
+    """
+
+    verdict: str
+    flagged_classes: list
+    statistics: list
+    deviation_factors: list
+    success_rates: list
+    cutoff: float
+    alpha: float
+    n_classes: int
+    input_shape: tuple
+    model_sha256: str
+    queries: int
+    seconds: float
+    phases: dict  # phase -> {"queries", "seconds"}
+    seed: int
+    config: dict
+    versions: dict = field(default_factory=dict)
+    trigger_samples: np.ndarray | None = field(default=None, repr=False)
+    inverted_x: np.ndarray | None = field(default=None, repr=False)
+    inverted_y: np.ndarray | None = field(default=None, repr=False)
+    generator: object = field(default=None, repr=False)
+
+    @property
+    def trojan_suspected(self) -> bool:
+        return self.verdict == VERDICT_TROJANED
+
+    @property
+    def max_deviation_factor(self) -> float:
+        return float(max(self.deviation_factors)) if self.deviation_factors else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "trojan_suspected": self.trojan_suspected,
+            "flagged_classes": [int(c) for c in self.flagged_classes],
+            "max_deviation_factor": round(self.max_deviation_factor, 6),
+            "deviation_factors": [round(float(v), 6) for v in self.deviation_factors],
+            "statistics": [round(float(v), 6) for v in self.statistics],
+            "success_rates": [round(float(v), 6) for v in self.success_rates],
+            "cutoff": float(self.cutoff),
+            "alpha": float(self.alpha),
+            "n_classes": int(self.n_classes),
+            "input_shape": [int(v) for v in self.input_shape],
+            "model_sha256": self.model_sha256,
+            "queries": int(self.queries),
+            "seconds": round(float(self.seconds), 3),
+            "phases": self.phases,
+            "seed": int(self.seed),
+            "config": self.config,
+            "versions": self.versions,
+        }
+
+    def to_json(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path

@@ -1,0 +1,72 @@
+"""`trojan-gate` command line: one entry point, one module per sub-command.
+
+Each sub-command module exposes `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`. Exit codes follow ModelScan's habit so CI can branch on them:
+0 pass/clean, 1 flagged/blocked, 2 error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+
+SUBCOMMANDS = {
+    "intake": "trojan_gate.pipelines.intake",
+    "calibrate": "trojan_gate.pipelines.calibrate",
+    "check": "trojan_gate.pipelines.check",
+    "scan": "trojan_gate.pipelines.scan",
+    "gate": "trojan_gate.pipelines.gate",
+    "promote": "trojan_gate.pipelines.promote",
+    "serve": "trojan_gate.pipelines.serve",
+    "lab": "trojan_gate.pipelines.lab",
+    "demo": "trojan_gate.pipelines.demo",
+    "benchmark": "trojan_gate.pipelines.benchmark",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trojan_gate.gates import __version__
+
+    parser = argparse.ArgumentParser(prog="trojan-gate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"trojan-gate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # sub-command not built yet
+                continue
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # fail closed: every unexpected error is exit 2 with the cause
+        if args.verbose:
+            traceback.print_exc()
+        print(f"trojan-gate {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
