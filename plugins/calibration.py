@@ -1,0 +1,104 @@
+"""Attach a STRIP boundary to a registered model version and register the guarded pyfunc.
+
+On the source version: the boundary artifact is logged to an MLflow run and tagged
+(`trojan_gate.strip.boundary`, `.n`, `.frr`, `.blend`, `.artifact_sha256`, `.artifact_uri`,
+`.run_id`, `trojan_gate.guarded_model`). The guarded model (ONNX + artifact, models-from-code)
+is registered as a version of `<name>-guarded` with lineage tags pointing back.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from trojan_gate.gates import __version__
+from trojan_gate.gates.calibration import calibrate_strip
+from trojan_gate.gates.data import Dataset
+from trojan_gate.gates.oracle import ModelOracle
+
+from .guarded_pyfunc import CODE_FILE, guarded_signature
+from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag
+
+GUARDED_SUFFIX = "-guarded"
+SERVING_REQUIREMENTS = ["mlflow", "onnxruntime", "onnx", "numpy", "pandas", "scipy"]
+
+
+@dataclass
+class CalibrationOutcome:
+    source: VersionRef
+    guarded: VersionRef
+    boundary_dir: Path
+    artifact_sha256: str
+    run_id: str
+    detector: object
+
+    def as_dict(self) -> dict:
+        d = self.detector
+        return {"source": self.source.uri, "guarded_model": self.guarded.uri, "run_id": self.run_id,
+                "boundary": float(d.threshold_), "mean": float(d.mean_), "std": float(d.std_),
+                "frr": float(d.frr_), "n_perturbations": int(d.n_perturbations), "blend": d.blend,
+                "artifact_sha256": self.artifact_sha256, "boundary_dir": str(self.boundary_dir)}
+
+
+def log_guarded_model(onnx_path, boundary_dir, input_shape, guarded_name: str, tags: dict,
+                      client: MlflowClient | None = None) -> VersionRef:
+    """Log ONNX + boundary as a models-from-code pyfunc (inside the active run) and register it."""
+    client = client or MlflowClient()
+    info = mlflow.pyfunc.log_model(
+        name="guarded_model", python_model=str(CODE_FILE),
+        artifacts={"onnx_model": str(onnx_path), "boundary": str(boundary_dir)},
+        signature=guarded_signature(input_shape), pip_requirements=SERVING_REQUIREMENTS,
+    )
+    try:
+        client.get_registered_model(guarded_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(guarded_name, tags={tag("managed"): "true", tag("kind"): "guarded"})
+    mv = client.create_model_version(guarded_name, source=info.model_uri, run_id=mlflow.active_run().info.run_id,
+                                     tags=tags, model_id=info.model_id)
+    return VersionRef(guarded_name, str(mv.version))
+
+
+def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
+                         blend: str | None = None, seed: int = 0, min_per_class: int = 5,
+                         guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
+                         extra_metrics: dict | None = None) -> CalibrationOutcome:
+    """Verify the version's ONNX, calibrate STRIP on held-out data, attach and register the guard."""
+    from trojan_gate.gates.strip import artifact_sha256
+
+    client = MlflowClient()
+    work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
+    onnx_path = fetch_onnx(ref, dst=str(work / "model"), client=client)  # sha256-verified
+    oracle = ModelOracle(onnx_path)
+    boundary_dir = work / "strip_boundary"
+    det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
+                          min_per_class=min_per_class, out_dir=boundary_dir)
+    digest = artifact_sha256(boundary_dir)
+    guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
+    ensure_experiment(experiment)
+    with mlflow.start_run(run_name=f"calibrate-{ref.name}-v{ref.version}") as run:
+        mlflow.set_tags({"trojan_gate.model": ref.uri, "trojan_gate.version": __version__})
+        mlflow.log_params({"model_uri": ref.uri, "frr": frr, "n_perturbations": det.n_perturbations,
+                           "blend": det.blend, "seed": seed, "heldout_size": len(heldout),
+                           "rule": det.rule})
+        mlflow.log_metrics({"strip_boundary": float(det.threshold_), "strip_benign_mean": float(det.mean_),
+                            "strip_benign_std": float(det.std_),
+                            "strip_empirical_boundary": float(det.empirical_threshold_),
+                            "oracle_queries": float(oracle.queries), **(extra_metrics or {})})
+        mlflow.log_artifacts(str(boundary_dir), artifact_path="strip_boundary")
+        artifact_uri = mlflow.get_artifact_uri("strip_boundary")
+        guarded = log_guarded_model(onnx_path, boundary_dir, oracle.input_shape, guarded_name, tags={
+            tag("source_model"): ref.name, tag("source_version"): ref.version,
+            tag("sha256"): oracle.sha256, tag("strip.artifact_sha256"): digest,
+            tag("strip.boundary"): f"{det.threshold_:.6f}", tag("status"): "guarded",
+        }, client=client)
+        set_tags(ref, {
+            "strip.boundary": f"{det.threshold_:.6f}", "strip.n": det.n_perturbations, "strip.frr": frr,
+            "strip.blend": det.blend, "strip.rule": det.rule, "strip.artifact_sha256": digest,
+            "strip.artifact_uri": artifact_uri, "strip.run_id": run.info.run_id, "guarded_model": guarded.uri,
+        }, client)
+        mlflow.log_dict(json.loads((boundary_dir / "boundary.json").read_text()), "strip_boundary_summary.json")
+    return CalibrationOutcome(ref, guarded, boundary_dir, digest, run.info.run_id, det)

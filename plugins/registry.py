@@ -1,0 +1,179 @@
+"""Where trojan-gate meets the MLflow model registry: intake, tags, fetching verified models.
+
+Tag names all start with `trojan_gate.`. Intake registers a third-party ONNX file as a new
+model version (mlflow.onnx flavor, weights in one file so it can be hashed) with tags
+`trojan_gate.sha256`, `.source`, `.input_shape`, `.n_classes`, `.status=pending`.
+Everything read back from the registry is verified against the sha256 tag first.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from trojan_gate.gates import __version__
+from trojan_gate.gates.errors import ArtifactIntegrityError, TrojanGateError
+from trojan_gate.gates.hashing import sha256_file
+from trojan_gate.gates.oracle import ModelOracle
+
+TAG = "trojan_gate."
+STATUS_PENDING = "pending"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ONNX_FILE = "model.onnx"
+
+
+class RegistryError(TrojanGateError):
+    """A registry object is missing or not in the state an operation needs."""
+
+
+def tag(name: str) -> str:
+    return TAG + name
+
+
+def configure_tracking(tracking_uri: str | None = None) -> str:
+    """Point MLflow at `tracking_uri`, else $MLFLOW_TRACKING_URI, else a local SQLite store."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def is_model_uri(s: str) -> bool:
+    return str(s).startswith("models:/")
+
+
+def resolve(uri_or_name: str, version: str | int | None = None, client: MlflowClient | None = None) -> VersionRef:
+    """`models:/NAME/VERSION`, `models:/NAME@ALIAS`, or NAME + VERSION → a checked VersionRef."""
+    client = client or MlflowClient()
+    if version is not None:
+        name, ver = uri_or_name, str(version)
+    else:
+        m = _URI.match(str(uri_or_name))
+        if not m:
+            raise RegistryError(f"not a model version URI: {uri_or_name!r} (expected models:/NAME/VERSION or models:/NAME@ALIAS)")
+        name = m["name"]
+        if m["alias"]:
+            try:
+                ver = client.get_model_version_by_alias(name, m["alias"]).version
+            except mlflow.exceptions.MlflowException as e:
+                raise RegistryError(f"alias {m['alias']!r} of model {name!r} not found") from e
+        else:
+            ver = m["version"]
+    try:
+        client.get_model_version(name, ver)
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"model version {name}/{ver} not found in the registry") from e
+    return VersionRef(name, str(ver))
+
+
+def version_tags(ref: VersionRef, client: MlflowClient | None = None) -> dict:
+    client = client or MlflowClient()
+    return dict(client.get_model_version(ref.name, ref.version).tags)
+
+
+def set_tags(ref: VersionRef, tags: dict, client: MlflowClient | None = None):
+    client = client or MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(ref.name, ref.version, k if k.startswith(TAG) else tag(k), str(v))
+
+
+def onnx_signature(input_shape, n_classes):
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) + tuple(input_shape))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(n_classes)))]))
+
+
+def intake_onnx(path, name: str, source: str | None = None, description: str | None = None,
+                experiment: str = "trojan-gate-intake", extra_tags: dict | None = None) -> VersionRef:
+    """Register a third-party ONNX file as a new version of `name`, status pending.
+
+    ONNX Runtime must load the file and it must look like an image classifier
+    ((batch, C, H, W) float input, (batch, K) output); otherwise ModelLoadError, and the
+    registry is left untouched.
+    """
+    import onnx
+
+    path = Path(path)
+    oracle = ModelOracle(path)  # raises ModelLoadError before anything is written
+    info = oracle.info
+    proto = onnx.load_model_from_string(oracle.model_bytes)
+    client = MlflowClient()
+    ensure_experiment(experiment)
+    tags = {
+        tag("sha256"): info.sha256,
+        tag("source"): source or str(path.resolve()),
+        tag("input_shape"): "x".join(map(str, info.input_shape)),
+        tag("n_classes"): str(info.n_classes),
+        tag("classes"): ",".join(str(i) for i in range(info.n_classes)),
+        tag("status"): STATUS_PENDING,
+        tag("intake_version"): __version__,
+    }
+    tags.update({k if k.startswith(TAG) else tag(k): str(v) for k, v in (extra_tags or {}).items()})
+    with mlflow.start_run(run_name=f"intake-{name}") as run:
+        mlflow.log_params({"model_file": path.name, "sha256": info.sha256, "input_shape": str(info.input_shape),
+                           "n_classes": info.n_classes, "opset": info.opset})
+        model_info = mlflow.onnx.log_model(proto, name="model", save_as_external_data=False,
+                                           signature=onnx_signature(info.input_shape, info.n_classes))
+        try:
+            client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, tags={tag("managed"): "true"})
+        mv = client.create_model_version(name, source=model_info.model_uri, run_id=run.info.run_id, tags=tags,
+                                         description=description, model_id=model_info.model_id)
+    ref = VersionRef(name, str(mv.version))
+    # read back what the registry stores and check it is the file we were given
+    local = fetch_onnx(ref, client=client)
+    if sha256_file(local) != info.sha256:
+        raise ArtifactIntegrityError(f"registered artifact of {ref.uri} does not hash to the intake file")
+    return ref
+
+
+def fetch_onnx(ref: VersionRef, dst: str | None = None, client: MlflowClient | None = None) -> Path:
+    """Download the version's single-file ONNX and verify it against the `trojan_gate.sha256` tag."""
+    client = client or MlflowClient()
+    tags = version_tags(ref, client)
+    expected = tags.get(tag("sha256"))
+    if not expected:
+        raise RegistryError(f"{ref.uri} has no {tag('sha256')} tag: register it with `trojan-gate intake` first")
+    dst = dst or tempfile.mkdtemp(prefix="trojan-gate-model-")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst))
+    candidates = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
+    if not candidates:
+        raise ArtifactIntegrityError(f"{ref.uri} holds no .onnx file")
+    onnx_path = candidates[0]
+    actual = sha256_file(onnx_path)
+    if actual != expected:
+        raise ArtifactIntegrityError(f"{ref.uri}: model file sha256 {actual[:12]}… does not match the "
+                                     f"registered {tag('sha256')} {expected[:12]}… (tampered artifact?)")
+    return onnx_path
