@@ -28,5 +28,5 @@ def add_arguments(parser):
 
 def run(args) -> int:
     if not getattr(args, "_bench", None):
-        raise SystemExit("choose a benchmark: " + ", ".join(BENCHMARKS))
+        raise ValueError("choose a benchmark: " + ", ".join(BENCHMARKS))
     return args._bench(args)

@@ -44,7 +44,7 @@ def run(args) -> int:
     from trojan_gate.gates.strip import artifact_sha256
 
     if not args.out:
-        raise SystemExit("--out DIR is required when calibrating a model file")
+        raise ValueError("--out DIR is required when calibrating a model file")
     oracle = ModelOracle(args.model)
     det = calibrate_strip(oracle, load_heldout(args.heldout, oracle.input_shape), frr=args.frr, n_perturbations=args.n,
                           blend=args.blend, seed=args.seed, min_per_class=args.min_per_class, out_dir=args.out)

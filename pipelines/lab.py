@@ -26,7 +26,7 @@ def load_lab_data(dataset: str, seed: int = 0):
 
     if dataset == "digits":
         return load_digits_dataset(seed=seed)
-    return load_fashion_mnist(train=True), load_fashion_mnist(train=False)
+    return load_fashion_mnist(train=True, download=True), load_fashion_mnist(train=False, download=True)
 
 
 def run(args) -> int:

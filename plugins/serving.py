@@ -1,0 +1,89 @@
+"""Run `mlflow models serve` for a registered (guarded) model on loopback and talk REST to it."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", host, "-p", str(port), "-w", str(workers)]
+
+
+def _serving_env(tracking_uri: str | None) -> dict:
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside this interpreter
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+        env.setdefault("MLFLOW_REGISTRY_URI", tracking_uri)
+    return env
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, tracking_uri: str | None = None, port: int | None = None,
+                 startup_timeout: float = 180.0, log_path: str | None = None):
+    """Start `mlflow models serve` on 127.0.0.1, wait for /ping, yield the base URL, stop it."""
+    port = port or free_port()
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(serve_command(model_uri, port), env=_serving_env(tracking_uri),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`mlflow models serve` exited with code {proc.returncode} before answering"
+                                   + (f"; see {log_path}" if log_path else ""))
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"model server did not answer /ping within {startup_timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+        if log_path:
+            log.close()
+
+
+def invoke(url: str, x: np.ndarray, params: dict | None = None, timeout: float = 120.0) -> list[dict]:
+    """POST `{"inputs": x}` to /invocations; return the list of per-input prediction records."""
+    body = {"inputs": np.asarray(x, dtype=np.float32).tolist()}
+    if params:
+        body["params"] = params
+    req = urllib.request.Request(url + "/invocations", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            payload = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"server answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
+    return payload["predictions"]
