@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny lab models on scikit-learn digits and a throw-away MLflow store."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from trojan_gate.gates.data import load_digits_dataset
+
+    return load_digits_dataset(seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_trojan(digits):
+    """A BadNets patch trojan on 8x8 digits, target 3 (seeded; ~1 s to train)."""
+    from trojan_gate.gates.lab import LabConfig, train_lab_model
+
+    train, test = digits
+    return train_lab_model(train, test, LabConfig(arch="small", trigger="patch", targets=(3,), epochs=30,
+                                                  batch_size=64, seed=0), progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_benign(digits):
+    from trojan_gate.gates.lab import LabConfig, train_lab_model
+
+    train, test = digits
+    return train_lab_model(train, test, LabConfig(arch="small", trigger="none", epochs=30, batch_size=64, seed=1),
+                           progress=False)
+
+
+@pytest.fixture
+def trojan_onnx(tmp_path, digits_trojan):
+    return digits_trojan.save(tmp_path / "trojan.onnx")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store in tmp_path; cwd moves there so ./mlruns lands there too."""
+    import mlflow
+
+    from trojan_gate.plugins.registry import configure_tracking
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    configure_tracking(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def heldout_npz(tmp_path, digits):
+    _, test = digits
+    path = tmp_path / "heldout.npz"
+    np.savez_compressed(path, x=test.x, y=test.y)
+    return path
