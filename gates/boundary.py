@@ -1,0 +1,125 @@
+"""The STRIP boundary artifact: `boundary.json` + `bank.npy`, written and verified.
+
+`boundary.json` holds the detection boundary and everything needed to trust it (N, blend
+rule, fitted normal, FRR, rule in force, both boundaries, seed, creation time, the model's
+and the bank's sha256, library versions, an `extra` dict for fields added later, e.g. an
+estimated FAR). It also carries `integrity.content_sha256`, the sha256 of its own canonical
+JSON without the `integrity` entry, so an edited boundary is refused on load just like a
+swapped bank or a different model. `artifact_sha256(directory)` pins the whole artifact
+(both files) for registry tags.
+
+This module knows nothing about the detector: it writes and verifies a document and a bank.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactIntegrityError
+from .hashing import sha256_file
+
+BOUNDARY_FILE = "boundary.json"
+BANK_FILE = "bank.npy"
+FORMAT = "trojan-gate/strip-boundary"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict:
+    """Versions of the libraries whose behaviour the boundary depends on."""
+    import onnxruntime
+
+    from . import __version__
+
+    return {"trojan-gate": __version__, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def content_sha256(doc: dict) -> str:
+    """sha256 of the canonical JSON of `doc` without its `integrity` entry."""
+    return hashlib.sha256(_canonical({k: v for k, v in doc.items() if k != "integrity"})).hexdigest()
+
+
+def artifact_sha256(directory) -> str:
+    """One hash for the whole artifact: sha256 over the names and sha256 of both files."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in (BOUNDARY_FILE, BANK_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactIntegrityError(f"boundary artifact is missing {name} in {directory}")
+        h.update(name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return h.hexdigest()
+
+
+def write_artifact(directory, doc: dict, bank: np.ndarray) -> Path:
+    """Write `bank.npy` and `boundary.json` (with bank sha256 and content sha256 filled in)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bank_path = directory / BANK_FILE
+    np.save(bank_path, np.ascontiguousarray(bank, dtype=np.float32), allow_pickle=False)
+    doc = dict(doc)
+    doc["format"] = FORMAT
+    doc["format_version"] = FORMAT_VERSION
+    doc["bank_sha256"] = sha256_file(bank_path)
+    doc["bank_shape"] = [int(s) for s in bank.shape]
+    doc["integrity"] = {"content_sha256": content_sha256(doc)}
+    tmp = directory / (BOUNDARY_FILE + ".part")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(directory / BOUNDARY_FILE)
+    return directory
+
+
+def read_artifact(directory, model_sha256: str | None = None,
+                  expected_sha256: str | None = None) -> tuple[dict, np.ndarray]:
+    """Read and verify an artifact; return (document, bank).
+
+    Refuses with ArtifactIntegrityError, naming what mismatched, when a file is missing or
+    unreadable, the JSON was edited (content sha256), the bank differs from the one recorded
+    (bank sha256), the artifact differs from a pinned `expected_sha256`, or the model it was
+    calibrated on is not `model_sha256`.
+    """
+    directory = Path(directory)
+    json_path, bank_path = directory / BOUNDARY_FILE, directory / BANK_FILE
+    for p in (json_path, bank_path):
+        if not p.is_file():
+            raise ArtifactIntegrityError(f"boundary artifact is missing {p.name} in {directory}")
+    if expected_sha256 is not None:
+        actual = artifact_sha256(directory)
+        if actual != expected_sha256:
+            raise ArtifactIntegrityError(f"artifact sha256 mismatch: expected {expected_sha256}, found {actual}")
+    try:
+        doc = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} is not a {FORMAT} document")
+    recorded = (doc.get("integrity") or {}).get("content_sha256")
+    actual = content_sha256(doc)
+    if recorded != actual:
+        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} content sha256 mismatch: recorded {recorded}, "
+                                     f"computed {actual} (the boundary document was modified)")
+    bank_sha = sha256_file(bank_path)
+    if bank_sha != doc.get("bank_sha256"):
+        raise ArtifactIntegrityError(f"{BANK_FILE} sha256 mismatch: recorded {doc.get('bank_sha256')}, "
+                                     f"computed {bank_sha} (the perturbation bank was modified or replaced)")
+    if model_sha256 is not None and doc.get("model_sha256") != model_sha256:
+        raise ArtifactIntegrityError(f"model sha256 mismatch: the boundary was calibrated on model "
+                                     f"{doc.get('model_sha256')}, but the model given is {model_sha256}")
+    try:
+        bank = np.load(bank_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{BANK_FILE} is not a readable array: {e}") from e
+    if list(bank.shape) != doc.get("bank_shape"):
+        raise ArtifactIntegrityError(f"{BANK_FILE} shape {list(bank.shape)} differs from recorded {doc.get('bank_shape')}")
+    return doc, bank

@@ -1,0 +1,354 @@
+"""STRIP run-time trojan detection (Gao et al., "STRIP: A Defence Against Trojan Attacks").
+
+An incoming image x is superimposed with N images drawn from a held-out bank; a trojaned
+input keeps predicting the attacker's class whatever it is blended with, so the class
+distributions of its perturbed copies have low entropy. The score of x is the normalised
+entropy (Eq. 2-4):
+
+    H_n = -sum_i y_i log2 y_i            (Eq. 2, class distribution of perturbed copy n)
+    H   = (1 / N) * sum_n H_n            (Eq. 3-4)
+
+and x is flagged as trojaned when H <= boundary. The boundary is a low percentile of the
+benign-entropy distribution of held-out images (Sec. V-D): a normal is fitted to the benign
+entropies and boundary = norm.ppf(FRR, mean, std) (rule "normal", the paper's); the
+empirical FRR-quantile of the same entropies is kept as well (rule "empirical").
+
+How perturbations are drawn. Every input gets N *distinct* bank images drawn with a seeded
+generator; the drawn images are superimposed with `BLEND_RULES[blend]`. When `fit` scores
+the held-out images themselves (they are the bank), image i is never superimposed on
+itself: its N partners are drawn from the other B - 1 bank images. Scoring has its own
+seeded stream that advances from call to call (fresh draws per input, as in the paper's
+Algorithm 1), so a detector restored from the same artifact reproduces the same scores for
+the same sequence of calls.
+
+Superimposition rules (`BLEND_RULES`):
+- "average": 0.5 x + 0.5 x_bank (the open-source libraries' convention);
+- "sum": clip(x + x_bank, 0, 1) (the paper's public code adds at full weight on 8-bit data,
+  which saturates);
+- "max": pixel-wise maximum(x, x_bank).
+
+The default rule is chosen by measurement (lowest FAR at preset FRR 1%): see the
+benchmark numbers in benchmarks/strip.md (`trojan-gate benchmark strip`).
+
+All N perturbations of a batch of inputs go to the model in one oracle call.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+from scipy.special import entr
+from tqdm.auto import tqdm
+
+from .boundary import artifact_sha256, read_artifact, utc_now, versions, write_artifact
+from .errors import ArtifactIntegrityError
+
+__all__ = ["BLEND_RULES", "DEFAULT_BLEND", "StripDetector", "choose_n", "artifact_sha256", "superimpose",
+           "draw_indices", "normalized_entropy"]
+
+LOG2 = math.log(2.0)
+RULES = ("normal", "empirical")
+DEFAULT_BLEND = "max"
+
+
+def _average(x, b, out):
+    np.add(x, b, out=out)
+    out *= 0.5
+    return out
+
+
+def _sum(x, b, out):
+    np.add(x, b, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _max(x, b, out):
+    return np.maximum(x, b, out=out)
+
+
+BLEND_RULES = {"average": _average, "sum": _sum, "max": _max}
+
+
+def superimpose(x: np.ndarray, b: np.ndarray, rule: str = DEFAULT_BLEND, out: np.ndarray | None = None) -> np.ndarray:
+    """Superimpose bank images `b` on inputs `x` (broadcasting) with one of BLEND_RULES."""
+    if rule not in BLEND_RULES:
+        raise ValueError(f"unknown blend rule {rule!r}; choose from {tuple(BLEND_RULES)}")
+    if out is None:
+        out = np.empty(np.broadcast_shapes(x.shape, b.shape), dtype=np.float32)
+    return BLEND_RULES[rule](x, b, out)
+
+
+def draw_indices(rng: np.random.Generator, n: int, n_bank: int, n_draws: int,
+                 exclude: np.ndarray | None = None) -> np.ndarray:
+    """(n, n_draws) bank indices, distinct within each row; row i never holds exclude[i].
+
+    Sparse draws (n_draws^2 <= pool) use rejection of rows with repeats; dense ones take the
+    n_draws smallest of uniform keys per row. Both give a uniform random subset per row.
+    """
+    pool = n_bank - (1 if exclude is not None else 0)
+    if n_draws > pool:
+        raise ValueError(f"a bank of {n_bank} images cannot give {n_draws} distinct perturbations per input"
+                         + (" (excluding the input itself)" if exclude is not None else ""))
+    if n_draws * n_draws <= pool:
+        idx = rng.integers(0, pool, size=(n, n_draws))
+        while True:
+            s = np.sort(idx, axis=1)
+            rep = (np.diff(s, axis=1) == 0).any(axis=1)
+            if not rep.any():
+                break
+            idx[rep] = rng.integers(0, pool, size=(int(rep.sum()), n_draws))
+    else:
+        idx = np.argpartition(rng.random((n, pool)), n_draws - 1, axis=1)[:, :n_draws]
+    if exclude is not None:
+        idx = idx + (idx >= np.asarray(exclude)[:, None])
+    return idx
+
+
+def normalized_entropy(proba: np.ndarray, n_perturbations: int) -> np.ndarray:
+    """Eq. 2-4: mean over each input's N perturbed copies of the base-2 class entropy.
+
+    `proba` holds the (n * N, K) class distributions, the N copies of input i in rows
+    i*N .. i*N + N - 1; returns (n,) entropies (0 log 0 = 0).
+    """
+    h = entr(np.asarray(proba, dtype=np.float64)).sum(axis=1) / LOG2  # Eq. 2
+    return h.reshape(-1, n_perturbations).mean(axis=1)  # Eq. 3-4
+
+
+class StripDetector:
+    """STRIP detector over a black-box ModelOracle.
+
+    Parameters
+    ----------
+    model : ModelOracle (or anything with predict_proba, check_inputs and sha256)
+    n_perturbations : N, superimposed bank images per input
+    blend : superimposition rule, a key of BLEND_RULES
+    seed : seeds the draws of fit (benign entropies) and of scoring
+    batch_size : incoming inputs per oracle call (each brings N perturbed copies);
+        default keeps a call near 32k images
+    rule : boundary in force, "normal" (norm.ppf(frr, mean, std)) or "empirical" (quantile)
+    progress : tqdm bar when a call needs several oracle batches
+
+    Attributes after fit / infer_threshold: bank_, benign_scores_, mean_, std_, frr_,
+    threshold_ (boundary in force), normal_threshold_, empirical_threshold_, model_sha256_,
+    extra (dict saved with the artifact).
+    """
+
+    def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, seed: int = 0,
+                 batch_size: int | None = None, rule: str = "normal", progress: bool = True):
+        if blend not in BLEND_RULES:
+            raise ValueError(f"unknown blend rule {blend!r}; choose from {tuple(BLEND_RULES)}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+        if int(n_perturbations) < 1:
+            raise ValueError("n_perturbations must be >= 1")
+        self.model = model
+        self.n_perturbations = int(n_perturbations)
+        self.blend = blend
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.rule = rule
+        self.progress = progress
+        self.extra: dict = {}
+        self.threshold_ = None
+        self.bank_ = None
+        self.created_at_ = None
+        self._score_rng = np.random.default_rng([self.seed, 1])
+
+    # -- helpers ----------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        if self.batch_size:
+            return int(self.batch_size)
+        return max(1, 32768 // (self.n_perturbations + 1))
+
+    def _check_fitted(self, need_threshold=False):
+        if self.bank_ is None:
+            raise RuntimeError("StripDetector is not fitted: call fit(heldout_x) first")
+        if need_threshold and self.threshold_ is None:
+            raise RuntimeError("no detection boundary: call infer_threshold(frr) first")
+
+    def perturb(self, x: np.ndarray, rng: np.random.Generator | None = None, exclude=None,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """(n * N, C, H, W) perturbed copies: input i's N copies in rows i*N .. i*N + N - 1.
+
+        Draws N distinct bank images per input (never bank[exclude[i]] for input i), gathers
+        them straight into `out` and superimposes x in place (numpy broadcasting, no loop).
+        """
+        self._check_fitted()
+        rng = self._score_rng if rng is None else rng
+        n, big_n = len(x), self.n_perturbations
+        idx = draw_indices(rng, n, len(self.bank_), big_n, exclude)
+        shape = (n * big_n,) + self.bank_.shape[1:]
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+        np.take(self.bank_, idx.ravel(), axis=0, out=out)
+        view = out.reshape((n, big_n) + self.bank_.shape[1:])
+        BLEND_RULES[self.blend](view, x[:, None], view)
+        return out
+
+    def entropy_from_proba(self, proba: np.ndarray) -> np.ndarray:
+        """Normalised entropy H (Eq. 2-4) from the (n * N, K) answers for perturbed copies."""
+        return normalized_entropy(proba, self.n_perturbations)
+
+    def _score(self, x, rng, exclude=None, desc="strip score") -> np.ndarray:
+        size = self.chunk_size
+        starts = range(0, len(x), size)
+        scores = np.empty(len(x), dtype=np.float64)
+        for s in tqdm(starts, desc=desc, disable=not self.progress or len(starts) <= 1, leave=False):
+            xc = x[s:s + size]
+            ex = None if exclude is None else exclude[s:s + size]
+            proba = self.model.predict_proba(self.perturb(xc, rng, ex))
+            scores[s:s + len(xc)] = self.entropy_from_proba(proba)
+        return scores
+
+    # -- sklearn-style API ------------------------------------------------------------
+    def fit(self, heldout_x) -> "StripDetector":
+        """Keep held-out images as the perturbation bank; compute their benign entropies.
+
+        Image i's N partners come from the other held-out images (never itself).
+        """
+        x = self.model.check_inputs(heldout_x)
+        if len(x) < self.n_perturbations + 1:
+            raise ValueError(f"need at least N + 1 = {self.n_perturbations + 1} held-out images, got {len(x)}")
+        self.bank_ = x.copy()
+        self.model_sha256_ = self.model.sha256
+        self.created_at_ = utc_now()
+        fit_rng = np.random.default_rng([self.seed, 0])
+        with self.model.phase("strip-fit"):
+            self.benign_scores_ = self._score(x, fit_rng, exclude=np.arange(len(x)), desc="strip fit")
+        self.mean_ = float(self.benign_scores_.mean())
+        self.std_ = float(self.benign_scores_.std(ddof=1))
+        self._score_rng = np.random.default_rng([self.seed, 1])
+        self.threshold_ = None
+        return self
+
+    def infer_threshold(self, frr: float = 0.01, rule: str | None = None) -> "StripDetector":
+        """Boundary at preset FRR (Sec. V-D): normal ppf and empirical quantile; `rule` picks one."""
+        self._check_fitted()
+        if not 0.0 < frr < 1.0:
+            raise ValueError(f"frr must be in (0, 1), got {frr}")
+        if rule is not None:
+            if rule not in RULES:
+                raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+            self.rule = rule
+        self.frr_ = float(frr)
+        self.normal_threshold_ = float(stats.norm.ppf(frr, loc=self.mean_, scale=self.std_))
+        self.empirical_threshold_ = float(np.quantile(self.benign_scores_, frr))
+        self.threshold_ = self.normal_threshold_ if self.rule == "normal" else self.empirical_threshold_
+        return self
+
+    def score(self, x) -> np.ndarray:
+        """Normalised entropy H (Eq. 2-4) of each input; low means trojan-like."""
+        self._check_fitted()
+        x = self.model.check_inputs(x)
+        with self.model.phase("strip-score"):
+            return self._score(x, self._score_rng)
+
+    def predict(self, x, return_instance_score: bool = True) -> dict:
+        """Alibi Detect-style result: data.instance_score, data.is_trojaned (score <= threshold), data.threshold."""
+        self._check_fitted(need_threshold=True)
+        s = self.score(x)
+        return {
+            "data": {"instance_score": s if return_instance_score else None,
+                     "is_trojaned": s <= self.threshold_,
+                     "threshold": self.threshold_},
+            "meta": self.meta(),
+        }
+
+    def meta(self) -> dict:
+        return {"name": type(self).__name__, "detector_type": "trojan", "data_type": "image", "online": False,
+                "n_perturbations": self.n_perturbations, "blend": self.blend, "rule": self.rule,
+                "frr": getattr(self, "frr_", None), "seed": self.seed,
+                "model_sha256": getattr(self, "model_sha256_", None)}
+
+    # -- artifact ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        self._check_fitted(need_threshold=True)
+        return {
+            "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
+            "mean": self.mean_, "std": self.std_, "frr": self.frr_, "rule": self.rule,
+            "boundary": self.threshold_, "normal_boundary": self.normal_threshold_,
+            "empirical_boundary": self.empirical_threshold_,
+            "n_benign": int(len(self.benign_scores_)),
+            "benign_scores": [float(v) for v in self.benign_scores_],
+            "created_at": self.created_at_, "model_sha256": self.model_sha256_,
+            "versions": versions(), "extra": dict(self.extra),
+        }
+
+    def save(self, directory):
+        """Write boundary.json + bank.npy (see gates/boundary.py); returns the directory."""
+        return write_artifact(directory, self.to_dict(), self.bank_)
+
+    @classmethod
+    def load(cls, directory, model, expected_sha256: str | None = None, **kwargs) -> "StripDetector":
+        """Restore a saved detector for `model`, refusing any hash mismatch (ArtifactIntegrityError).
+
+        `model` is a ModelOracle (or a path / bytes of the ONNX file, wrapped in one);
+        `expected_sha256` optionally pins the whole artifact (see artifact_sha256).
+        """
+        if not hasattr(model, "predict_proba"):
+            from .oracle import ModelOracle
+
+            model = ModelOracle(model)
+        doc, bank = read_artifact(directory, model_sha256=model.sha256, expected_sha256=expected_sha256)
+        if tuple(bank.shape[1:]) != tuple(model.input_shape):
+            raise ArtifactIntegrityError(f"bank images have shape {tuple(bank.shape[1:])}, "
+                                         f"the model expects {tuple(model.input_shape)}")
+        try:
+            det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], seed=doc["seed"],
+                      rule=doc["rule"], **kwargs)
+            det.bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+            det.model_sha256_ = doc["model_sha256"]
+            det.benign_scores_ = np.asarray(doc["benign_scores"], dtype=np.float64)
+            det.mean_, det.std_, det.frr_ = float(doc["mean"]), float(doc["std"]), float(doc["frr"])
+            det.normal_threshold_ = float(doc["normal_boundary"])
+            det.empirical_threshold_ = float(doc["empirical_boundary"])
+            det.threshold_ = float(doc["boundary"])
+            det.created_at_ = doc.get("created_at")
+            det.extra = dict(doc.get("extra") or {})
+            det.versions_ = doc.get("versions", {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactIntegrityError(f"boundary.json lacks or mangles a field: {e}") from e
+        return det
+
+
+def choose_n(model, heldout_x, candidates=(2, 4, 6, 8, 10, 15, 20, 30, 50, 100), tol: float = 0.02,
+             blend: str = DEFAULT_BLEND, seed: int = 0, n_samples: int | None = 1000,
+             batch_size: int | None = None) -> tuple[int, dict]:
+    """Pick N from the benign-entropy std-versus-N curve (Fig. 10).
+
+    Each sampled held-out image gets max(candidates) distinct partners (never itself) in one
+    pass; the entropy for a given N averages the first N of them, so the curve costs one set
+    of queries. Walking up the candidates, stop at the first N whose step to the next
+    candidate lowers the std by less than `tol` (relative decrease per added perturbation,
+    so an uneven grid does not bias the choice); returns (N, {N: std}).
+    """
+    candidates = sorted(int(c) for c in candidates)
+    x = model.check_inputs(heldout_x)
+    n_max = candidates[-1]
+    rng = np.random.default_rng([int(seed), 2])
+    sample = np.arange(len(x))
+    if n_samples is not None and n_samples < len(x):
+        sample = np.sort(rng.choice(len(x), size=n_samples, replace=False))
+    det = StripDetector(model, n_perturbations=n_max, blend=blend, seed=seed, batch_size=batch_size)
+    det.bank_ = x
+    size = det.chunk_size
+    per_copy = []
+    with model.phase("strip-choose-n"):
+        for s in tqdm(range(0, len(sample), size), desc="choose N", leave=False,
+                      disable=len(sample) <= size):
+            rows = sample[s:s + size]
+            proba = model.predict_proba(det.perturb(x[rows], rng, exclude=rows))
+            per_copy.append((entr(proba).sum(axis=1) / LOG2).reshape(len(rows), n_max))
+    h = np.concatenate(per_copy, axis=0)
+    curve = {n: float(h[:, :n].mean(axis=1).std(ddof=1)) for n in candidates}
+    chosen = candidates[-1]
+    for a, b in zip(candidates, candidates[1:]):
+        if curve[a] <= 0 or (curve[a] - curve[b]) / curve[a] / (b - a) < tol:
+            chosen = a
+            break
+    return chosen, curve
