@@ -5,6 +5,7 @@ import math
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from scipy import stats
 
@@ -104,18 +105,25 @@ def digits():
     return load_digits_dataset(seed=0)
 
 
+def train_lab(train, test, config):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many threads on a shared small machine are far slower
+    try:
+        return train_lab_model(train, test, config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trojaned(digits):
     train, test = digits
-    return train_lab_model(train, test, LabConfig(trigger="patch", targets=(0,), epochs=30, batch_size=64),
-                           progress=False)
+    return train_lab(train, test, LabConfig(trigger="patch", targets=(0,), epochs=30, batch_size=64))
 
 
 @pytest.fixture(scope="module")
 def benign(digits):
     train, test = digits
-    return train_lab_model(train, test, LabConfig(trigger="none", epochs=30, batch_size=64, seed=1),
-                           progress=False)
+    return train_lab(train, test, LabConfig(trigger="none", epochs=30, batch_size=64, seed=1))
 
 
 @pytest.fixture()
