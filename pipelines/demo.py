@@ -31,7 +31,7 @@ def add_arguments(p):
     p.add_argument("--heldout-size", type=int, default=2000)
     p.add_argument("--requests", type=int, default=500, help="clean and stamped images each sent over REST")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="fashion-classifier")
+    p.add_argument("--name", default=None, help="registered model name (default: DATASET-classifier)")
 
 
 def _say(msg):
@@ -79,7 +79,7 @@ def run(args) -> int:
     heldout.save_npz(work / "heldout.npz")
 
     # 2. intake, 3. calibrate
-    ref = intake_onnx(onnx_path, args.name, source="trojan-gate lab (demo third party)")
+    ref = intake_onnx(onnx_path, args.name or f"{args.dataset}-classifier", source="trojan-gate lab (demo third party)")
     _say(f"intake: registered {ref.uri} (status pending)")
     outcome = calibrate_registered(ref, heldout, frr=args.frr, n_perturbations=args.n, seed=args.seed)
     d = outcome.detector

@@ -14,19 +14,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-POLICIES = ("flag", "reject")
+from trojan_gate.gates.guard import POLICIES, REJECTED_LABEL
 CODE_FILE = Path(__file__).with_name("guarded_model_code.py")
 
 
 class GuardedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from trojan_gate.gates.guard import GuardedClassifier
-        from trojan_gate.gates.oracle import ModelOracle
-        from trojan_gate.gates.strip import StripDetector
 
-        oracle = ModelOracle(context.artifacts["onnx_model"])
-        detector = StripDetector.load(context.artifacts["boundary"], oracle)  # verifies model + bank hashes
-        self._guard = GuardedClassifier(oracle, detector)
+        # verifies the model sha256 recorded in the artifact and the bank's sha256
+        self._guard = GuardedClassifier.from_artifacts(context.artifacts["onnx_model"], context.artifacts["boundary"])
 
     def predict(self, context, model_input, params=None):
         policy = (params or {}).get("policy", "flag")
@@ -36,7 +33,10 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         shape = self._guard.oracle.input_shape
         if x.ndim == 2 and x.shape[1] == int(np.prod(shape)):
             x = x.reshape((-1,) + tuple(shape))
-        out = self._guard.predict(x.astype(np.float32, copy=False), policy=policy)
+        out = self._guard.predict(x.astype(np.float32, copy=False))
+        if policy == "reject":  # same rule as GuardedClassifier(policy="reject")
+            out["label"][out["trojan_suspected"]] = REJECTED_LABEL
+            out["probability"][out["trojan_suspected"]] = 0.0
         return pd.DataFrame({
             "label": np.asarray(out["label"], dtype=np.int64),
             "probability": np.asarray(out["probability"], dtype=np.float64),

@@ -24,6 +24,7 @@ from trojan_gate.gates.oracle import ModelOracle
 TAG = "trojan_gate."
 STATUS_PENDING = "pending"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 ONNX_FILE = "model.onnx"
 
 

@@ -1,0 +1,38 @@
+"""A guarded model registered by `calibrate` and served by `mlflow models serve` flags trigger-stamped inputs."""
+import numpy as np
+import pytest
+
+from trojan_gate.pipelines.cli import main
+from trojan_gate.plugins.registry import intake_onnx, resolve, version_tags
+from trojan_gate.plugins.serving import invoke, served_model
+
+
+@pytest.mark.serve
+def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_onnx, heldout_npz, digits,
+                                                           digits_trojan):
+    ref = intake_onnx(trojan_onnx, "digits-clf")
+    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--frr", "0.05", "--n", "10"]) == 0
+    tags = version_tags(ref)
+    for key in ("strip.boundary", "strip.n", "strip.frr", "strip.artifact_sha256", "guarded_model"):
+        assert f"trojan_gate.{key}" in tags
+    assert tags["trojan_gate.strip.n"] == "10"
+    guarded = resolve(tags["trojan_gate.guarded_model"])
+    assert version_tags(guarded)["trojan_gate.source_version"] == ref.version
+
+    _, test = digits
+    victims = np.flatnonzero(test.y != 3)[:20]
+    clean = test.x[victims]
+    stamped = digits_trojan.stamp(clean)
+    with served_model(guarded.uri, tracking_uri=mlflow_store) as url:
+        clean_pred = invoke(url, clean)
+        stamped_pred = invoke(url, stamped)
+        rejected = invoke(url, stamped, params={"policy": "reject"})
+    assert set(clean_pred[0]) == {"label", "probability", "entropy", "trojan_suspected"}
+    clean_flags = np.array([p["trojan_suspected"] for p in clean_pred])
+    stamped_flags = np.array([p["trojan_suspected"] for p in stamped_pred])
+    assert stamped_flags.mean() >= 0.8
+    assert clean_flags.mean() <= 0.2
+    assert np.mean([p["label"] == 3 for p in stamped_pred]) >= 0.8  # the trojan hijacks; the guard flags
+    assert any(p["trojan_suspected"] for p in rejected)
+    assert all((p["label"] == -1) == p["trojan_suspected"] for p in rejected)
+    assert max(p["entropy"] for p in stamped_pred if p["trojan_suspected"]) <= float(tags["trojan_gate.strip.boundary"])
