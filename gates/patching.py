@@ -1,0 +1,547 @@
+"""Trojan mitigation by model patching (DeepInspect, Chen et al. 2019, Section 5).
+
+The flagged model is fine-tuned on a mixture of the substitute data {X_MI, Y_MI} (plus part
+of a held-out set when the user gave one) and a patching set
+X_patch = X_MI^subset + Delta_t, Y_patch = Y_MI^subset: a share (`patch_fraction`, paper 15%)
+of the training images stamped with triggers Delta_t drawn for the flagged classes t, their
+labels kept correct. Another share (`val_fraction`, paper 10%) is held back to choose the
+retraining configuration (the best epoch, and the learning rate when several are given).
+Training runs `epochs` epochs (paper 10) with the original loss (negative log-likelihood),
+plus, by default, a self-distillation term on the unstamped images that keeps the patched
+model close to the original one where no trigger is present.
+
+The ONNX model is converted to torch with onnx2torch, fine-tuned, and exported back to a
+single-file ONNX with the same input/output names, a dynamic batch axis and the same kind of
+output (probabilities or logits). Before/after figures are measured through ONNX Runtime
+(`ModelOracle`), never with the torch module.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset
+from .errors import InputShapeError, ModelLoadError
+from .hashing import sha256_bytes
+from .oracle import ModelOracle, inspect_model
+
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_LOGITS = "logits"
+
+Stamp = Callable[[np.ndarray, int, int], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- conversion
+def _softmax_axis(node, opset: int) -> int:
+    for a in node.attribute:
+        if a.name == "axis":
+            return int(a.i)
+    return -1 if opset >= 13 else 1
+
+
+def _strip_final_softmax(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The model without its trailing Softmax over the class axis, or None if it has none."""
+    out = proto.graph.output[0]
+    producers = [n for n in proto.graph.node if out.name in n.output]
+    if len(producers) != 1 or producers[0].op_type != "Softmax":
+        return None
+    node = producers[0]
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    if _softmax_axis(node, opset) not in (1, -1):
+        return None
+    if any(out.name in n.input for n in proto.graph.node):  # the probabilities feed something else
+        return None
+    stripped = copy.deepcopy(proto)
+    g = stripped.graph
+    for i, n in enumerate(g.node):
+        if n.op_type == "Softmax" and out.name in n.output:
+            del g.node[i]
+            break
+    logits = onnx.ValueInfoProto()
+    logits.CopyFrom(g.output[0])
+    logits.name = node.input[0]
+    for i, vi in enumerate(g.value_info):
+        if vi.name == logits.name:
+            del g.value_info[i]
+            break
+    del g.output[0]
+    g.output.insert(0, logits)
+    return stripped
+
+
+def _probe_is_probabilities(onnx_bytes: bytes, input_shape, seed: int = 0) -> bool:
+    """Do the model's rows look like probability distributions on random inputs?"""
+    oracle = ModelOracle(onnx_bytes, output="logits")  # "logits" leaves the raw scores for us
+    x = np.random.default_rng(seed).random((16,) + tuple(input_shape), dtype=np.float32)
+    raw = oracle._run(x).astype(np.float64)
+    return bool(raw.min() >= -1e-6 and np.allclose(raw.sum(axis=1), 1.0, atol=1e-3))
+
+
+class ConvertedClassifier(nn.Module):
+    """A torch copy of an ONNX classifier whose forward returns log-probabilities.
+
+    `body` is the onnx2torch GraphModule; `body_output` says what it computes ("logits"
+    when it ends before the softmax, "probabilities" when the softmax is inside and could
+    not be split off), `output_kind` what the original ONNX graph returned.
+    """
+
+    def __init__(self, body: nn.Module, output_kind: str, body_output: str, input_shape, n_classes: int,
+                 input_name: str = "input", output_name: str = "output"):
+        super().__init__()
+        self.body = body
+        self.output_kind = output_kind
+        self.body_output = body_output
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.n_classes = int(n_classes)
+        self.input_name = input_name
+        self.output_name = output_name
+
+    def _raw(self, x):
+        out = self.body(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def forward(self, x):
+        out = self._raw(x)
+        if self.body_output == OUTPUT_LOGITS:
+            return torch.log_softmax(out, dim=1)
+        return torch.log(out.clamp_min(1e-12))
+
+    def original_output(self, x):
+        """What the source ONNX graph returned for x: probabilities or logits."""
+        out = self._raw(x)
+        if self.output_kind == OUTPUT_PROBABILITIES and self.body_output == OUTPUT_LOGITS:
+            return torch.softmax(out, dim=1)
+        return out
+
+
+class _ExportView(nn.Module):
+    def __init__(self, clf: ConvertedClassifier):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x):
+        return self.clf.original_output(x)
+
+
+def onnx_to_torch(onnx_bytes: bytes) -> ConvertedClassifier:
+    """Convert an ONNX image classifier to a trainable torch module returning log-probabilities.
+
+    A trailing Softmax node is split off (training then runs on log_softmax of the logits);
+    a model whose softmax is not a separate final node but whose rows sum to 1 is trained on
+    log(p); a model returning logits is trained on log_softmax(logits).
+    """
+    from onnx2torch import convert
+
+    data, info = inspect_model(onnx_bytes)
+    proto = onnx.load_model_from_string(data)
+    stripped = _strip_final_softmax(proto)
+    if stripped is not None:
+        kind, body_output, source = OUTPUT_PROBABILITIES, OUTPUT_LOGITS, stripped
+    else:
+        kind = OUTPUT_PROBABILITIES if _probe_is_probabilities(data, info.input_shape) else OUTPUT_LOGITS
+        body_output, source = kind, proto
+    try:
+        body = convert(source)
+    except Exception as e:
+        raise ModelLoadError(f"onnx2torch cannot convert the model for patching: {e}") from e
+    return ConvertedClassifier(body, kind, body_output, info.input_shape, info.n_classes,
+                               info.input_name, info.output_name)
+
+
+def torch_to_onnx(clf: ConvertedClassifier, opset: int = 17, metadata: dict | None = None) -> bytes:
+    """Export back to a single-file ONNX: (batch, C, H, W) float32 in, the original output kind out."""
+    view = _ExportView(clf).eval()
+    dummy = torch.zeros((2,) + clf.input_shape, dtype=torch.float32)
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter keeps dynamic axes simple
+        torch.onnx.export(view, (dummy,), buf, input_names=[clf.input_name], output_names=[clf.output_name],
+                          dynamic_axes={clf.input_name: {0: "batch"}, clf.output_name: {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    proto = onnx.load_model_from_string(buf.getvalue())
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(k), str(v)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+# ----------------------------------------------------------------------------- measuring
+def trojan_activation_rates(predict, x: np.ndarray, y: np.ndarray, stamp: Stamp, targets,
+                            seed: int = 0) -> dict:
+    """Per target t: share of stamped images with true class != t that are predicted as t."""
+    rates = {}
+    for t in targets:
+        keep = y != t
+        if not keep.any():
+            rates[int(t)] = float("nan")
+            continue
+        xs = np.asarray(stamp(x[keep], int(t), int(seed) + int(t)), dtype=np.float32)
+        rates[int(t)] = float((predict(xs) == t).mean())
+    return rates
+
+
+def _pooled_rate(rates: dict, y: np.ndarray) -> float:
+    """Activation rate pooled over targets (each weighted by its number of stamped images)."""
+    num = den = 0.0
+    for t, r in rates.items():
+        n = int((y != t).sum())
+        if n and np.isfinite(r):
+            num += r * n
+            den += n
+    return float(num / den) if den else float("nan")
+
+
+def measure(onnx_bytes: bytes, x_eval, y_eval, stamp: Stamp, targets, seed: int,
+            x_clean=None, y_clean=None, phase: str = "patch-eval") -> dict:
+    """Clean accuracy and trojan activation rate of an ONNX model, queried through ModelOracle."""
+    oracle = ModelOracle(onnx_bytes)
+    with oracle.phase(phase):
+        predict = oracle.predict
+        rates = trojan_activation_rates(predict, x_eval, y_eval, stamp, targets, seed)
+        acc = None
+        if x_clean is not None and len(x_clean):
+            acc = float((predict(x_clean) == y_clean).mean())
+    return {"clean_accuracy": acc, "trojan_activation_rate": _pooled_rate(rates, y_eval),
+            "trojan_activation_rates": rates, "queries": int(oracle.queries)}
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class PatchResult:
+    """What a patch produced and what it changed, measured with ONNX Runtime.
+
+    before/after: {"clean_accuracy" (held-out evaluation split, None without held-out data),
+    "trojan_activation_rate" (pooled over flagged classes), "trojan_activation_rates"
+    ({class: rate}), "queries"}. `history` holds the validation figures of every epoch
+    (epoch 0 = the unpatched model) for every learning rate tried.
+    """
+
+    onnx_bytes: bytes = field(repr=False)
+    sha256: str
+    source_sha256: str
+    flagged_classes: list
+    before: dict
+    after: dict
+    output_kind: str
+    best_epoch: int
+    best_lr: float
+    epochs_run: int
+    history: list
+    n_train: int
+    n_patch: int
+    n_val: int
+    n_eval: int
+    eval_source: str  # "heldout" or "validation"
+    config: dict
+    seconds: float
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        a, b = self.before.get("clean_accuracy"), self.after.get("clean_accuracy")
+        return None if a is None or b is None else float(a - b)
+
+    def meets(self, max_activation_rate: float = 0.10, max_accuracy_drop: float = 0.01) -> bool:
+        """The issue's target: activation rate <= 10% and clean accuracy drop <= 1 point."""
+        if not np.isfinite(self.after["trojan_activation_rate"]):
+            return False
+        ok = self.after["trojan_activation_rate"] <= max_activation_rate
+        drop = self.accuracy_drop
+        return bool(ok and (drop is None or drop <= max_accuracy_drop))
+
+    def to_dict(self) -> dict:
+        def clean(d):
+            return {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
+
+        return {"sha256": self.sha256, "source_sha256": self.source_sha256,
+                "flagged_classes": [int(c) for c in self.flagged_classes],
+                "before": clean(self.before), "after": clean(self.after),
+                "accuracy_drop": self.accuracy_drop, "output_kind": self.output_kind,
+                "best_epoch": int(self.best_epoch), "best_lr": float(self.best_lr),
+                "epochs_run": int(self.epochs_run), "history": self.history,
+                "n_train": self.n_train, "n_patch": self.n_patch, "n_val": self.n_val, "n_eval": self.n_eval,
+                "eval_source": self.eval_source, "config": self.config, "seconds": round(self.seconds, 3)}
+
+    def save(self, path) -> Path:
+        """Write the patched model to `path` and its figures next to it as `<path>.json`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.onnx_bytes)
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+# ----------------------------------------------------------------------------- patcher
+def _as_xy(data) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(data, Dataset):
+        return data.x, data.y
+    x, y = data
+    return np.asarray(x), np.asarray(y)
+
+
+def _checked(x, y, shape, n_classes, what) -> tuple[np.ndarray, np.ndarray]:
+    """float32 images of the model's (C, H, W) with int64 labels in range; None means empty."""
+    x = np.zeros((0,) + shape, np.float32) if x is None else np.asarray(x)
+    y = np.zeros(0, np.int64) if y is None else np.asarray(y).reshape(-1)
+    if len(x) and tuple(x.shape[1:]) != shape:
+        raise InputShapeError(f"{what}: images must be (n, {', '.join(map(str, shape))}); got {tuple(x.shape)}")
+    if len(x) != len(y):
+        raise InputShapeError(f"{what}: {len(x)} images but {len(y)} labels")
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1,) + shape)
+    if not np.isfinite(x).all():
+        raise InputShapeError(f"{what}: images contain NaN or infinite values")
+    if len(y) and (not np.all(y == np.round(y)) or y.min() < 0 or y.max() >= n_classes):
+        raise InputShapeError(f"{what}: labels must be integers in 0..{n_classes - 1}")
+    return x, y.astype(np.int64)
+
+
+def _draw_targets(y: np.ndarray, flagged: np.ndarray, rng) -> np.ndarray:
+    """A flagged target per image, different from its true class whenever possible."""
+    t = rng.choice(flagged, size=len(y))
+    if len(flagged) > 1:
+        same = t == y
+        while same.any():
+            t[same] = rng.choice(flagged, size=int(same.sum()))
+            same = t == y
+    return t
+
+
+def _stamp_by_target(stamp: Stamp, x: np.ndarray, t: np.ndarray, seed: int) -> np.ndarray:
+    out = np.empty_like(x)
+    for c in np.unique(t):
+        idx = np.flatnonzero(t == c)
+        stamped = np.asarray(stamp(x[idx], int(c), int(seed) + int(c)), dtype=np.float32)
+        if stamped.shape != x[idx].shape:
+            raise InputShapeError(f"stamp returned shape {stamped.shape} for inputs of shape {x[idx].shape}")
+        out[idx] = stamped
+    return out
+
+
+class ModelPatcher:
+    """Fine-tune a trojaned ONNX classifier on stamped-but-correctly-labelled data (Sec. 5).
+
+    Parameters
+    ----------
+    epochs : fine-tuning epochs (paper: 10)
+    lr : Adam learning rate, or a sequence of them to choose from on the validation split
+    batch_size : mini-batch size
+    patch_fraction : share of training images, redrawn each epoch, stamped with a trigger
+        for a flagged class while keeping the true label (paper: 15%)
+    val_fraction : share of the fine-tuning pool held back to choose the epoch / lr (paper: 10%)
+    heldout_fraction : share of the held-out set added to the fine-tuning pool; the rest is
+        kept apart to measure clean accuracy and activation rate before/after
+    distill_weight : weight of a KL term keeping the patched model's class distribution on
+        unstamped training images close to the original model's (self-distillation; not in the
+        paper, which fine-tunes on labels alone: 0 reproduces that). It limits the loss of clean
+        accuracy when fine-tuning on a small pool.
+    freeze_batchnorm : keep BatchNorm running statistics fixed while fine-tuning
+    seed : seeds splits, stamping and torch
+    progress : show a tqdm bar
+    """
+
+    def __init__(self, epochs: int = 10, lr: float | Sequence[float] = 1e-3, batch_size: int = 64,
+                 patch_fraction: float = 0.15, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
+                 distill_weight: float = 3.0, freeze_batchnorm: bool = True, seed: int = 0,
+                 progress: bool = True):
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.patch_fraction = patch_fraction
+        self.val_fraction = val_fraction
+        self.heldout_fraction = heldout_fraction
+        self.distill_weight = distill_weight
+        self.freeze_batchnorm = freeze_batchnorm
+        self.seed = seed
+        self.progress = progress
+
+    def get_params(self) -> dict:
+        lrs = [float(v) for v in np.atleast_1d(self.lr)]
+        return {"epochs": int(self.epochs), "lr": lrs if len(lrs) > 1 else lrs[0],
+                "batch_size": int(self.batch_size), "patch_fraction": float(self.patch_fraction),
+                "val_fraction": float(self.val_fraction), "heldout_fraction": float(self.heldout_fraction),
+                "distill_weight": float(self.distill_weight), "freeze_batchnorm": bool(self.freeze_batchnorm),
+                "seed": int(self.seed)}
+
+    def _check(self):
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if not 0.0 <= self.patch_fraction <= 1.0:
+            raise ValueError("patch_fraction must lie in [0, 1]")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must lie in (0, 1)")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError("heldout_fraction must lie in [0, 1)")
+
+    # -- helpers ------------------------------------------------------------------------
+    def _train_mode(self, clf: nn.Module):
+        clf.train()
+        if self.freeze_batchnorm:
+            for m in clf.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    @staticmethod
+    def _predict(clf: nn.Module, x: np.ndarray, batch: int = 2048) -> np.ndarray:
+        clf.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                out.append(clf(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).argmax(1).numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _validate(self, clf, xv, yv, xv_st, tv) -> dict:
+        clean = float((self._predict(clf, xv) == yv).mean())
+        pred = self._predict(clf, xv_st)
+        stamped = float((pred == yv).mean())
+        mask = tv != yv
+        tar = float((pred[mask] == tv[mask]).mean()) if mask.any() else float("nan")
+        return {"val_clean_accuracy": clean, "val_stamped_accuracy": stamped, "val_activation_rate": tar,
+                "score": 0.5 * (clean + stamped)}
+
+    def _finetune(self, clf, lr, xt, yt, xv, yv, xv_st, tv, stamp, flagged, bar):
+        """One fine-tuning run at learning rate `lr`; returns (best state, best epoch, history)."""
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng([self.seed, 1])
+        opt = torch.optim.Adam(clf.parameters(), lr=lr)
+        teacher = None
+        if self.distill_weight > 0:
+            teacher = copy.deepcopy(clf).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        first = self._validate(clf, xv, yv, xv_st, tv)
+        history = [{"lr": lr, "epoch": 0, **first}]
+        best_state, best_epoch, best_score = None, 0, -np.inf
+        n_patch = int(round(self.patch_fraction * len(xt)))
+        for epoch in range(1, self.epochs + 1):
+            idx = rng.choice(len(xt), size=n_patch, replace=False)
+            tp = _draw_targets(yt[idx], flagged, rng)
+            xp = _stamp_by_target(stamp, xt[idx], tp, seed=int(rng.integers(2**31)))
+            x_ep = torch.from_numpy(np.concatenate([xt, xp]))
+            y_ep = torch.from_numpy(np.concatenate([yt, yt[idx]]).astype(np.int64))
+            perm = torch.from_numpy(rng.permutation(len(x_ep)))
+            self._train_mode(clf)
+            losses = []
+            for i in range(0, len(perm), self.batch_size):
+                b = perm[i:i + self.batch_size]
+                logp = clf(x_ep[b])
+                loss = nn.functional.nll_loss(logp, y_ep[b])
+                if teacher is not None:
+                    clean = b < len(xt)
+                    if clean.any():
+                        with torch.no_grad():
+                            ref = teacher(x_ep[b[clean]])
+                        kl = nn.functional.kl_div(logp[clean], ref, log_target=True, reduction="batchmean")
+                        loss = loss + self.distill_weight * kl
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            v = self._validate(clf, xv, yv, xv_st, tv)
+            history.append({"lr": lr, "epoch": epoch, "train_loss": float(np.mean(losses)), **v})
+            if v["score"] > best_score:
+                best_state = copy.deepcopy(clf.state_dict())
+                best_epoch, best_score = epoch, v["score"]
+            bar.update(1)
+            bar.set_postfix(lr=lr, clean=f"{v['val_clean_accuracy']:.3f}", tar=f"{v['val_activation_rate']:.3f}")
+        return best_state, best_epoch, best_score, history
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, onnx_bytes: bytes, x_inv, y_inv, stamp: Stamp, flagged_classes, heldout=None) -> PatchResult:
+        """Patch the model against the flagged classes' triggers and measure before/after.
+
+        x_inv, y_inv : the substitute data set {X_MI, Y_MI} (may be empty when held-out data is given)
+        stamp : stamp(x, t, seed) -> x' stamps images with a trigger for target class t
+        flagged_classes : the suspected attack targets
+        heldout : optional Dataset or (x, y) of clean labelled images
+        """
+        self._check()
+        t0 = time.perf_counter()
+        data, info = inspect_model(onnx_bytes)
+        flagged = np.asarray(sorted({int(c) for c in flagged_classes}), dtype=np.int64)
+        if len(flagged) == 0:
+            raise ValueError("no flagged classes to patch against")
+        if flagged.min() < 0 or flagged.max() >= info.n_classes:
+            raise ValueError(f"flagged classes {flagged.tolist()} outside 0..{info.n_classes - 1}")
+        shape = tuple(info.input_shape)
+
+        rng = np.random.default_rng(self.seed)
+        x_inv, y_inv = _checked(x_inv, y_inv, shape, info.n_classes, "inverted set")
+        pool_x, pool_y = [x_inv], [y_inv]
+        x_eval = y_eval = None
+        if heldout is not None:
+            hx, hy = _as_xy(heldout)
+            hx, hy = _checked(hx, hy, shape, info.n_classes, "held-out set")
+            perm = rng.permutation(len(hy))
+            n_ft = int(round(self.heldout_fraction * len(hy)))
+            pool_x.append(hx[perm[:n_ft]])
+            pool_y.append(hy[perm[:n_ft]])
+            x_eval, y_eval = hx[perm[n_ft:]], hy[perm[n_ft:]]
+            if len(y_eval) == 0:
+                x_eval = y_eval = None
+        px, py = np.concatenate(pool_x), np.concatenate(pool_y)
+        if len(py) < 10:
+            raise ValueError(f"only {len(py)} images to fine-tune on; give a larger inverted or held-out set")
+        perm = rng.permutation(len(py))
+        n_val = max(1, int(round(self.val_fraction * len(py))))
+        xv, yv = px[perm[:n_val]], py[perm[:n_val]]
+        xt, yt = px[perm[n_val:]], py[perm[n_val:]]
+        tv = _draw_targets(yv, flagged, rng)
+        xv_st = _stamp_by_target(stamp, xv, tv, seed=self.seed + 10_000)
+
+        eval_source = "heldout" if x_eval is not None else "validation"
+        ex, ey = (x_eval, y_eval) if x_eval is not None else (xv, yv)
+        eval_seed = self.seed + 20_000  # triggers never seen in fine-tuning or validation
+        before = measure(data, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval)
+
+        lrs = [float(v) for v in np.atleast_1d(self.lr)]
+        bar = tqdm(total=len(lrs) * self.epochs, desc="patch", disable=not self.progress, leave=False)
+        best = None
+        history = []
+        for lr in lrs:
+            clf = onnx_to_torch(data)
+            state, epoch, score, hist = self._finetune(clf, lr, xt, yt, xv, yv, xv_st, tv, stamp, flagged, bar)
+            history.extend(hist)
+            if best is None or score > best[0]:
+                best = (score, lr, epoch, state, clf)
+        bar.close()
+        _, best_lr, best_epoch, state, clf = best
+        clf.load_state_dict(state)
+        clf.eval()
+        new_bytes = torch_to_onnx(clf, metadata={"trojan_gate.patched_from": info.sha256,
+                                                 "trojan_gate.patched_classes": ",".join(map(str, flagged.tolist()))})
+        self._check_export(new_bytes, clf, info, xv)
+        after = measure(new_bytes, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval)
+        return PatchResult(
+            onnx_bytes=new_bytes, sha256=sha256_bytes(new_bytes), source_sha256=info.sha256,
+            flagged_classes=flagged.tolist(), before=before, after=after, output_kind=clf.output_kind,
+            best_epoch=int(best_epoch), best_lr=float(best_lr), epochs_run=len(lrs) * self.epochs,
+            history=history, n_train=int(len(yt)), n_patch=int(round(self.patch_fraction * len(yt))),
+            n_val=int(len(yv)), n_eval=int(len(ey)), eval_source=eval_source, config=self.get_params(),
+            seconds=time.perf_counter() - t0)
+
+    @staticmethod
+    def _check_export(new_bytes: bytes, clf: ConvertedClassifier, info, x_probe: np.ndarray):
+        """The exported graph must keep the interface and agree with the torch module."""
+        _, new_info = inspect_model(new_bytes)
+        if (new_info.input_shape, new_info.n_classes) != (tuple(info.input_shape), info.n_classes):
+            raise ModelLoadError(f"patched model changed its interface: {new_info.input_shape}/{new_info.n_classes} "
+                                 f"instead of {info.input_shape}/{info.n_classes}")
+        x = np.ascontiguousarray(x_probe[:3], dtype=np.float32)
+        raw = ModelOracle(new_bytes, output="logits")._run(x)
+        with torch.no_grad():
+            ref = clf.original_output(torch.from_numpy(x)).numpy()
+        if not np.allclose(raw, ref, atol=1e-4, rtol=1e-3):
+            raise ModelLoadError(f"exported patched model disagrees with its torch source "
+                                 f"(max |diff| {np.abs(raw - ref).max():.2e})")

@@ -1,0 +1,210 @@
+"""Model patching (DeepInspect Sec. 5) on tiny digits lab models."""
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from trojan_gate.gates.data import load_digits_dataset
+from trojan_gate.gates.errors import InputShapeError
+from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
+from trojan_gate.gates.oracle import ModelOracle
+from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelPatcher, PatchResult,
+                                        onnx_to_torch, torch_to_onnx, trojan_activation_rates)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset(seed=0)
+
+
+@pytest.fixture(scope="module")
+def trojaned(digits):
+    train, test = digits
+    torch.set_num_threads(1)
+    return train_lab_model(train, test, LabConfig(trigger="patch", targets=(0,), epochs=30, batch_size=64, seed=0),
+                           progress=False)
+
+
+@pytest.fixture(scope="module")
+def inverted(digits):
+    """A stand-in for the scan's substitute set: 200 training images with their labels."""
+    train, _ = digits
+    idx = np.random.default_rng(3).choice(len(train), 200, replace=False)
+    return train.x[idx], train.y[idx]
+
+
+@pytest.fixture(scope="module")
+def patched(trojaned, inverted, digits):
+    _, test = digits
+    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731  the lab's true trigger
+    return ModelPatcher(seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+
+
+def _export(module, in_shape, output_name="scores") -> bytes:
+    buf = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.zeros((1,) + in_shape),), buf, input_names=["pixels"],
+                      output_names=[output_name], dynamic_axes={"pixels": {0: "n"}, output_name: {0: "n"}},
+                      opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+def _raw(onnx_bytes, x):
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+# ----------------------------------------------------------------------------- conversion
+def test_softmax_model_converts_to_logits_body(trojaned, digits):
+    _, test = digits
+    clf = onnx_to_torch(trojaned.onnx_bytes)
+    assert clf.output_kind == OUTPUT_PROBABILITIES and clf.body_output == OUTPUT_LOGITS
+    x = test.x[:16]
+    with torch.no_grad():
+        logp = clf(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.exp(logp), _raw(trojaned.onnx_bytes, x), atol=1e-5)
+    # the round trip keeps probabilities, names and a dynamic batch axis
+    back = torch_to_onnx(clf)
+    out = _raw(back, test.x[:7])
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out, _raw(trojaned.onnx_bytes, test.x[:7]), atol=1e-5)
+    proto = onnx.load_model_from_string(back)
+    assert proto.graph.node[-1].op_type == "Softmax"
+    assert proto.graph.input[0].name == "input" and proto.graph.output[0].name == "probabilities"
+
+
+def test_logits_model_stays_logits(digits):
+    _, test = digits
+    torch.manual_seed(0)
+    data = _export(SmallCNN((1, 8, 8), 10), (1, 8, 8))
+    clf = onnx_to_torch(data)
+    assert clf.output_kind == OUTPUT_LOGITS and clf.body_output == OUTPUT_LOGITS
+    back = torch_to_onnx(clf)
+    out = _raw(back, test.x[:5])
+    assert not np.allclose(out.sum(axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(out, _raw(data, test.x[:5]), atol=1e-5)
+    assert onnx.load_model_from_string(back).graph.output[0].name == "scores"
+
+
+def test_inseparable_softmax_trains_on_log_probabilities(digits):
+    """A softmax that is not the last node: detected from the outputs, log(p) used for training."""
+    _, test = digits
+
+    class ScaledSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN((1, 8, 8), 10)
+
+        def forward(self, x):
+            return torch.softmax(self.net(x), dim=1) * 1.0 + 0.0 * x.mean()
+
+    torch.manual_seed(0)
+    data = _export(ScaledSoftmax(), (1, 8, 8))
+    assert onnx.load_model_from_string(data).graph.node[-1].op_type != "Softmax"
+    clf = onnx_to_torch(data)
+    assert clf.output_kind == OUTPUT_PROBABILITIES and clf.body_output == OUTPUT_PROBABILITIES
+    with torch.no_grad():
+        logp = clf(torch.from_numpy(test.x[:4])).numpy()
+    np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(_raw(torch_to_onnx(clf), test.x[:4]).sum(axis=1), 1.0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- patching
+def test_patch_removes_true_trigger_and_keeps_accuracy(patched, trojaned, digits):
+    _, test = digits
+    r = patched
+    assert isinstance(r, PatchResult)
+    assert r.eval_source == "heldout" and r.n_eval > 200
+    assert r.before["trojan_activation_rate"] > 0.8
+    assert r.after["trojan_activation_rate"] < 0.25
+    assert r.after["trojan_activation_rate"] < r.before["trojan_activation_rate"] / 4
+    assert r.accuracy_drop <= 0.03
+    assert 1 <= r.best_epoch <= 10 and r.epochs_run == 10
+    assert len(r.history) == 11 and r.history[0]["epoch"] == 0
+    # re-measure independently on the whole digits test split with ONNX Runtime
+    before, after = ModelOracle(trojaned.onnx_bytes), ModelOracle(r.onnx_bytes)
+    keep = test.y != 0
+    stamped = trojaned.trigger.apply(test.x[keep])
+    assert (after.predict(stamped) == 0).mean() < 0.25 < (before.predict(stamped) == 0).mean()
+    assert (after.predict(test.x) == test.y).mean() >= (before.predict(test.x) == test.y).mean() - 0.03
+
+
+def test_patched_model_interface_and_output_kind(patched, trojaned, digits):
+    _, test = digits
+    oracle = ModelOracle(patched.onnx_bytes, output="probabilities")  # raises if rows are not probabilities
+    src = ModelOracle(trojaned.onnx_bytes)
+    assert oracle.input_shape == src.input_shape == (1, 8, 8) and oracle.n_classes == src.n_classes == 10
+    assert oracle.info.input_name == src.info.input_name and oracle.info.output_name == src.info.output_name
+    for n in (1, 7):
+        assert oracle.predict_proba(test.x[:n]).shape == (n, 10)
+    proto = onnx.load_model_from_string(patched.onnx_bytes)
+    onnx.checker.check_model(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["trojan_gate.patched_from"] == patched.source_sha256 == src.sha256
+    assert patched.sha256 == oracle.sha256 != src.sha256
+    assert patched.output_kind == OUTPUT_PROBABILITIES
+    d = patched.to_dict()
+    assert d["before"]["trojan_activation_rates"]["0"] == patched.before["trojan_activation_rate"]
+    assert d["config"]["patch_fraction"] == 0.15 and d["config"]["val_fraction"] == 0.10
+
+
+def test_patching_is_deterministic(patched, trojaned, inverted, digits):
+    _, test = digits
+    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
+    again = ModelPatcher(seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    assert again.sha256 == patched.sha256
+    assert again.after == patched.after
+
+
+def test_without_heldout_measures_on_validation_split(trojaned, inverted, tmp_path):
+    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
+    r = ModelPatcher(epochs=2, lr=(1e-3, 3e-3), seed=1, progress=False).fit(
+        trojaned.onnx_bytes, *inverted, stamp, [0])
+    assert r.eval_source == "validation" and r.n_eval == r.n_val == 20
+    assert r.before["clean_accuracy"] is None and r.accuracy_drop is None
+    assert r.best_lr in (1e-3, 3e-3) and r.epochs_run == 4 and len(r.history) == 6
+    path = r.save(tmp_path / "patched.onnx")
+    assert ModelOracle(path).sha256 == r.sha256
+    assert (tmp_path / "patched.onnx.json").is_file()
+
+
+def test_generator_like_stamp_with_several_targets(trojaned, inverted):
+    """A stamp that depends on (t, seed) is called per target with images of other classes."""
+    calls = []
+
+    def stamp(x, t, seed):
+        calls.append((int(t), int(seed), len(x)))
+        noise = np.random.default_rng(seed).uniform(0, 0.2, size=x.shape[1:]).astype(np.float32)
+        return np.clip(x + noise * (1 + t % 2), 0, 1)
+
+    r = ModelPatcher(epochs=1, seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [2, 5])
+    assert {t for t, _, _ in calls} == {2, 5}
+    assert set(r.before["trojan_activation_rates"]) == {2, 5}
+    assert 0.0 <= r.after["trojan_activation_rate"] <= 1.0
+
+
+def test_trojan_activation_rates_excludes_target_class():
+    y = np.array([0, 0, 1, 2, 2])
+    x = np.zeros((5, 1, 2, 2), np.float32)
+    rates = trojan_activation_rates(lambda xs: np.zeros(len(xs), int), x, y, lambda x, t, s: x, [0, 1])
+    assert rates == {0: 1.0, 1: 0.0}
+
+
+def test_bad_inputs_are_rejected(trojaned, inverted):
+    stamp = lambda x, t, seed: x  # noqa: E731
+    p = ModelPatcher(epochs=1, progress=False)
+    with pytest.raises(ValueError, match="no flagged"):
+        p.fit(trojaned.onnx_bytes, *inverted, stamp, [])
+    with pytest.raises(ValueError, match="outside"):
+        p.fit(trojaned.onnx_bytes, *inverted, stamp, [10])
+    with pytest.raises(InputShapeError):
+        p.fit(trojaned.onnx_bytes, inverted[0][:, :, :4], inverted[1], stamp, [0])
+    with pytest.raises(InputShapeError):
+        p.fit(trojaned.onnx_bytes, inverted[0], inverted[1][:-1], stamp, [0])
+    with pytest.raises(InputShapeError, match="stamp returned"):
+        p.fit(trojaned.onnx_bytes, *inverted, lambda x, t, s: x[:, :, :4], [0])
+    with pytest.raises(ValueError, match="val_fraction"):
+        ModelPatcher(val_fraction=0.0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
