@@ -9,7 +9,8 @@ from .validation import validate_heldout
 
 
 def calibrate_strip(oracle: ModelOracle, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
-                    blend: str | None = None, seed: int = 0, min_per_class: int = 5, out_dir=None):
+                    blend: str | None = None, seed: int = 0, min_per_class: int = 5, out_dir=None,
+                    extra: dict | None = None):
     """Held-out expectations first (raises DataValidationError), then StripDetector fit + infer_threshold.
 
     Returns the fitted detector; with `out_dir` the boundary artifact is written there too.
@@ -21,6 +22,7 @@ def calibrate_strip(oracle: ModelOracle, heldout: Dataset, frr: float = 0.01, n_
     if blend:
         kwargs["blend"] = blend
     det = StripDetector(oracle, **kwargs).fit(heldout.x).infer_threshold(frr=frr)
+    det.extra.update(extra or {})
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         det.save(out_dir)

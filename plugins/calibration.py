@@ -65,7 +65,7 @@ def log_guarded_model(onnx_path, boundary_dir, input_shape, guarded_name: str, t
 def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
                          blend: str | None = None, seed: int = 0, min_per_class: int = 5,
                          guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
-                         extra_metrics: dict | None = None) -> CalibrationOutcome:
+                         extra_metrics: dict | None = None, extra: dict | None = None) -> CalibrationOutcome:
     """Verify the version's ONNX, calibrate STRIP on held-out data, attach and register the guard."""
     from trojan_gate.gates.strip import artifact_sha256
 
@@ -75,7 +75,7 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
     oracle = ModelOracle(onnx_path)
     boundary_dir = work / "strip_boundary"
     det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
-                          min_per_class=min_per_class, out_dir=boundary_dir)
+                          min_per_class=min_per_class, out_dir=boundary_dir, extra=extra)
     digest = artifact_sha256(boundary_dir)
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
     ensure_experiment(experiment)
