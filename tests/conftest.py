@@ -65,3 +65,25 @@ def heldout_npz(tmp_path, digits):
     path = tmp_path / "heldout.npz"
     np.savez_compressed(path, x=test.x, y=test.y)
     return path
+
+
+_SCAN_CACHE = {}
+
+
+@pytest.fixture(scope="session")
+def cached_scan():
+    """The real DeepInspect scan, memoised per (model sha256, seed, cutoff, options) for this test session.
+
+    Gate, promote and evaluator tests gate the same few digits models several times; the scan
+    is deterministic for a fixed seed, so one real scan per model and config serves them all.
+    """
+    from trojan_gate.gates.scan import scan
+
+    def run(oracle, heldout, config):
+        key = (oracle.sha256, config.seed, config.cutoff, repr(sorted(config.scan_options.items())))
+        if key not in _SCAN_CACHE:
+            _SCAN_CACHE[key] = scan(oracle, heldout=heldout, seed=config.seed, cutoff=config.cutoff,
+                                    **config.scan_options)
+        return _SCAN_CACHE[key]
+
+    return run
