@@ -1,0 +1,195 @@
+"""The gate's JSON + HTML report, built from a hand-made ScanResult and STRIP/patch dicts."""
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from trojan_gate.gates.report import (SEVERITIES, VERDICTS, build_report, render_html, strip_summary,
+                                      write_report)
+from trojan_gate.gates.scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
+
+REQUIRED_SECTIONS = ("Verdict", "Findings", "DeepInspect deviation factors", "Recovered triggers",
+                     "STRIP boundary", "Patch before/after", "Errors")
+
+
+def _scan(flagged=(3,), k=10, shape=(1, 8, 8), seed=0, with_arrays=True):
+    """A realistic DeepInspect result: one class with a much smaller trigger than the others."""
+    rng = np.random.default_rng(seed)
+    stats = rng.normal(6.0, 0.4, size=k)
+    for c in flagged:
+        stats[c] = 1.2
+    med = np.median(stats)
+    left = stats[stats < med]
+    mad = 1.4826 * np.median(np.abs(left - med))
+    df = np.where(stats < med, (med - stats) / mad, 0.0)
+    flagged = [int(c) for c in np.flatnonzero(df > 2.0)]
+    ts = rng.normal(0, 0.05, size=(k, 4) + shape).astype(np.float32)
+    for c in flagged:
+        ts[c] = 0.0
+        ts[c, :, :, -3:-1, -3:-1] = 0.9  # a small bright corner patch
+    inv_x = rng.random((k * 5,) + shape).astype(np.float32)
+    inv_y = np.repeat(np.arange(k), 5)
+    return ScanResult(
+        verdict=VERDICT_TROJANED if flagged else VERDICT_CLEAN, flagged_classes=flagged,
+        statistics=stats.tolist(), deviation_factors=df.tolist(), success_rates=rng.uniform(0.9, 1.0, k).tolist(),
+        cutoff=2.0, alpha=0.05, n_classes=k, input_shape=shape, model_sha256="ab" * 32, queries=123456,
+        seconds=42.5, phases={"inversion": {"queries": 23456, "calls": 10, "seconds": 1.5},
+                              "generator": {"queries": 100000, "calls": 600, "seconds": 30.0}},
+        seed=seed, config={"steps": 600}, versions={"onnxruntime": "x"},
+        trigger_samples=ts if with_arrays else None, inverted_x=inv_x if with_arrays else None,
+        inverted_y=inv_y if with_arrays else None)
+
+
+def _strip(seed=0, trojan=True):
+    rng = np.random.default_rng(seed)
+    benign = rng.normal(0.55, 0.08, 500)
+    d = {"benign_scores": benign, "mean": float(benign.mean()), "std": float(benign.std(ddof=1)),
+         "threshold": 0.364, "empirical_threshold": 0.37, "frr": 0.01, "rule": "normal", "n_perturbations": 10,
+         "blend": "average", "estimated_far": 0.02}
+    if trojan:
+        d["trojan_scores"] = rng.normal(0.1, 0.05, 200)
+    return d
+
+
+PATCH = {"before": {"clean_accuracy": 0.951, "trojan_activation_rate": 0.98, "max_deviation_factor": 9.4},
+         "after": {"clean_accuracy": 0.947, "trojan_activation_rate": 0.06, "max_deviation_factor": 1.3},
+         "source_version": "3", "new_version": "4", "passed": True}
+
+
+def _pngs(page):
+    return re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+
+
+def test_full_report_json(tmp_path):
+    rep = build_report(model_name="fmnist", version="3", verdict="patched", scan=_scan(), strip=_strip(),
+                       patch=PATCH, errors=(), meta={"class_names": [f"c{i}" for i in range(10)], "run_id": "r1"})
+    text = json.dumps(rep, allow_nan=False)  # strict JSON, no arrays of scores
+    assert len(text) < 20_000
+    assert set(rep) >= {"summary", "findings", "errors", "meta", "scan", "strip", "patch"}
+    s = rep["summary"]
+    assert s["verdict"] == "patched" and s["model"] == {"name": "fmnist", "version": "3", "sha256": "ab" * 32}
+    assert s["flagged_classes"] == [3] and s["max_deviation_factor"] > 2.0
+    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["strip_boundary"] == pytest.approx(0.364)
+    assert s["patched"] is True and s["new_version"] == "4"
+    assert set(s["total_issues_by_severity"]) == set(SEVERITIES)
+    sev = [f["severity"] for f in rep["findings"]]
+    assert all(v in SEVERITIES for v in sev)
+    assert sev == sorted(sev, key=SEVERITIES.index)
+    critical = [f for f in rep["findings"] if f["severity"] == "CRITICAL"]
+    assert len(critical) == 1 and critical[0]["class"] == 3 and "c3" in critical[0]["title"]
+    assert critical[0]["deviation_factor"] == pytest.approx(rep["scan"]["deviation_factors"][3])
+    assert any(f["title"].startswith("Trojan mitigated") for f in rep["findings"])
+    st = rep["strip"]
+    assert st["n_benign"] == 500 and st["n_trojan"] == 200 and st["trojan_detection_rate"] > 0.95
+    assert 0.0 <= st["measured_frr"] < 0.05
+    assert rep["meta"]["run_id"] == "r1" and "trojan-gate" in rep["meta"]["versions"] and rep["meta"]["created_at"]
+
+
+def test_full_report_html_has_all_figures():
+    scan, strip = _scan(), _strip()
+    rep = build_report(model_name="fmnist", version="3", verdict="patched", scan=scan, strip=strip, patch=PATCH)
+    page = render_html(rep, scan=scan, strip=strip)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<img") == 3
+    pngs = _pngs(page)
+    assert len(pngs) == 3
+    for p in pngs:
+        assert base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n"
+    for title in REQUIRED_SECTIONS:
+        assert f">{title}</h2>" in page.replace("&#x27;", "'")
+    assert 'class="badge verdict-patched"' in page and VERDICTS["patched"][0] in page
+    assert "placeholder" not in page.split("<h2")[1:][0]  # no placeholder in the verdict section
+    assert page.count('class="placeholder"') == 0
+    patch_section = page.split('id="patch-before-after"')[1].split("<h2")[0]
+    for cell in ("95.1%", "94.7%", "-0.4 pt", "98.0%", "6.0%", "-92.0 pt", "9.4", "1.3", "-8.100", "PASSED"):
+        assert f">{cell}<" in patch_section, cell
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_render_with_missing_parts_uses_placeholders(tmp_path):
+    rep = build_report(model_name="m", version=None, verdict="error", scan=None,
+                       errors=[RuntimeError("oracle <budget> exhausted"), "second problem"])
+    page = render_html(rep)
+    assert "<img" not in page
+    assert page.count('class="placeholder"') == 4  # deviation, triggers, STRIP, patch
+    assert "scan did not complete" in page and "No STRIP boundary" in page and "No patch" in page
+    assert "oracle &lt;budget&gt; exhausted" in page and "<budget>" not in page
+    assert 'class="badge verdict-error"' in page
+    assert [e["type"] for e in rep["errors"]] == ["RuntimeError", "Error"]
+    assert rep["summary"]["scan_completed"] is False and rep["summary"]["max_deviation_factor"] is None
+    sev = {f["severity"] for f in rep["findings"]}
+    assert "HIGH" in sev and "CRITICAL" not in sev
+
+
+def test_scan_without_arrays_and_strip_without_scores():
+    scan = _scan(flagged=(), with_arrays=False)
+    strip = {k: v for k, v in _strip(trojan=False).items() if k != "benign_scores"}
+    rep = build_report(model_name="m", version="1", verdict="passed", scan=scan, strip=strip)
+    page = render_html(rep, scan=scan, strip=strip)
+    assert page.count("<img") == 1  # only the deviation chart (drawn from the JSON)
+    assert page.count('class="placeholder"') == 3  # triggers, STRIP histogram, patch
+    assert "carries no trigger samples" in page and "benign entropy scores were not passed" in page
+    assert 'verdict-passed' in page
+    assert rep["summary"]["flagged_classes"] == []
+    assert any(f["title"] == "No trojan found by DeepInspect" for f in rep["findings"])
+    assert not any(f["severity"] == "CRITICAL" for f in rep["findings"])
+
+
+def test_deviation_chart_drawn_from_json_alone():
+    scan = _scan()
+    rep = json.loads(json.dumps(build_report(model_name="m", version="1", verdict="blocked", scan=scan)))
+    page = render_html(rep)  # no ScanResult: chart yes, trigger grid placeholder
+    assert page.count("<img") == 1
+    assert "No recovered triggers to show: the scan result (with its trigger samples) was not passed" in page
+    assert 'verdict-blocked' in page
+
+
+def test_failed_patch_is_high_and_blocked():
+    bad = {**PATCH, "after": {"clean_accuracy": 0.90, "trojan_activation_rate": 0.6}, "passed": False,
+           "new_version": None}
+    rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=bad)
+    assert rep["summary"]["patched"] is False
+    assert any(f["severity"] == "HIGH" and "did not remove" in f["title"] for f in rep["findings"])
+    assert rep["summary"]["total_issues_by_severity"]["CRITICAL"] == 1
+
+
+def test_many_classes_and_rgb_grid():
+    scan = _scan(flagged=(7, 30), k=43, shape=(3, 8, 8))
+    assert {7, 30} <= set(scan.flagged_classes)
+    rep = build_report(model_name="gtsrb", version="1", verdict="blocked", scan=scan)
+    page = render_html(rep, scan=scan)
+    assert page.count("<img") == 2 and "Showing 20 of 43 classes" in page
+    critical = [f["class"] for f in rep["findings"] if f["severity"] == "CRITICAL"]
+    assert critical == scan.flagged_classes
+
+
+def test_nan_statistics_and_unknown_verdict():
+    scan = _scan()
+    scan.statistics[5] = float("inf")
+    rep = build_report(model_name="m", version="1", verdict="blocked", scan=scan)
+    json.dumps(rep, allow_nan=False)
+    assert rep["scan"]["statistics"][5] is None
+    render_html(rep, scan=scan)
+    with pytest.raises(ValueError, match="verdict"):
+        build_report(model_name="m", version="1", verdict="clean", scan=scan)
+
+
+def test_strip_summary_accepts_artifact_keys():
+    """The STRIP artifact's own names (boundary, empirical_boundary) are understood too."""
+    s = _strip(trojan=False)
+    s["boundary"] = s.pop("threshold")
+    s["empirical_boundary"] = s.pop("empirical_threshold")
+    d = strip_summary(s)
+    assert d["threshold"] == pytest.approx(0.364) and d["empirical_threshold"] == pytest.approx(0.37)
+    assert "benign_scores" not in d and "boundary" not in d
+
+
+def test_write_report(tmp_path):
+    scan, strip = _scan(), _strip()
+    jp, hp = write_report(tmp_path / "out", model_name="m", version="7", verdict="blocked", scan=scan, strip=strip,
+                          errors=[{"type": "QueryBudgetExceeded", "message": "budget", "phase": "generator"}])
+    rep = json.loads(jp.read_text())
+    assert rep["summary"]["verdict"] == "blocked" and rep["errors"][0]["phase"] == "generator"
+    page = hp.read_text()
+    assert len(_pngs(page)) == 3 and "QueryBudgetExceeded" in page
