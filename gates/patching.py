@@ -257,9 +257,10 @@ class PatchResult:
         """The issue's target: activation rate <= 10% and clean accuracy drop <= 1 point."""
         if not np.isfinite(self.after["trojan_activation_rate"]):
             return False
-        ok = self.after["trojan_activation_rate"] <= max_activation_rate
+        eps = 1e-9  # accuracies are ratios of counts: 0.901 - 0.891 must count as one point
+        ok = self.after["trojan_activation_rate"] <= max_activation_rate + eps
         drop = self.accuracy_drop
-        return bool(ok and (drop is None or drop <= max_accuracy_drop))
+        return bool(ok and (drop is None or drop <= max_accuracy_drop + eps))
 
     def to_dict(self) -> dict:
         def clean(d):

@@ -122,6 +122,8 @@ def test_patch_removes_true_trigger_and_keeps_accuracy(patched, trojaned, digits
     assert r.after["trojan_activation_rate"] < 0.25
     assert r.after["trojan_activation_rate"] < r.before["trojan_activation_rate"] / 4
     assert r.accuracy_drop <= 0.03
+    assert r.meets(max_activation_rate=0.25, max_accuracy_drop=0.03)
+    assert not r.meets(max_activation_rate=r.after["trojan_activation_rate"] - 0.01)
     assert 1 <= r.best_epoch <= 10 and r.epochs_run == 10
     assert len(r.history) == 11 and r.history[0]["epoch"] == 0
     # re-measure independently on the whole digits test split with ONNX Runtime
