@@ -17,7 +17,9 @@ class ScanResult:
 
     statistics[k]          perturbation level of class k's recovered trigger (the test statistic)
     deviation_factors[k]   left-tail double-MAD deviation factor of statistics[k] (0 right of the median)
-    success_rates[k]       oracle-measured share of stamped inverted images predicted as k
+    success_rates[k]       oracle-measured share of stamped inverted images predicted as k (G's raw output)
+    trigger_scales[k]      smallest rescaling of G(z, k) that reached the success target on the oracle
+    reached[k]             whether that target was reached at all (False: statistic is an upper end)
     flagged_classes        classes with deviation factor > cutoff
     trigger_samples        (K, m, C, H, W) float32 perturbations G(z, k) (x' = clip(x + delta, 0, 1))
     inverted_x/inverted_y  the substitute data set recovered by model inversion
@@ -40,6 +42,10 @@ class ScanResult:
     seed: int
     config: dict
     versions: dict = field(default_factory=dict)
+    trigger_scales: list = field(default_factory=list)
+    reached: list = field(default_factory=list)
+    median: float = 0.0
+    mad: float = 0.0
     trigger_samples: np.ndarray | None = field(default=None, repr=False)
     inverted_x: np.ndarray | None = field(default=None, repr=False)
     inverted_y: np.ndarray | None = field(default=None, repr=False)
@@ -62,6 +68,10 @@ class ScanResult:
             "deviation_factors": [round(float(v), 6) for v in self.deviation_factors],
             "statistics": [round(float(v), 6) for v in self.statistics],
             "success_rates": [round(float(v), 6) for v in self.success_rates],
+            "trigger_scales": [round(float(v), 6) for v in self.trigger_scales],
+            "reached": [bool(v) for v in self.reached],
+            "median": round(float(self.median), 6),
+            "mad": round(float(self.mad), 6),
             "cutoff": float(self.cutoff),
             "alpha": float(self.alpha),
             "n_classes": int(self.n_classes),

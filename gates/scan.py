@@ -1,0 +1,225 @@
+"""DeepInspect, black-box: model inversion -> conditional trigger generator -> double-MAD test.
+
+`scan(model)` touches the model only through `ModelOracle` (probabilities for inputs) and
+records every query per phase:
+
+1. ``inversion``  recover a substitute set of every class from queries (Eq. 1);
+2. ``generator``  train G(z, t) for all classes against the oracle as fixed discriminator (Eq. 6);
+3. ``statistics`` per class, the L1 of the smallest rescaled trigger s * G(z, t) that moves at
+   least 95% of the other classes' substitute images to t, measured on the oracle;
+4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7).
+
+With a query budget, inversion may spend at most `inversion_share` of it, the statistics'
+exact cost is reserved up front, and the generator stops early when its share runs out (the
+steps actually run are in the result's config). Everything stochastic derives from `seed`,
+so a scan on CPU is repeatable.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from .anomaly import alpha_from_cutoff, cutoff_from_alpha, double_mad_test, DEFAULT_CUTOFF
+from .data import Dataset
+from .generator import GeneratorTrainer, default_device, trigger_statistics
+from .inversion import ModelInversion
+from .oracle import ModelOracle
+from .scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
+
+GRADIENTS = ("nes", "surrogate")
+
+
+@dataclass
+class ScanConfig:
+    """Every knob of a scan; `None` tiles are chosen from the input size (1 up to 16 px, else 2)."""
+
+    # model inversion (Eq. 1)
+    n_per_class: int = 20
+    inversion_steps: int = 150
+    inversion_lr: float = 0.05
+    tv_weight: float = 0.01
+    target_confidence: float = 0.99
+    inversion_pairs: int = 10
+    inversion_sigma: float = 0.1
+    inversion_tile: int | None = None
+    init_range: tuple = (0.0, 0.2)
+    heldout_mode: str = "seed"  # seed | replace, used only when held-out data is given
+    # generator (Eq. 3-6)
+    gradient: str = "nes"  # nes | surrogate
+    estimator: str = "nes"  # nes | spsa
+    generator_steps: int = 300
+    batch_per_class: int = 8
+    generator_lr: float = 0.02
+    gamma1: float = 1.0
+    gamma2: float = 0.1
+    thresh_fraction: float = 0.01
+    success_target: float = 0.95
+    adapt_every: int = 10
+    adapt_factor: float = 1.3
+    n_pairs: int = 10
+    sigma: float = 0.05
+    tile: int | None = None
+    z_dim: int = 16
+    hidden: int = 128
+    variation: float = 0.1
+    # statistic
+    max_scale: float = 4.0
+    bisection_steps: int = 10
+    trigger_samples: int = 8
+    # budget split
+    inversion_share: float = 0.3
+    device: str | None = None
+
+    def resolved(self, input_shape) -> "ScanConfig":
+        h = int(input_shape[-2])
+        auto = 1 if h <= 16 else 2
+        return replace(self, inversion_tile=self.inversion_tile or auto, tile=self.tile or auto,
+                       device=self.device or default_device())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["init_range"] = list(self.init_range)
+        return d
+
+
+def versions() -> dict:
+    import onnxruntime
+    import torch
+
+    from . import __version__
+
+    return {"trojan_gate": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _as_oracle(model) -> ModelOracle:
+    return model if isinstance(model, ModelOracle) else ModelOracle(model)
+
+
+def _as_dataset(heldout) -> Dataset | None:
+    if heldout is None or isinstance(heldout, Dataset):
+        return heldout
+    x, y = heldout
+    return Dataset(np.asarray(x, np.float32), np.asarray(y))
+
+
+def statistics_cost(n_classes: int, n_sources: int, bisection_steps: int) -> int:
+    """Upper bound on the statistics phase's queries: (2 + bisection_steps) passes per class."""
+    return int(n_classes * (bisection_steps + 2) * n_sources)
+
+
+def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: float | None = None,
+         alpha: float | None = None, config: ScanConfig | None = None, progress: bool = True,
+         **overrides) -> ScanResult:
+    """Scan an ONNX classifier (path, bytes or ModelOracle) for trojans, black-box.
+
+    heldout : optional clean data (Dataset or (x, y)); seeds or replaces inversion
+    seed : seed of everything stochastic
+    budget : optional cap on this scan's oracle queries
+    cutoff / alpha : detection threshold on the deviation factor (default c = 2), or the
+        significance it is derived from (c = Phi^-1(1 - alpha / 2))
+    config / overrides : a ScanConfig, and field overrides on top of it
+    """
+    if cutoff is not None and alpha is not None:
+        raise ValueError("give cutoff or alpha, not both")
+    cutoff = cutoff_from_alpha(alpha) if alpha is not None else float(DEFAULT_CUTOFF if cutoff is None else cutoff)
+    oracle = _as_oracle(model)
+    cfg = replace(config or ScanConfig(), **overrides).resolved(oracle.input_shape)
+    if cfg.gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, not {cfg.gradient!r}")
+    heldout = _as_dataset(heldout)
+    k = oracle.n_classes
+    if budget is not None:
+        oracle.budget = oracle.queries + int(budget)
+    q_start = oracle.queries
+    ledger_start = {p: (s.queries, s.seconds, s.calls) for p, s in oracle.ledger.phases.items()}
+    t_start = time.perf_counter()
+    wall = {}
+    n_sources = (k - 1) * cfg.n_per_class
+    stats_reserve = statistics_cost(k, n_sources, cfg.bisection_steps) + k * cfg.n_per_class
+
+    # 1. model inversion
+    t0 = time.perf_counter()
+    with oracle.phase("inversion"):
+        inv_reserve = 0 if budget is None else max(stats_reserve, int(round(budget * (1 - cfg.inversion_share))))
+        mode = cfg.heldout_mode if heldout is not None else "invert"
+        inv = ModelInversion(n_per_class=cfg.n_per_class, steps=cfg.inversion_steps, lr=cfg.inversion_lr,
+                             tv_weight=cfg.tv_weight, target_confidence=cfg.target_confidence,
+                             estimator=cfg.estimator, n_pairs=cfg.inversion_pairs, sigma=cfg.inversion_sigma,
+                             tile=cfg.inversion_tile, init_range=cfg.init_range, mode=mode, seed=seed,
+                             progress=progress).fit(oracle, heldout, reserve=inv_reserve)
+    wall["inversion"] = time.perf_counter() - t0
+
+    # 2. conditional generator
+    t0 = time.perf_counter()
+    with oracle.phase("generator"):
+        trainer = _trainer(cfg, seed + 1, progress).fit(oracle, inv.x_, inv.y_, reserve=stats_reserve)
+    wall["generator"] = time.perf_counter() - t0
+    generator = trainer.generator_
+
+    # 3. per-class statistic, re-measured on the oracle
+    t0 = time.perf_counter()
+    with oracle.phase("statistics"):
+        st = trigger_statistics(oracle, generator, inv.x_, inv.y_, success_target=cfg.success_target,
+                                max_scale=cfg.max_scale, bisection_steps=cfg.bisection_steps,
+                                seed=seed + 2, progress=progress)
+    wall["statistics"] = time.perf_counter() - t0
+
+    # 4. left-tail double-MAD test
+    test = double_mad_test(st["statistics"], cutoff)
+    samples = np.stack([generator.sample(t, cfg.trigger_samples, seed=seed + 3 + t) for t in range(k)])
+    phases = {}
+    for name, s in oracle.ledger.phases.items():
+        q0, s0, c0 = ledger_start.get(name, (0, 0.0, 0))
+        if s.queries - q0 or name in wall:
+            phases[name] = {"queries": s.queries - q0, "calls": s.calls - c0,
+                            "oracle_seconds": round(s.seconds - s0, 4),
+                            "seconds": round(wall.get(name, s.seconds - s0), 4)}
+    config = cfg.to_dict()
+    config.update({"cutoff": cutoff, "alpha": alpha_from_cutoff(cutoff), "budget": budget,
+                   "heldout": None if heldout is None else {"n": len(heldout), "mode": mode},
+                   "inversion_steps_run": inv.steps_run_, "inversion_confidence": float(inv.confidence_.mean()),
+                   "generator_steps_run": trainer.steps_run_, "gamma2_final": trainer.gamma2_.tolist(),
+                   "thresh": trainer.thresh_, "oracle_device": oracle.device})
+    return ScanResult(
+        verdict=VERDICT_TROJANED if test.flagged else VERDICT_CLEAN,
+        flagged_classes=test.flagged,
+        statistics=st["statistics"].tolist(),
+        deviation_factors=test.deviation_factors.tolist(),
+        success_rates=st["success_at_1"].tolist(),
+        cutoff=cutoff,
+        alpha=alpha_from_cutoff(cutoff),
+        n_classes=k,
+        input_shape=tuple(oracle.input_shape),
+        model_sha256=oracle.sha256,
+        queries=oracle.queries - q_start,
+        seconds=time.perf_counter() - t_start,
+        phases=phases,
+        seed=seed,
+        config=config,
+        versions=versions(),
+        trigger_samples=samples,
+        inverted_x=inv.x_,
+        inverted_y=inv.y_,
+        generator=generator,
+        trigger_scales=st["scales"].tolist(),
+        reached=st["reached"].tolist(),
+        median=test.median,
+        mad=test.mad,
+    )
+
+
+def _trainer(cfg: ScanConfig, seed: int, progress: bool):
+    common = dict(steps=cfg.generator_steps, batch_per_class=cfg.batch_per_class, lr=cfg.generator_lr,
+                  gamma1=cfg.gamma1, gamma2=cfg.gamma2, thresh_fraction=cfg.thresh_fraction,
+                  success_target=cfg.success_target, adapt_every=cfg.adapt_every, adapt_factor=cfg.adapt_factor,
+                  z_dim=cfg.z_dim, hidden=cfg.hidden, variation=cfg.variation, device=cfg.device, seed=seed,
+                  progress=progress)
+    if cfg.gradient == "surrogate":
+        from .surrogate import SurrogateGeneratorTrainer
+
+        return SurrogateGeneratorTrainer(**common)
+    return GeneratorTrainer(estimator=cfg.estimator, n_pairs=cfg.n_pairs, sigma=cfg.sigma, tile=cfg.tile, **common)
