@@ -236,7 +236,8 @@ class StripDetector:
                 raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
             self.rule = rule
         self.frr_ = float(frr)
-        self.normal_threshold_ = float(stats.norm.ppf(frr, loc=self.mean_, scale=self.std_))
+        self.normal_threshold_ = (float(stats.norm.ppf(frr, loc=self.mean_, scale=self.std_)) if self.std_ > 0
+                                  else self.mean_)  # degenerate: every benign entropy equal
         self.empirical_threshold_ = float(np.quantile(self.benign_scores_, frr))
         self.threshold_ = self.normal_threshold_ if self.rule == "normal" else self.empirical_threshold_
         return self
