@@ -56,7 +56,7 @@ class ScanConfig:
     gamma1: float = 1.0
     gamma2: float = 0.1
     thresh_fraction: float = 0.01
-    success_target: float = 0.95
+    success_target: float = 0.99
     adapt_every: int = 10
     adapt_factor: float = 1.3
     n_pairs: int = 10

@@ -1,0 +1,112 @@
+"""End-to-end black-box DeepInspect scans of tiny digits lab models, and the scan CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from trojan_gate.gates.errors import QueryBudgetExceeded
+from trojan_gate.gates.inversion import ModelInversion
+from trojan_gate.gates.oracle import ModelOracle
+from trojan_gate.gates.scan import scan
+from trojan_gate.pipelines.cli import main
+
+
+@pytest.fixture(scope="module")
+def trojan_scan(digits_trojan):
+    return scan(digits_trojan.onnx_bytes, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def benign_scan(digits_benign):
+    return scan(digits_benign.onnx_bytes, seed=0, progress=False)
+
+
+def test_flags_the_trojan_target(trojan_scan, digits_trojan):
+    assert digits_trojan.attack_success_rate > 0.9
+    assert trojan_scan.trojan_suspected
+    assert 3 in trojan_scan.flagged_classes
+    assert trojan_scan.deviation_factors[3] > trojan_scan.cutoff
+    assert int(np.argmin(trojan_scan.statistics)) == 3
+
+
+def test_does_not_flag_the_benign_model(benign_scan):
+    assert benign_scan.verdict == "clean"
+    assert benign_scan.flagged_classes == []
+    assert benign_scan.max_deviation_factor <= benign_scan.cutoff
+
+
+def test_result_contract(trojan_scan):
+    r = trojan_scan
+    k, shape = 10, (1, 8, 8)
+    assert r.n_classes == k and tuple(r.input_shape) == shape
+    assert len(r.statistics) == len(r.deviation_factors) == len(r.success_rates) == k
+    assert r.trigger_samples.shape[0] == k and r.trigger_samples.shape[2:] == shape
+    assert r.trigger_samples.dtype == np.float32
+    assert r.inverted_x.shape[1:] == shape and set(np.unique(r.inverted_y)) == set(range(k))
+    assert r.inverted_x.min() >= 0.0 and r.inverted_x.max() <= 1.0
+    # every query is attributed to a phase and the phases add up
+    assert set(r.phases) == {"inversion", "generator", "statistics"}
+    assert sum(p["queries"] for p in r.phases.values()) == r.queries > 0
+    assert r.seconds > 0 and all(p["seconds"] >= 0 for p in r.phases.values())
+    assert r.config["gradient"] == "nes" and r.config["generator_steps_run"] > 0
+    assert {"numpy", "torch", "onnxruntime"} <= set(r.versions)
+    d = json.loads(json.dumps(r.to_dict()))
+    for key in ("verdict", "flagged_classes", "deviation_factors", "queries", "seconds", "phases", "config"):
+        assert key in d
+    # the generator used by patching: deterministic samples, stamps clipped to [0, 1]
+    g = r.generator
+    a, b = g.sample(3, 5, seed=7), g.sample(3, 5, seed=7)
+    assert a.shape == (5,) + shape and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    x = r.inverted_x[:5]
+    stamped = g.stamp(x, 3, seed=7)
+    np.testing.assert_allclose(stamped, np.clip(x + a, 0, 1))
+    # the recovered target-3 trigger works on the oracle
+    assert r.success_rates[3] >= 0.8
+
+
+def test_deterministic_for_a_seed(trojan_scan, digits_trojan):
+    again = scan(ModelOracle(digits_trojan.onnx_bytes), seed=0, progress=False)
+    assert again.statistics == trojan_scan.statistics
+    assert again.flagged_classes == trojan_scan.flagged_classes
+    assert again.queries == trojan_scan.queries
+
+
+def test_budget(digits_trojan):
+    with pytest.raises(QueryBudgetExceeded):
+        scan(digits_trojan.onnx_bytes, budget=2_000, progress=False)
+    r = scan(digits_trojan.onnx_bytes, budget=150_000, progress=False)
+    assert r.queries <= 150_000
+    assert r.phases["inversion"]["queries"] <= 0.3 * 150_000 + 200
+    assert r.config["generator_steps_run"] < r.config["generator_steps"]
+
+
+def test_heldout_replaces_or_seeds_inversion(digits, digits_trojan):
+    _, test = digits
+    oracle = ModelOracle(digits_trojan.onnx_bytes)
+    inv = ModelInversion(n_per_class=4, mode="replace", progress=False).fit(oracle, test)
+    assert inv.queries_ == 40 and inv.steps_run_ == 0
+    for cls in range(10):  # every substitute image is a held-out image of its class
+        rows = test.x[test.y == cls].reshape(-1, 64)
+        for img in inv.x_[inv.y_ == cls]:
+            assert (np.abs(rows - img.reshape(1, 64)).sum(1) == 0).any()
+    seeded = ModelInversion(n_per_class=4, steps=5, mode="seed", progress=False).fit(oracle, test)
+    assert seeded.steps_run_ >= 1 and seeded.x_.shape == (40, 1, 8, 8)
+
+
+def test_cli_exit_codes(tmp_path, digits_trojan, digits_benign):
+    trojan = digits_trojan.save(tmp_path / "trojan.onnx")
+    benign = digits_benign.save(tmp_path / "benign.onnx")
+    report = tmp_path / "out" / "trojan.json"
+    assert main(["scan", str(trojan), "--report", str(report), "--no-progress"]) == 1
+    d = json.loads(report.read_text())
+    assert d["verdict"] == "trojan_suspected" and 3 in d["flagged_classes"]
+    assert {"deviation_factors", "queries", "seconds", "phases"} <= set(d)
+    assert (tmp_path / "out" / "trojan_triggers.png").stat().st_size > 0
+    assert main(["scan", str(benign), "--report", str(tmp_path / "benign.json"), "--alpha", "0.0455",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "benign.json").read_text())["cutoff"] == pytest.approx(2.0, abs=1e-4)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    assert main(["scan", str(bad), "--report", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
