@@ -121,5 +121,6 @@ def read_artifact(directory, model_sha256: str | None = None,
     except (OSError, ValueError) as e:
         raise ArtifactIntegrityError(f"{BANK_FILE} is not a readable array: {e}") from e
     if list(bank.shape) != doc.get("bank_shape"):
-        raise ArtifactIntegrityError(f"{BANK_FILE} shape {list(bank.shape)} differs from recorded {doc.get('bank_shape')}")
+        raise ArtifactIntegrityError(f"{BANK_FILE} shape {list(bank.shape)} differs from recorded "
+                                     f"{doc.get('bank_shape')}")
     return doc, bank

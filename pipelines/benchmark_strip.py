@@ -49,6 +49,7 @@ def add_arguments(parser):
     parser.add_argument("--n-eval", type=int, default=2000, help="clean and trojaned evaluation inputs (each)")
     parser.add_argument("--n-heldout", type=int, default=2000, help="held-out images for bank and calibration")
     parser.add_argument("--epochs", type=int, default=2, help="lab training epochs")
+    parser.add_argument("--arch", choices=("small", "deep"), default="small", help="lab architecture")
     parser.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--analysis-rule", default="max",
@@ -129,16 +130,6 @@ def evaluate_trigger(name, oracle, lab, test, args, progress) -> tuple[list, dic
     return rows, info
 
 
-def _median_seconds(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _calls(oracle) -> int:
     return sum(p["calls"] for p in oracle.ledger.as_dict().values())
 
@@ -153,15 +144,23 @@ def timing(oracle, x_held, x_eval, rule, seed, repeats) -> dict:
     guard = GuardedClassifier(oracle, det)
     one, batch = x_eval[:1], x_eval[:256]
     out = {"rule": rule, "n_perturbations": 10, "batch": len(batch)}
-    for key, fn in (("plain_1", lambda: oracle.predict_proba(one)), ("guarded_1", lambda: guard.predict(one)),
-                    ("plain_256", lambda: oracle.predict_proba(batch)),
-                    ("guarded_256", lambda: guard.predict(batch)),
-                    ("perturb_256", lambda: det.perturb(batch))):
+    fns = {"plain_1": lambda: oracle.predict_proba(one), "guarded_1": lambda: guard.predict(one),
+           "plain_256": lambda: oracle.predict_proba(batch), "guarded_256": lambda: guard.predict(batch),
+           "perturb_256": lambda: det.perturb(batch)}
+    times = {k: [] for k in fns}
+    for k, fn in fns.items():  # warm-up, and one counted run to read calls and queries off the ledger
+        fn()
         q0, c0 = oracle.queries, _calls(oracle)
-        out[key + "_s"] = _median_seconds(fn, repeats)
-        runs = repeats + 1
-        out[key + "_calls_per_predict"] = (_calls(oracle) - c0) / runs
-        out[key + "_queries_per_predict"] = (oracle.queries - q0) / runs
+        fn()
+        out[k + "_calls_per_predict"] = _calls(oracle) - c0
+        out[k + "_queries_per_predict"] = oracle.queries - q0
+    for _ in range(repeats):  # interleaved, so plain and guarded see the same machine load
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    for k, v in times.items():
+        out[k + "_s"] = float(np.median(v))
     out["plain_throughput"] = len(batch) / out["plain_256_s"]
     out["guarded_throughput"] = len(batch) / out["guarded_256_s"]
     out["guarded_over_plain_div_11"] = out["guarded_throughput"] / (out["plain_throughput"] / 11)
@@ -238,9 +237,10 @@ def render_markdown(models, rows, summary_md, summary, tim, meta) -> str:
     parts = ["# STRIP benchmark (Fashion-MNIST lab models)", "",
              f"Command: `{meta['command']}`  ", f"Measured: {meta['date']} on {meta['machine']}  ",
              f"Versions: {meta['versions']}", "",
-             "Setup: small lab CNN per trigger, trained on Fashion-MNIST; the test split is shuffled "
-             f"(seed {meta['seed']}) into {meta['n_heldout']} held-out images (perturbation bank and benign "
-             f"calibration), {meta['n_eval']} clean and up to {meta['n_eval']} trojaned evaluation inputs "
+             f"Setup: {meta['arch']} lab CNN per trigger, trained {meta['epochs']} epoch(s) on Fashion-MNIST; "
+             f"the test split is shuffled (seed {meta['seed']}) into {meta['n_heldout']} held-out images "
+             f"(perturbation bank and benign calibration), {meta['n_eval']} clean and up to {meta['n_eval']} "
+             "trojaned evaluation inputs "
              "(stamped test images whose true class is not a target). Boundary = norm.ppf(FRR, mean, std) of the "
              "held-out benign entropies (the paper's rule); FAR = share of trojaned inputs scoring above it; "
              "FRR = share of clean inputs at or below it. FAR (effective) counts only stamped inputs the model "
@@ -264,8 +264,16 @@ def render_markdown(models, rows, summary_md, summary, tim, meta) -> str:
                   anatomy, ""]
     if tim:
         parts += [f"## Cost at N=10 (rule {tim['rule']}, trigger {meta['timing_trigger']})", "",
-                  f"Median of {meta['timing_repeats']} runs after a warm-up; one oracle call per predict.", "",
+                  f"Median of {meta['timing_repeats']} interleaved runs after a warm-up; "
+                  "one oracle call per predict.", "",
                   timing_table(tim), ""]
+    if tim and "choose_n" in tim:
+        c = tim["choose_n"]
+        parts += ["## Choosing N (Fig. 10): std of the benign entropies versus N", "",
+                  "| N | " + " | ".join(str(n) for n in c["curve"]) + " |", "|---|" + "---|" * len(c["curve"]),
+                  "| std | " + " | ".join(f"{v:.3f}" for v in c["curve"].values()) + " |", "",
+                  f"`choose_n` (1000 held-out images, tolerance 2% std decrease per added perturbation) "
+                  f"picks **N = {c['chosen']}**.", ""]
     return "\n".join(parts)
 
 
@@ -292,7 +300,7 @@ def run(args) -> int:
     from trojan_gate.gates.data import load_fashion_mnist
     from trojan_gate.gates.lab import LabConfig, train_lab_model
     from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.strip import BLEND_RULES, DEFAULT_BLEND
+    from trojan_gate.gates.strip import BLEND_RULES, DEFAULT_BLEND, choose_n
 
     if args.quick:
         args.triggers, args.n, args.n_eval, args.n_heldout, args.epochs = ["patch"], [10], 500, 1000, 1
@@ -309,7 +317,7 @@ def run(args) -> int:
     bar = tqdm(total=len(args.triggers) * len(args.rules) * len(args.n), desc="strip benchmark")
     for name in args.triggers:
         kind, targets = TRIGGER_SETUPS[name]
-        lab = train_lab_model(train, test, LabConfig(arch="small", trigger=kind, targets=targets,
+        lab = train_lab_model(train, test, LabConfig(arch=args.arch, trigger=kind, targets=targets,
                                                      epochs=args.epochs, seed=args.seed))
         oracle = ModelOracle(lab.onnx_bytes)
         trig_rows, info = evaluate_trigger(name, oracle, lab, test, args, bar)
@@ -319,6 +327,8 @@ def run(args) -> int:
             held, clean, _ = _split(test, args.n_heldout, args.n_eval, targets, args.seed)
             tim = timing(oracle, test.x[held], test.x[clean], timing_rule, args.seed, args.timing_repeats)
             timing_trigger = name
+            chosen_n, curve = choose_n(oracle, test.x[held], blend=timing_rule, seed=args.seed)
+            tim["choose_n"] = {"chosen": chosen_n, "curve": curve}
     bar.close()
 
     n_ref = 10 if 10 in args.n else args.n[0]
@@ -328,7 +338,8 @@ def run(args) -> int:
             f"ONNX Runtime {oracle.device}",
             "versions": f"trojan-gate {__version__}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__}, "
                         f"torch {torch.__version__}",
-            "seed": args.seed, "n_heldout": args.n_heldout, "n_eval": args.n_eval,
+            "seed": args.seed, "arch": args.arch, "epochs": args.epochs,
+            "n_heldout": args.n_heldout, "n_eval": args.n_eval,
             "timing_trigger": timing_trigger, "timing_repeats": args.timing_repeats}
     md = render_markdown(models, rows, summary_md, summary, tim, meta)
     print(md)
@@ -350,6 +361,7 @@ def _log_mlflow(args, models, rows, summary, tim, md):
         mlflow.log_params({"triggers": ",".join(args.triggers), "rules": ",".join(args.rules),
                            "n_values": ",".join(map(str, args.n)), "frr_values": ",".join(map(str, args.frr)),
                            "n_eval": args.n_eval, "n_heldout": args.n_heldout, "epochs": args.epochs,
+                           "arch": args.arch,
                            "seed": args.seed, "best_rule": summary.get("best_rule")})
         metrics = {}
         for r in rows:
@@ -366,4 +378,5 @@ def _log_mlflow(args, models, rows, summary, tim, md):
         mlflow.log_metrics(metrics)
         mlflow.log_table(pd.DataFrame([r.__dict__ for r in rows]), "strip_table_iii.json")
         mlflow.log_text(md, "strip_benchmark.md")
-        mlflow.log_dict({"models": models, "summary": summary, "timing": tim}, "strip_benchmark.json")
+        mlflow.log_dict(json.loads(json.dumps({"models": models, "summary": summary, "timing": tim},
+                                              default=str)), "strip_benchmark.json")
