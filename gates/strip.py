@@ -163,7 +163,7 @@ class StripDetector:
         self.created_at_ = None
         self._score_rng = np.random.default_rng([self.seed, 1])
 
-    # -- helpers ----------------------------------------------------------------------
+    # -- building blocks ---------------------------------------------------------------
     @property
     def chunk_size(self) -> int:
         if self.batch_size:
