@@ -78,8 +78,10 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
                           min_per_class=min_per_class, out_dir=boundary_dir, extra=extra)
     digest = artifact_sha256(boundary_dir)
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
-    ensure_experiment(experiment)
-    with mlflow.start_run(run_name=f"calibrate-{ref.name}-v{ref.version}") as run:
+    nested = mlflow.active_run() is not None  # inside a gate run: a child run of it
+    if not nested:
+        ensure_experiment(experiment)
+    with mlflow.start_run(run_name=f"calibrate-{ref.name}-v{ref.version}", nested=nested) as run:
         mlflow.set_tags({"trojan_gate.model": ref.uri, "trojan_gate.version": __version__})
         mlflow.log_params({"model_uri": ref.uri, "frr": frr, "n_perturbations": det.n_perturbations,
                            "blend": det.blend, "seed": seed, "heldout_size": len(heldout),

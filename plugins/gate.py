@@ -80,6 +80,7 @@ class GateConfig:
     min_per_class: int = 5
     timeout_s: float | None = None
     estimate_far: bool = True
+    scan_uses_heldout: bool = False  # False: black-box inversion (the paper); True: its clean-data variant
     scan_options: dict = field(default_factory=dict)
     patch_options: dict = field(default_factory=dict)
 
@@ -121,7 +122,8 @@ class GateOutcome:
 def _scan(oracle, heldout: Dataset | None, config: GateConfig):
     from trojan_gate.gates.scan import scan
 
-    return scan(oracle, heldout=heldout, seed=config.seed, cutoff=config.cutoff, **config.scan_options)
+    return scan(oracle, heldout=heldout if config.scan_uses_heldout else None, seed=config.seed,
+                cutoff=config.cutoff, progress=False, **config.scan_options)
 
 
 @contextlib.contextmanager
@@ -228,6 +230,9 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
             if final is not None:
                 check_deadline("STRIP calibration")
                 det, selection, trojan_scores = _calibrate(final, heldout, passing_scan, config, client)
+                mlflow.log_metrics({"strip_boundary": float(det.threshold_), "strip_n": float(det.n_perturbations),
+                                    **({"strip_estimated_far": selection.estimated_far}
+                                       if selection is not None and np.isfinite(selection.estimated_far) else {})})
             check_deadline("writing the verdict")
             if version_tags(ref, client).get(tag("gate.run_id")) != run_id:
                 raise GateSuperseded(f"another gate claimed {ref.uri} while this one ran; it decides the verdict")

@@ -130,7 +130,9 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
     info = oracle.info
     proto = onnx.load_model_from_string(oracle.model_bytes)
     client = MlflowClient()
-    ensure_experiment(experiment)
+    nested = mlflow.active_run() is not None  # e.g. a patched version registered inside a gate run
+    if not nested:
+        ensure_experiment(experiment)
     tags = {
         tag("sha256"): info.sha256,
         tag("source"): source or str(path.resolve()),
@@ -141,7 +143,7 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
         tag("intake_version"): __version__,
     }
     tags.update({k if k.startswith(TAG) else tag(k): str(v) for k, v in (extra_tags or {}).items()})
-    with mlflow.start_run(run_name=f"intake-{name}") as run:
+    with mlflow.start_run(run_name=f"intake-{name}", nested=nested) as run:
         mlflow.log_params({"model_file": path.name, "sha256": info.sha256, "input_shape": str(info.input_shape),
                            "n_classes": info.n_classes, "opset": info.opset})
         model_info = mlflow.onnx.log_model(proto, name="model", save_as_external_data=False,

@@ -54,6 +54,7 @@ def mlflow_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     configure_tracking(uri)
+    mlflow.set_experiment(experiment_id="0")  # forget the experiment id cached from an earlier store
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
@@ -80,10 +81,11 @@ def cached_scan():
     from trojan_gate.gates.scan import scan
 
     def run(oracle, heldout, config):
-        key = (oracle.sha256, config.seed, config.cutoff, repr(sorted(config.scan_options.items())))
+        key = (oracle.sha256, config.seed, config.cutoff, config.scan_uses_heldout,
+               repr(sorted(config.scan_options.items())))
         if key not in _SCAN_CACHE:
-            _SCAN_CACHE[key] = scan(oracle, heldout=heldout, seed=config.seed, cutoff=config.cutoff,
-                                    **config.scan_options)
+            _SCAN_CACHE[key] = scan(oracle, heldout=heldout if config.scan_uses_heldout else None, seed=config.seed,
+                                    cutoff=config.cutoff, progress=False, **config.scan_options)
         return _SCAN_CACHE[key]
 
     return run

@@ -13,7 +13,7 @@ from trojan_gate.plugins.registry import intake_onnx, version_tags
 
 
 def _aliases(name):
-    return dict(MlflowClient().get_registered_model(name).aliases)
+    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     run = MlflowClient().get_run(out.run_id)
     assert run.data.metrics["max_deviation_factor"] <= 2.0 and "strip_boundary" in run.data.metrics
     files = {f.path for f in MlflowClient().list_artifacts(out.run_id, "report")}
-    assert {"report/report.html", "report/report.json"} <= files
+    assert {"report/trojan_report.html", "report/trojan_report.json"} <= files
     boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.strip.artifact_uri"] + "/boundary.json"))
     assert "estimated_far" in boundary["extra"] and boundary["n_perturbations"] in (5, 10, 20)
 
@@ -61,7 +61,7 @@ def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, tro
     ref = intake_onnx(trojan_onnx, "clf")
     out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), _scan_fn=cached_scan)
     assert out.verdict == "patched", (out.error, out.report.get("summary"))
-    versions = {v.version: v for v in MlflowClient().search_model_versions("name='clf'")}
+    versions = {str(v.version): v for v in MlflowClient().search_model_versions("name='clf'")}
     assert set(versions) == {"1", "2"}
     new = versions["2"].tags
     assert new["trojan_gate.verdict"] == "patched" and new["trojan_gate.patched_from"] == "1"

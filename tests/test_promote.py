@@ -25,9 +25,9 @@ def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_be
     good = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
     assert run_gate(good.uri, held, GateConfig(), _scan_fn=cached_scan).verdict == "passed"
     assert main(["promote", "clf", good.version, "--alias", "production"]) == 0
-    assert MlflowClient().get_registered_model("clf").aliases["production"] == good.version
+    assert str(MlflowClient().get_registered_model("clf").aliases["production"]) == good.version
     assert main(["promote", "clf", pending.version, "--alias", "production"]) == 1
-    assert MlflowClient().get_registered_model("clf").aliases["production"] == good.version
+    assert str(MlflowClient().get_registered_model("clf").aliases["production"]) == good.version
 
     # tamper with the stored STRIP bank: promotion must refuse
     uri = version_tags(good)["trojan_gate.strip.artifact_uri"]
