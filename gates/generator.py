@@ -176,6 +176,18 @@ class GeneratorTrainer:
             tgt.append(np.full(self.batch_per_class, t))
         return np.concatenate(src), np.concatenate(tgt)
 
+    # -- gradient source: query estimates here, a distilled surrogate in `surrogate` -------
+    def _setup(self, oracle, x, y, rng, device):
+        self._est = make_estimator(self.estimator, n_pairs=self.n_pairs, sigma=self.sigma, tile=self.tile,
+                                   seed=int(rng.integers(2**31)))
+
+    def _delta_grad(self, oracle, xs, tgt, delta: np.ndarray, step: int):
+        """Gradient of the model-dependent part of Eq. 6 w.r.t. each Delta (summed loss), and the
+        oracle's probabilities at x' = clip(x + Delta) (None when the oracle was not asked)."""
+        g = self._est.estimate(lambda q: oracle.predict_proba(np.clip(_stamp_probes(xs, q), 0.0, 1.0)),
+                               lambda out: target_loss(out, tgt, self.gamma1), delta)
+        return g.grad, g.outputs
+
     def fit(self, oracle, x: np.ndarray, y: np.ndarray, reserve: int = 0) -> "GeneratorTrainer":
         """Train against `oracle` on the substitute set (x, y); sets generator_, gamma2_, history_.
 
@@ -189,49 +201,43 @@ class GeneratorTrainer:
         opt = torch.optim.Adam([{"params": gen.base.parameters(), "lr": self.lr},
                                 {"params": gen.net.parameters(), "lr": self.lr_variation}])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps), eta_min=0.0)
-        est = make_estimator(self.estimator, n_pairs=self.n_pairs, sigma=self.sigma, tile=self.tile,
-                             seed=int(rng.integers(2**31)))
+        x = np.asarray(x, np.float32)
+        q0 = oracle.queries
+        self._setup(oracle, x, y, rng, device)
         thresh = self.thresh_fraction * float(np.prod(shape))
         gamma2 = np.full(k, float(self.gamma2))
         hits, seen = np.zeros(k), np.zeros(k)
         history = []
-        q0 = oracle.queries
         steps_run = 0
-        x = np.asarray(x, np.float32)
         bar = tqdm(range(self.steps), desc="generator", disable=not self.progress, leave=False)
         for step in bar:
             rem = oracle.remaining()
             if rem is not None and rem - reserve < self.queries_per_step(k):
                 break
             src, tgt = self._batch(x, y, k, rng)
-            xs = x[src]
             z = torch.from_numpy(rng.standard_normal((len(src), self.z_dim), dtype=np.float32)).to(device)
-            t_torch = torch.from_numpy(tgt).to(device)
-            delta = gen(z, t_torch)
-            d_np = delta.detach().cpu().numpy()
-            g = est.estimate(lambda q: oracle.predict_proba(np.clip(_stamp_probes(xs, q), 0.0, 1.0)),
-                             lambda out: target_loss(out, tgt, self.gamma1), d_np)
-            grad = torch.from_numpy((g.grad / len(src)).astype(np.float32)).to(device)
+            delta = gen(z, torch.from_numpy(tgt).to(device))
+            grad, outputs = self._delta_grad(oracle, x[src], tgt, delta.detach().cpu().numpy(), step)
+            grad = torch.from_numpy((grad / len(src)).astype(np.float32)).to(device)
             l1 = delta.abs().flatten(1).sum(1)
             g2 = torch.from_numpy(gamma2[tgt].astype(np.float32)).to(device)
             pert = (g2 * torch.relu(l1 - thresh)).mean()
             opt.zero_grad()
-            torch.autograd.backward([delta, pert], [grad, None])
+            torch.autograd.backward([delta, pert], [grad, None])  # delta.backward(grad_estimate) + hinge
             opt.step()
             if self.anneal:
                 sched.step()
             steps_run = step + 1
-            ok = g.outputs.argmax(1) == tgt
-            np.add.at(hits, tgt, ok)
-            np.add.at(seen, tgt, 1)
-            if steps_run % self.adapt_every == 0:
-                rate = hits / np.maximum(seen, 1)
+            if outputs is not None:
+                np.add.at(hits, tgt, outputs.argmax(1) == tgt)
+                np.add.at(seen, tgt, 1)
+            if steps_run % self.adapt_every == 0 and seen.min() > 0:
+                rate = hits / seen
                 gamma2 = np.where(rate >= self.success_target, gamma2 * self.adapt_factor,
                                   gamma2 / self.adapt_factor)
                 gamma2 = np.clip(gamma2, *self.gamma2_bounds)
                 history.append({"step": steps_run, "success": rate.round(4).tolist(),
-                                "l1": _per_class_mean(l1.detach().cpu().numpy(), tgt, k).round(3).tolist(),
-                                "loss": float(g.loss.mean())})
+                                "l1": _per_class_mean(l1.detach().cpu().numpy(), tgt, k).round(3).tolist()})
                 bar.set_postfix(success=f"{rate.mean():.2f}", l1=f"{l1.mean().item():.1f}")
                 hits[:], seen[:] = 0, 0
         bar.close()

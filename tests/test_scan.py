@@ -65,20 +65,37 @@ def test_result_contract(trojan_scan):
     assert r.success_rates[3] >= 0.8
 
 
-def test_deterministic_for_a_seed(trojan_scan, digits_trojan):
-    again = scan(ModelOracle(digits_trojan.onnx_bytes), seed=0, progress=False)
-    assert again.statistics == trojan_scan.statistics
-    assert again.flagged_classes == trojan_scan.flagged_classes
-    assert again.queries == trojan_scan.queries
+SMALL = dict(n_per_class=5, inversion_steps=20, generator_steps=40)  # cheap scans for mechanics
+
+
+def test_deterministic_for_a_seed(digits_trojan):
+    a = scan(ModelOracle(digits_trojan.onnx_bytes), seed=4, progress=False, **SMALL)
+    b = scan(digits_trojan.onnx_bytes, seed=4, progress=False, **SMALL)
+    assert a.statistics == b.statistics
+    assert a.deviation_factors == b.deviation_factors
+    assert a.queries == b.queries
+    np.testing.assert_array_equal(a.inverted_x, b.inverted_x)
+    np.testing.assert_array_equal(a.trigger_samples, b.trigger_samples)
+    c = scan(digits_trojan.onnx_bytes, seed=5, progress=False, **SMALL)
+    assert c.statistics != a.statistics
 
 
 def test_budget(digits_trojan):
     with pytest.raises(QueryBudgetExceeded):
-        scan(digits_trojan.onnx_bytes, budget=2_000, progress=False)
-    r = scan(digits_trojan.onnx_bytes, budget=150_000, progress=False)
-    assert r.queries <= 150_000
-    assert r.phases["inversion"]["queries"] <= 0.3 * 150_000 + 200
-    assert r.config["generator_steps_run"] < r.config["generator_steps"]
+        scan(digits_trojan.onnx_bytes, budget=300, progress=False, **SMALL)
+    budget = 20_000
+    r = scan(digits_trojan.onnx_bytes, budget=budget, progress=False, **SMALL)
+    assert r.queries <= budget
+    assert r.phases["inversion"]["queries"] <= 0.3 * budget + 50
+    assert 0 < r.config["generator_steps_run"] < r.config["generator_steps"]
+
+
+def test_surrogate_gradient_runs_and_spends_fewer_queries(digits_trojan):
+    nes = scan(digits_trojan.onnx_bytes, progress=False, **SMALL)
+    sur = scan(digits_trojan.onnx_bytes, progress=False, gradient="surrogate", **SMALL)
+    assert sur.config["gradient"] == "surrogate"
+    assert sur.phases["generator"]["queries"] < nes.phases["generator"]["queries"]
+    assert len(sur.statistics) == 10 and sur.trigger_samples.shape[:1] == (10,)
 
 
 def test_heldout_replaces_or_seeds_inversion(digits, digits_trojan):
