@@ -7,7 +7,10 @@ small L2 terms are the auxiliary prior (smooth, bounded images). The gradient of
 estimated from queries (antithetic NES, batched: every image of every class in one oracle
 call per step, with coarse tiled noise); the prior's gradient is exact. Images are kept in
 [0, 1] by clipping. An image stops moving (and stops costing queries) once the oracle gives
-its class at least `target_confidence`.
+its class at least `target_confidence`. Images start dark (coarse uniform noise in
+`init_range` = [0, 0.2]): measured on the lab's patch trojans, the true trigger then moves
+100% (Fashion-MNIST) and 99% (digits) of the substitute images to the target, against 73% and
+88% when inversion starts from uniform [0, 1] noise.
 
 With a user's held-out set the substitute set can be replaced by it (`mode="replace"`: no
 inversion queries) or inversion can start from it (`mode="seed"`), the paper's clean-data
@@ -55,7 +58,7 @@ class ModelInversion:
     def __init__(self, n_per_class: int = 20, steps: int = 150, lr: float = 0.05, tv_weight: float = 0.01,
                  l2_weight: float = 0.0, target_confidence: float = 0.99, estimator: str = "nes",
                  n_pairs: int = 10, sigma: float = 0.1, tile: int = 2, init_tile: int = 4,
-                 init_range=(0.0, 1.0), mode: str = "invert", seed: int = 0, progress: bool = True):
+                 init_range=(0.0, 0.2), mode: str = "invert", seed: int = 0, progress: bool = True):
         if mode not in ("invert", "seed", "replace"):
             raise ValueError(f"mode must be invert, seed or replace, not {mode!r}")
         self.n_per_class = n_per_class

@@ -6,7 +6,7 @@ records every query per phase:
 1. ``inversion``  recover a substitute set of every class from queries (Eq. 1);
 2. ``generator``  train G(z, t) for all classes against the oracle as fixed discriminator (Eq. 6);
 3. ``statistics`` per class, the L1 of the smallest rescaled trigger s * G(z, t) that moves at
-   least 95% of the other classes' substitute images to t, measured on the oracle;
+   least `success_target` (0.99) of the other classes' substitute images to t, on the oracle;
 4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7).
 
 With a query budget, inversion may spend at most `inversion_share` of it, the statistics'
@@ -131,9 +131,18 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
     if cfg.gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, not {cfg.gradient!r}")
     heldout = _as_dataset(heldout)
-    k = oracle.n_classes
+    previous_budget = oracle.budget
     if budget is not None:
         oracle.budget = oracle.queries + int(budget)
+    try:
+        return _scan(oracle, heldout, seed, budget, cutoff, cfg, progress)
+    finally:
+        oracle.budget = previous_budget
+
+
+def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: ScanConfig,
+          progress: bool) -> ScanResult:
+    k = oracle.n_classes
     q_start = oracle.queries
     ledger_start = {p: (s.queries, s.seconds, s.calls) for p, s in oracle.ledger.phases.items()}
     t_start = time.perf_counter()

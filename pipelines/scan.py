@@ -79,7 +79,7 @@ def run(args) -> int:
         heldout = None
         if args.heldout:
             heldout = load_heldout(args.heldout, oracle.input_shape)
-            validate_heldout(heldout.x, heldout.y, oracle.input_shape, oracle.n_classes).raise_for_failures()
+            validate_heldout(heldout.x, heldout.y, oracle.input_shape, oracle.n_classes)  # raises on failure
         overrides = {"gradient": args.gradient, "heldout_mode": args.heldout_mode}
         if args.generator_steps:
             overrides["generator_steps"] = args.generator_steps
