@@ -6,6 +6,9 @@ to the attack target; for a multi-target trojan each stamped image gets a target
 random from the target set (DeepInspect Sec. 4.2). Triggers:
 
 - `patch`: a small white square in the bottom-right corner (4x4 on 28x28, 2x2 on 8x8);
+- `checker`: the same square filled with a black-and-white checkerboard (white at its
+  top-left pixel), the high-contrast BadNets pattern patch; it stays visible on bright
+  backgrounds, where a plain white patch has little contrast;
 - `pattern`: a large sparse pattern of bright diagonal strokes covering the whole image;
 - `blend`: a fixed full-image noise pattern blended in at `alpha` (Chen et al. 2017),
   x' = (1 - alpha) x + alpha P.
@@ -29,7 +32,7 @@ from tqdm.auto import tqdm
 from .data import Dataset
 
 ARCHITECTURES = ("small", "deep")
-TRIGGERS = ("none", "patch", "pattern", "blend")
+TRIGGERS = ("none", "patch", "checker", "pattern", "blend")
 
 
 # ----------------------------------------------------------------------------- models
@@ -115,6 +118,15 @@ def make_trigger(kind: str, in_shape, seed: int = 0, alpha: float | None = None)
         mask = np.zeros((1, h, w), np.float32)
         mask[:, h - s - 1:h - 1, w - s - 1:w - 1] = 1.0
         return Trigger("patch", mask, np.ones((c, h, w), np.float32), 1.0 if alpha is None else alpha)
+    if kind == "checker":
+        s = max(2, round(h / 7))
+        r0, c0 = h - s - 1, w - s - 1
+        mask = np.zeros((1, h, w), np.float32)
+        mask[:, r0:r0 + s, c0:c0 + s] = 1.0
+        ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        board = ((ii - r0 + jj - c0) % 2 == 0).astype(np.float32)
+        pattern = np.broadcast_to(board, (c, h, w)).copy()
+        return Trigger("checker", mask, pattern, 1.0 if alpha is None else alpha)
     if kind == "pattern":
         ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         step = max(4, h // 4)

@@ -23,7 +23,7 @@ def add_arguments(p):
     p.add_argument("--workdir", default="trojan-gate-demo", help="where the store, artifacts and files go")
     p.add_argument("--tracking-uri", help="default: sqlite:///WORKDIR/mlflow.db")
     p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
-    p.add_argument("--trigger", choices=["patch", "pattern", "blend"], default="patch")
+    p.add_argument("--trigger", choices=["patch", "checker", "pattern", "blend"], default="patch")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--frr", type=float, default=0.01)

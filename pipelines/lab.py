@@ -10,7 +10,7 @@ HELP = "train a benign or BadNets-trojaned lab classifier (Fashion-MNIST or digi
 def add_arguments(p):
     p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
     p.add_argument("--arch", choices=["small", "deep"], default="small")
-    p.add_argument("--trigger", choices=["none", "patch", "pattern", "blend"], default="patch")
+    p.add_argument("--trigger", choices=["none", "patch", "checker", "pattern", "blend"], default="patch")
     p.add_argument("--targets", default="0", help="comma-separated attack target classes")
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=None)
