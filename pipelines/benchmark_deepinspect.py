@@ -187,7 +187,7 @@ def summary_lines(s: dict) -> str:
 
 
 def write_markdown(path: Path, args, results: dict):
-    lines = [] if args.append and path.exists() else [
+    lines = ["---", ""] if args.append and path.exists() else [
              "# DeepInspect (black-box) on the Fashion-MNIST lab zoo", "",
              "Every number comes from the oracle's answers: the scan never reads weights or gradients. "
              "`max df` is the largest left-tail double-MAD deviation factor over the 10 classes; a model is "
