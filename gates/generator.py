@@ -125,13 +125,14 @@ class GeneratorTrainer:
     ----------
     steps : generator updates
     batch_per_class : stamped inverted images per class and step
-    lr : Adam learning rate of G
+    lr, lr_variation : Adam learning rates of G's per-class base (pixel units) and of its MLP
     gamma1 : weight of the mse term (Eq. 4)
     gamma2 : initial weight of the L1 hinge (Eq. 5), adapted per class (see module doc)
     thresh_fraction : hinge threshold as a fraction of the input size
     success_target, adapt_every, adapt_factor, gamma2_bounds : the gamma2 thermostat
     estimator, n_pairs, sigma, tile : query gradient estimator
-    z_dim, hidden : generator size
+    z_dim, hidden, variation : generator size and the amplitude of its z-driven variation
+    anneal : cosine-anneal the learning rates over `steps`
     device : torch device for G ("cuda" when available by default)
     seed : seed of G's weights, noise, sampling and probe directions
     """
