@@ -29,6 +29,7 @@ ZOO = {
 def add_arguments(p):
     p.add_argument("--models", default=",".join(ZOO), help=f"subset of {','.join(ZOO)}")
     p.add_argument("--epochs", type=int, default=3, help="lab training epochs")
+    p.add_argument("--arch", choices=["small", "deep"], default="small", help="lab architecture")
     p.add_argument("--heldout-size", type=int, default=2000)
     p.add_argument("--test-size", type=int, default=2000, help="clean/stamped test images for the true figures")
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +64,7 @@ def run(args) -> int:
     patch_rows, far_rows = [], []
     for name in args.models.split(","):
         spec = ZOO[name]
-        lab = train_lab_model(train, test, LabConfig(arch="small", seed=args.seed, epochs=args.epochs, **spec))
+        lab = train_lab_model(train, test, LabConfig(arch=args.arch, seed=args.seed, epochs=args.epochs, **spec))
         targets = list(spec["targets"])
         oracle = ModelOracle(lab.onnx_bytes)
         t0 = time.perf_counter()
@@ -101,7 +102,8 @@ def run(args) -> int:
             return "–"
         return f"{100 * v:.1f}%" if pct else f"{v:.2f}"
 
-    lines = ["| model | targets | flagged | max df before → after | clean acc before → after | true-trigger ASR before → after | fresh scan | scan s | patch s |",
+    lines = [f"Lab architecture: {args.arch}.", "",
+             "| model | targets | flagged | max df before → after | clean acc before → after | true-trigger ASR before → after | fresh scan | scan s | patch s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in patch_rows:
         lines.append(f"| {r['model']} | {r['targets']} | {r['flagged']} | {f(r['df_before'])} → {f(r.get('df_after'))} | "
@@ -119,7 +121,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# Patch benchmark\n\nCommand: `trojan-gate benchmark patch --models {args.models}"
-                   f" --epochs {args.epochs} --seed {args.seed}`\n\n{table}\n")
+                   f" --arch {args.arch} --epochs {args.epochs} --seed {args.seed}`\n\n{table}\n")
     if not args.no_mlflow:
         import mlflow
 
