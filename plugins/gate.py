@@ -217,7 +217,6 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
             scan_result = scan_fn(oracle, heldout, config)
             _log_scan(scan_result, "", workdir)
             check_deadline("the decision")
-            passing_scan = scan_result
             if not scan_result.trojan_suspected:
                 verdict, final = PASSED, ref
             elif config.policy == "block":
@@ -226,10 +225,11 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
                 patch, fresh, new_ref, verdict = _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir,
                                                         client)
                 if verdict == PATCHED:
-                    final, passing_scan = new_ref, fresh
+                    final = new_ref
             if final is not None:
                 check_deadline("STRIP calibration")
-                det, selection, trojan_scores = _calibrate(final, heldout, passing_scan, config, client)
+                det, selection, trojan_scores = _calibrate(final, heldout, scan_result, config, client,
+                                                           suspect_classes=scan_result.flagged_classes)
                 mlflow.log_metrics({"strip_boundary": float(det.threshold_), "strip_n": float(det.n_perturbations),
                                     **({"strip_estimated_far": selection.estimated_far}
                                        if selection is not None and np.isfinite(selection.estimated_far) else {})})
@@ -286,18 +286,25 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
     return patch, fresh, new_ref, PATCHED
 
 
-def _calibrate(final: VersionRef, heldout: Dataset, passing_scan, config: GateConfig, client):
-    """STRIP for the version that passed; generated triggers estimate FAR and pick blend and N."""
+def _calibrate(final: VersionRef, heldout: Dataset, source_scan, config: GateConfig, client, suspect_classes=()):
+    """STRIP for the version that passed; the source scan's generated triggers estimate FAR and pick blend and N.
+
+    For a patched version the triggers of the source's flagged classes are used: the stand-ins
+    are the suspected trojan's own inputs that still hijack the patched model.
+    """
     selection = trojan_scores = None
     blend, n = config.blend, config.n_perturbations or 10
     extra = {}
-    if config.estimate_far and getattr(passing_scan, "generator", None) is not None:
+    if config.estimate_far and getattr(source_scan, "generator", None) is not None:
         from trojan_gate.gates.far_estimate import hijacking_inputs, select_strip_config
         from trojan_gate.gates.strip import BLEND_RULES
 
         onnx_path = fetch_onnx(final, client=client)
         oracle = ModelOracle(onnx_path)
-        stamped = hijacking_inputs(oracle, passing_scan.generator.stamp, heldout.x, heldout.y, seed=config.seed)
+        # the suspected trojan's own triggers when the source was flagged (patched); every class otherwise
+        classes = suspect_classes or None
+        stamped = hijacking_inputs(oracle, source_scan.generator.stamp, heldout.x, heldout.y, seed=config.seed,
+                                   classes=classes)
         blends = (config.blend,) if config.blend else tuple(BLEND_RULES)
         ns = (config.n_perturbations,) if config.n_perturbations else (5, 10, 20)
         selection = select_strip_config(oracle, heldout.x, stamped, frr=config.frr, blends=blends, ns=ns,
@@ -305,6 +312,7 @@ def _calibrate(final: VersionRef, heldout: Dataset, passing_scan, config: GateCo
         blend, n = selection.blend, selection.n_perturbations
         extra = {"estimated_far": selection.estimated_far, "estimated_far_inputs": selection.n_stamped,
                  "estimated_far_source": "DeepInspect generator triggers that hijack the model",
+                 "estimated_far_classes": "all" if classes is None else [int(c) for c in classes],
                  "selection": selection.table}
         if len(stamped.x):
             trojan_scores = stamped
