@@ -232,8 +232,20 @@ def export_onnx(model: nn.Module, in_shape, opset: int = 17) -> bytes:
     return buf.getvalue()
 
 
-def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: bool = True) -> LabModel:
-    """Train a seeded benign or trojaned classifier and export it to ONNX."""
+def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: bool = True,
+                    threads: int | None = None) -> LabModel:
+    """Train a seeded benign or trojaned classifier and export it to ONNX.
+
+    `threads` caps torch's intra-op threads for this call only (tiny models train faster on one
+    thread of a small shared machine); the previous setting is restored afterwards.
+    """
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return train_lab_model(train, test, config, progress=progress)
+        finally:
+            torch.set_num_threads(previous)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     in_shape = tuple(train.x.shape[1:])

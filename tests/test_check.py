@@ -4,7 +4,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from trojan_gate.gates.boundary import BANK_FILE, BOUNDARY_FILE
 from trojan_gate.gates.data import load_digits_dataset
@@ -16,12 +15,7 @@ from trojan_gate.pipelines.cli import main
 
 
 def train_lab(train, test, config):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many threads on a shared small machine are far slower
-    try:
-        return train_lab_model(train, test, config, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    return train_lab_model(train, test, config, progress=False, threads=1)  # one thread: faster on a small shared machine
 
 
 @pytest.fixture(scope="module")
