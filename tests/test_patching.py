@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from trojan_gate.gates.data import load_digits_dataset
 from trojan_gate.gates.errors import InputShapeError
 from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
@@ -17,16 +16,10 @@ from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, Mod
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits_dataset(seed=0)
-
-
-@pytest.fixture(scope="module")
 def trojaned(digits):
     train, test = digits
-    torch.set_num_threads(1)
     return train_lab_model(train, test, LabConfig(trigger="patch", targets=(0,), epochs=30, batch_size=64, seed=0),
-                           progress=False)
+                           progress=False, threads=1)
 
 
 @pytest.fixture(scope="module")
