@@ -26,9 +26,7 @@ digits lab gave tighter benign statistics than 0.95):
   class thus settles near the smallest trigger that still reaches the target, which is what
   the statistic measures. The learning rate anneals (cosine) so the triggers settle.
 
-The per-class statistic (`trigger_statistics`) is then measured on the oracle alone: the L1
-of the smallest rescaling s * G(z, t) that moves at least `success_target` of the other
-classes' inverted images to t.
+The per-class statistic is then measured on the oracle alone (`statistic.trigger_statistics`).
 """
 from __future__ import annotations
 
@@ -38,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .estimators import make_estimator
+from .statistic import stamped_success
 
 
 def default_device() -> str:
@@ -85,10 +84,24 @@ class TriggerGenerator:
 
     sample(t, n, seed) returns n perturbations (n, C, H, W) float32; stamp(x, t, seed)
     returns clip(x + sample(t, len(x), seed), 0, 1). Both are deterministic for a seed.
+    After the statistic is measured, `refine(masks, scales)` makes every sample the trigger
+    that was measured, s_t * M_t * G(z, t) (its support and smallest successful scale);
+    `raw_sample` keeps G's own output.
     """
 
     def __init__(self, module: ConditionalTriggerGenerator):
         self.module = module.to("cpu").eval()
+        self.masks = None
+        self.scales = None
+
+    def refine(self, masks: np.ndarray, scales) -> "TriggerGenerator":
+        masks = np.asarray(masks, np.float32)
+        scales = np.asarray(scales, np.float32).reshape(-1)
+        if masks.shape != (self.n_classes,) + self.input_shape or scales.shape != (self.n_classes,):
+            raise ValueError(f"refine needs masks {(self.n_classes,) + self.input_shape} and "
+                             f"{self.n_classes} scales, got {masks.shape} and {scales.shape}")
+        self.masks, self.scales = masks, scales
+        return self
 
     @property
     def n_classes(self) -> int:
@@ -99,6 +112,12 @@ class TriggerGenerator:
         return self.module.input_shape
 
     def sample(self, t: int, n: int, seed: int = 0) -> np.ndarray:
+        delta = self.raw_sample(t, n, seed)
+        if self.masks is not None:
+            delta = (self.scales[int(t)] * self.masks[int(t)] * delta).astype(np.float32)
+        return delta
+
+    def raw_sample(self, t: int, n: int, seed: int = 0) -> np.ndarray:
         if not 0 <= int(t) < self.n_classes:
             raise ValueError(f"class {t} outside 0..{self.n_classes - 1}")
         g = torch.Generator().manual_seed(int(seed))
@@ -130,6 +149,8 @@ class GeneratorTrainer:
     gamma2 : initial weight of the L1 hinge (Eq. 5), adapted per class (see module doc)
     thresh_fraction : hinge threshold as a fraction of the input size
     success_target, adapt_every, adapt_factor, gamma2_bounds : the gamma2 thermostat
+    success_rule : what counts as a success for the thermostat ("argmax" or "outrank", see
+        `statistic.stamped_success`)
     estimator, n_pairs, sigma, tile : query gradient estimator
     z_dim, hidden, variation : generator size and the amplitude of its z-driven variation
     anneal : cosine-anneal the learning rates over `steps`
@@ -143,9 +164,10 @@ class GeneratorTrainer:
                  adapt_every: int = 10, adapt_factor: float = 1.3, gamma2_bounds=(1e-5, 10.0),
                  estimator: str = "nes", n_pairs: int = 10, sigma: float = 0.05, tile: int = 1,
                  z_dim: int = 16, hidden: int = 128, variation: float = 0.1, device: str | None = None, seed: int = 0,
-                 anneal: bool = True, progress: bool = True):
+                 anneal: bool = True, success_rule: str = "argmax", progress: bool = True):
         self.steps = steps
         self.anneal = anneal
+        self.success_rule = success_rule
         self.batch_per_class = batch_per_class
         self.lr = lr
         self.lr_variation = lr_variation
@@ -232,7 +254,7 @@ class GeneratorTrainer:
                 sched.step()
             steps_run = step + 1
             if outputs is not None:
-                np.add.at(hits, tgt, outputs.argmax(1) == tgt)
+                np.add.at(hits, tgt, stamped_success(outputs, tgt, y[src], self.success_rule))
                 np.add.at(seen, tgt, 1)
             if steps_run % self.adapt_every == 0 and seen.min() > 0:
                 rate = hits / seen
@@ -263,49 +285,3 @@ def _per_class_mean(values: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
     s = np.bincount(t, weights=values, minlength=k)
     n = np.bincount(t, minlength=k)
     return s / np.maximum(n, 1)
-
-
-def trigger_statistics(oracle, generator: TriggerGenerator, x: np.ndarray, y: np.ndarray,
-                       success_target: float = 0.95, max_scale: float = 4.0, bisection_steps: int = 10,
-                       seed: int = 0, progress: bool = True) -> dict:
-    """Per-class perturbation statistic, measured on the oracle alone.
-
-    For class t, every inverted image of another class gets its own trigger G(z_i, t); the
-    smallest scale s in (0, max_scale] with oracle success (argmax == t on clip(x + s Delta))
-    of at least `success_target` is found by bisection, and the statistic is
-    s * mean_i ||Delta_i||_1. A class whose triggers never reach the target at max_scale
-    keeps the statistic at max_scale (an upper end: it is never a left-tail outlier).
-    Returns statistics, scales, success at scale 1 and reached flags, per class.
-    """
-    k = generator.n_classes
-    x = np.asarray(x, np.float32)
-    stats, scales, success1, reached = [], [], [], []
-    for t in tqdm(range(k), desc="statistics", disable=not progress, leave=False):
-        src = x[y != t]
-        delta = generator.sample(t, len(src), seed=seed * 1000 + t)
-        l1 = float(np.abs(delta).reshape(len(delta), -1).sum(1).mean())
-
-        def success(s):
-            return float((oracle.predict(np.clip(src + s * delta, 0.0, 1.0)) == t).mean())
-
-        s1 = success(1.0)
-        lo, hi = 0.0, max_scale
-        if s1 >= success_target:
-            hi = 1.0
-            ok = True
-        else:
-            ok = success(max_scale) >= success_target
-            lo = 1.0
-        if ok:
-            for _ in range(bisection_steps):
-                mid = 0.5 * (lo + hi)
-                if success(mid) >= success_target:
-                    hi = mid
-                else:
-                    lo = mid
-        stats.append(hi * l1)
-        scales.append(hi)
-        success1.append(s1)
-        reached.append(bool(ok))
-    return {"statistics": np.asarray(stats), "scales": np.asarray(scales),
-            "success_at_1": np.asarray(success1), "reached": np.asarray(reached)}

@@ -5,9 +5,14 @@ records every query per phase:
 
 1. ``inversion``  recover a substitute set of every class from queries (Eq. 1);
 2. ``generator``  train G(z, t) for all classes against the oracle as fixed discriminator (Eq. 6);
-3. ``statistics`` per class, the L1 of the smallest rescaled trigger s * G(z, t) that moves at
-   least `success_target` (0.99) of the other classes' substitute images to t, on the oracle;
+3. ``statistics`` per class, the L1 of the smallest rescaled, support-pruned trigger
+   s * M * G(z, t) that moves at least `success_target` (0.99) of the other classes'
+   substitute images to t, on the oracle (see `statistic`);
 4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7).
+   The test runs on log(statistic) by default (`test_scale="log"`): perturbation sizes are
+   positive and spread multiplicatively across classes (on Fashion-MNIST the easiest benign
+   classes need about half the median trigger), and the MAD assumes a roughly symmetric
+   bulk, which the logarithm restores. `test_scale="linear"` tests the raw levels.
 
 With a query budget, inversion may spend at most `inversion_share` of it, the statistics'
 exact cost is reserved up front, and the generator stops early when its share runs out (the
@@ -24,12 +29,14 @@ import numpy as np
 
 from .anomaly import alpha_from_cutoff, cutoff_from_alpha, double_mad_test, DEFAULT_CUTOFF
 from .data import Dataset
-from .generator import GeneratorTrainer, default_device, trigger_statistics
+from .generator import GeneratorTrainer, default_device
 from .inversion import ModelInversion
 from .oracle import ModelOracle
 from .scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
+from .statistic import DEFAULT_LADDER, statistics_cost, support_ladder, trigger_statistics
 
 GRADIENTS = ("nes", "surrogate")
+TEST_SCALES = ("log", "linear")
 
 
 @dataclass
@@ -57,6 +64,7 @@ class ScanConfig:
     gamma2: float = 0.1
     thresh_fraction: float = 0.01
     success_target: float = 0.99
+    success_rule: str = "argmax"  # argmax | outrank (see statistic.stamped_success)
     adapt_every: int = 10
     adapt_factor: float = 1.3
     n_pairs: int = 10
@@ -68,6 +76,8 @@ class ScanConfig:
     # statistic
     max_scale: float = 4.0
     bisection_steps: int = 10
+    support_ladder: tuple = DEFAULT_LADDER
+    test_scale: str = "log"  # log | linear
     trigger_samples: int = 8
     # budget split
     inversion_share: float = 0.3
@@ -82,6 +92,7 @@ class ScanConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["init_range"] = list(self.init_range)
+        d["support_ladder"] = list(self.support_ladder)
         return d
 
 
@@ -106,11 +117,6 @@ def _as_dataset(heldout) -> Dataset | None:
     return Dataset(np.asarray(x, np.float32), np.asarray(y))
 
 
-def statistics_cost(n_classes: int, n_sources: int, bisection_steps: int) -> int:
-    """Upper bound on the statistics phase's queries: (2 + bisection_steps) passes per class."""
-    return int(n_classes * (bisection_steps + 2) * n_sources)
-
-
 def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: float | None = None,
          alpha: float | None = None, config: ScanConfig | None = None, progress: bool = True,
          **overrides) -> ScanResult:
@@ -130,6 +136,8 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
     cfg = replace(config or ScanConfig(), **overrides).resolved(oracle.input_shape)
     if cfg.gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, not {cfg.gradient!r}")
+    if cfg.test_scale not in TEST_SCALES:
+        raise ValueError(f"test_scale must be one of {TEST_SCALES}, not {cfg.test_scale!r}")
     heldout = _as_dataset(heldout)
     previous_budget = oracle.budget
     if budget is not None:
@@ -148,7 +156,8 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     t_start = time.perf_counter()
     wall = {}
     n_sources = (k - 1) * cfg.n_per_class
-    stats_reserve = statistics_cost(k, n_sources, cfg.bisection_steps) + k * cfg.n_per_class
+    n_supports = len(support_ladder(int(np.prod(oracle.input_shape)), cfg.support_ladder))
+    stats_reserve = statistics_cost(k, n_sources, cfg.bisection_steps, n_supports) + k * cfg.n_per_class
 
     # 1. model inversion
     t0 = time.perf_counter()
@@ -174,11 +183,15 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     with oracle.phase("statistics"):
         st = trigger_statistics(oracle, generator, inv.x_, inv.y_, success_target=cfg.success_target,
                                 max_scale=cfg.max_scale, bisection_steps=cfg.bisection_steps,
-                                seed=seed + 2, progress=progress)
+                                ladder=cfg.support_ladder, success_rule=cfg.success_rule, seed=seed + 2, progress=progress)
     wall["statistics"] = time.perf_counter() - t0
 
     # 4. left-tail double-MAD test
-    test = double_mad_test(st["statistics"], cutoff)
+    tested = np.log(st.statistics) if cfg.test_scale == "log" else st.statistics
+    test = double_mad_test(tested, cutoff)
+    # from here on a sample is the measured support of the trigger, at no less than G's own
+    # scale: the smallest successful scale sits on the decision edge and makes weak patching data
+    generator.refine(st.masks, np.maximum(st.scales, 1.0))
     samples = np.stack([generator.sample(t, cfg.trigger_samples, seed=seed + 3 + t) for t in range(k)])
     phases = {}
     for name, s in oracle.ledger.phases.items():
@@ -196,9 +209,9 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     return ScanResult(
         verdict=VERDICT_TROJANED if test.flagged else VERDICT_CLEAN,
         flagged_classes=test.flagged,
-        statistics=st["statistics"].tolist(),
+        statistics=st.statistics.tolist(),
         deviation_factors=test.deviation_factors.tolist(),
-        success_rates=st["success_at_1"].tolist(),
+        success_rates=st.success_at_1.tolist(),
         cutoff=cutoff,
         alpha=alpha_from_cutoff(cutoff),
         n_classes=k,
@@ -214,8 +227,12 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
         inverted_x=inv.x_,
         inverted_y=inv.y_,
         generator=generator,
-        trigger_scales=st["scales"].tolist(),
-        reached=st["reached"].tolist(),
+        trigger_scales=st.scales.tolist(),
+        reached=st.reached.tolist(),
+        trigger_supports=st.supports.tolist(),
+        dense_statistics=st.dense.tolist(),
+        trigger_masks=st.masks,
+        test_scale=cfg.test_scale,
         median=test.median,
         mad=test.mad,
     )
@@ -224,7 +241,7 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
 def _trainer(cfg: ScanConfig, seed: int, progress: bool):
     common = dict(steps=cfg.generator_steps, batch_per_class=cfg.batch_per_class, lr=cfg.generator_lr,
                   gamma1=cfg.gamma1, gamma2=cfg.gamma2, thresh_fraction=cfg.thresh_fraction,
-                  success_target=cfg.success_target, adapt_every=cfg.adapt_every, adapt_factor=cfg.adapt_factor,
+                  success_target=cfg.success_target, success_rule=cfg.success_rule, adapt_every=cfg.adapt_every, adapt_factor=cfg.adapt_factor,
                   z_dim=cfg.z_dim, hidden=cfg.hidden, variation=cfg.variation, device=cfg.device, seed=seed,
                   progress=progress)
     if cfg.gradient == "surrogate":

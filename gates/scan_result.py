@@ -15,15 +15,23 @@ VERDICT_TROJANED = "trojan_suspected"
 class ScanResult:
     """Everything a DeepInspect scan measured, all of it from the oracle's answers.
 
-    statistics[k]          perturbation level of class k's recovered trigger (the test statistic)
-    deviation_factors[k]   left-tail double-MAD deviation factor of statistics[k] (0 right of the median)
+    statistics[k]          perturbation level (L1) of class k's smallest recovered trigger that
+                           reaches the success target on the oracle (the test statistic)
+    deviation_factors[k]   left-tail double-MAD deviation factor of statistics[k] on `test_scale`
+                           (log by default; 0 right of the median)
     success_rates[k]       oracle-measured share of stamped inverted images predicted as k (G's raw output)
     trigger_scales[k]      smallest rescaling of G(z, k) that reached the success target on the oracle
     reached[k]             whether that target was reached at all (False: statistic is an upper end)
+    trigger_supports[k]    pixels kept in class k's winning trigger (the support ladder's choice)
+    dense_statistics[k]    the same level without support pruning (full image)
+    median, mad            of the tested values (log levels when test_scale is "log")
+    trigger_masks          (K, C, H, W) float32 0/1 winning supports (not serialised)
     flagged_classes        classes with deviation factor > cutoff
-    trigger_samples        (K, m, C, H, W) float32 perturbations G(z, k) (x' = clip(x + delta, 0, 1))
+    trigger_samples        (K, m, C, H, W) float32 measured triggers s_k * M_k * G(z, k)
+                           (x' = clip(x + delta, 0, 1))
     inverted_x/inverted_y  the substitute data set recovered by model inversion
-    generator              the trained conditional generator (not serialised; used by patching)
+    generator              the trained conditional generator, refined to the measured supports and
+                           scales (not serialised; used by patching and the FAR estimate)
     """
 
     verdict: str
@@ -46,6 +54,10 @@ class ScanResult:
     reached: list = field(default_factory=list)
     median: float = 0.0
     mad: float = 0.0
+    trigger_supports: list = field(default_factory=list)
+    dense_statistics: list = field(default_factory=list)
+    test_scale: str = "log"
+    trigger_masks: np.ndarray | None = field(default=None, repr=False)
     trigger_samples: np.ndarray | None = field(default=None, repr=False)
     inverted_x: np.ndarray | None = field(default=None, repr=False)
     inverted_y: np.ndarray | None = field(default=None, repr=False)
@@ -70,6 +82,9 @@ class ScanResult:
             "success_rates": [round(float(v), 6) for v in self.success_rates],
             "trigger_scales": [round(float(v), 6) for v in self.trigger_scales],
             "reached": [bool(v) for v in self.reached],
+            "trigger_supports": [int(v) for v in self.trigger_supports],
+            "dense_statistics": [round(float(v), 6) for v in self.dense_statistics],
+            "test_scale": self.test_scale,
             "median": round(float(self.median), 6),
             "mad": round(float(self.mad), 6),
             "cutoff": float(self.cutoff),

@@ -59,7 +59,11 @@ def test_trojaned_version_is_blocked_and_loses_its_alias(mlflow_store, trojan_on
 
 def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, trojan_onnx, heldout, cached_scan):
     ref = intake_onnx(trojan_onnx, "clf")
-    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), _scan_fn=cached_scan)
+    # the paper's recipe (15% stamped, 10 epochs) leaves a residual backdoor on this tiny model that
+    # the fresh scan still flags (the gate then blocks); a stronger patch removes it
+    strong = {"patch_fraction": 0.3, "distill_weight": 1.0, "epochs": 20}
+    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03, patch_options=strong),
+                   _scan_fn=cached_scan)
     assert out.verdict == "patched", (out.error, out.report.get("summary"))
     versions = {str(v.version): v for v in MlflowClient().search_model_versions("name='clf'")}
     assert set(versions) == {"1", "2"}
