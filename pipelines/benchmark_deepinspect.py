@@ -51,7 +51,7 @@ def add_arguments(parser):
     parser.add_argument("--append", action="store_true", help="append the tables to --output instead of rewriting it")
     parser.add_argument("--seed", type=int, default=0, help="scan seed")
     parser.add_argument("--cutoff", type=float, default=2.0)
-    parser.add_argument("--epochs", type=int, default=2, help="lab training epochs")
+    parser.add_argument("--epochs", type=int, default=6, help="lab training epochs")
     parser.add_argument("--train-limit", type=int, default=30000, help="training images per lab model")
     parser.add_argument("--zoo-dir", default="runs/zoo", help="cache of trained lab models")
     parser.add_argument("--output", default="benchmarks/deepinspect.md", help="markdown table to write")
