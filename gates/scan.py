@@ -33,7 +33,7 @@ from .generator import GeneratorTrainer, default_device
 from .inversion import ModelInversion
 from .oracle import ModelOracle
 from .scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
-from .statistic import DEFAULT_LADDER, statistics_cost, support_ladder, trigger_statistics
+from .statistic import DEFAULT_LADDER, SUCCESS_RULES, statistics_cost, support_ladder, trigger_statistics
 
 GRADIENTS = ("nes", "surrogate")
 TEST_SCALES = ("log", "linear")
@@ -136,6 +136,8 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
     cfg = replace(config or ScanConfig(), **overrides).resolved(oracle.input_shape)
     if cfg.gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, not {cfg.gradient!r}")
+    if cfg.success_rule not in SUCCESS_RULES:
+        raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, not {cfg.success_rule!r}")
     if cfg.test_scale not in TEST_SCALES:
         raise ValueError(f"test_scale must be one of {TEST_SCALES}, not {cfg.test_scale!r}")
     heldout = _as_dataset(heldout)
@@ -183,7 +185,8 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     with oracle.phase("statistics"):
         st = trigger_statistics(oracle, generator, inv.x_, inv.y_, success_target=cfg.success_target,
                                 max_scale=cfg.max_scale, bisection_steps=cfg.bisection_steps,
-                                ladder=cfg.support_ladder, success_rule=cfg.success_rule, seed=seed + 2, progress=progress)
+                                ladder=cfg.support_ladder, success_rule=cfg.success_rule, seed=seed + 2,
+                                progress=progress)
     wall["statistics"] = time.perf_counter() - t0
 
     # 4. left-tail double-MAD test
@@ -241,7 +244,8 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
 def _trainer(cfg: ScanConfig, seed: int, progress: bool):
     common = dict(steps=cfg.generator_steps, batch_per_class=cfg.batch_per_class, lr=cfg.generator_lr,
                   gamma1=cfg.gamma1, gamma2=cfg.gamma2, thresh_fraction=cfg.thresh_fraction,
-                  success_target=cfg.success_target, success_rule=cfg.success_rule, adapt_every=cfg.adapt_every, adapt_factor=cfg.adapt_factor,
+                  success_target=cfg.success_target, success_rule=cfg.success_rule,
+                  adapt_every=cfg.adapt_every, adapt_factor=cfg.adapt_factor,
                   z_dim=cfg.z_dim, hidden=cfg.hidden, variation=cfg.variation, device=cfg.device, seed=seed,
                   progress=progress)
     if cfg.gradient == "surrogate":

@@ -115,25 +115,24 @@ def trigger_statistics(oracle, generator, x: np.ndarray, y: np.ndarray, success_
                                                    t, ysrc, success_rule).mean())
 
         success1.append(success(delta)(1.0))
+        l1_full = float(flat.sum(1).mean())
         best = None
         for size in sizes:
+            kept = order[:size]
             mask = np.zeros(n_pix, np.float32)
-            mask[order[:size]] = 1.0
+            mask[kept] = 1.0
             mask = mask.reshape(shape)
-            d = delta * mask
-            s = _smallest_scale(success(d), success_target, max_scale, bisection_steps)
+            s = _smallest_scale(success(delta * mask), success_target, max_scale, bisection_steps)
             if size == n_pix:
-                l1_full = float(flat.sum(1).mean())
-                dense.append(s * l1_full if s is not None else max_scale * l1_full)
+                dense.append((max_scale if s is None else s) * l1_full)
             if s is None:
                 continue
-            level = s * float(np.abs(d).reshape(len(d), -1).sum(1).mean())
+            level = s * float(flat[:, kept].sum(1).mean())
             if best is None or level < best[0]:
                 best = (level, size, s, mask)
         reached.append(best is not None)
         if best is None:
-            level = max_scale * float(flat.sum(1).mean())
-            best = (level, n_pix, max_scale, np.ones(shape, np.float32))
+            best = (max_scale * l1_full, n_pix, max_scale, np.ones(shape, np.float32))
         stats.append(best[0])
         supports.append(best[1])
         scales.append(best[2])

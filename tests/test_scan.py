@@ -129,3 +129,11 @@ def test_cli_exit_codes(tmp_path, digits_trojan, digits_benign):
     bad.write_bytes(b"not a model")
     assert main(["scan", str(bad), "--report", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("option", [{"gradient": "adjoint"}, {"success_rule": "vote"}, {"test_scale": "sqrt"}])
+def test_unknown_options_are_refused_before_any_query(digits_trojan, option):
+    oracle = ModelOracle(digits_trojan.onnx_bytes)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        scan(oracle, progress=False, **option)
+    assert oracle.queries == 0
