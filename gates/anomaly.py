@@ -60,8 +60,13 @@ class DoubleMADResult:
         return alpha_from_cutoff(self.cutoff)
 
 
-def left_deviation_factors(statistics) -> tuple[np.ndarray, float, float]:
-    """Deviation factors (m - s) / mad of the left subgroup, 0 elsewhere; returns (df, m, mad)."""
+def left_deviation_factors(statistics, min_mad: float = 0.0) -> tuple[np.ndarray, float, float]:
+    """Deviation factors (m - s) / max(mad, min_mad) of the left subgroup, 0 elsewhere; returns (df, m, mad).
+
+    `min_mad` (0: none, the paper's test) floors the scale for statistics whose spread can
+    collapse: when every class is about equally hard the MAD shrinks towards zero and a
+    harmless difference would read as a huge deviation factor. The returned mad is unfloored.
+    """
     s = np.asarray(statistics, dtype=np.float64).ravel()
     if s.size == 0:
         raise ValueError("no statistics to test")
@@ -71,16 +76,19 @@ def left_deviation_factors(statistics) -> tuple[np.ndarray, float, float]:
     left = s < m
     df = np.zeros_like(s)
     mad = MAD_CONSISTENCY * float(np.median(m - s[left])) if left.any() else 0.0
-    if mad > 0.0:
-        df[left] = (m - s[left]) / mad
+    scale = max(mad, float(min_mad))
+    if scale > 0.0:
+        df[left] = (m - s[left]) / scale
     return df, m, mad
 
 
-def double_mad_test(statistics, cutoff: float = DEFAULT_CUTOFF) -> DoubleMADResult:
+def double_mad_test(statistics, cutoff: float = DEFAULT_CUTOFF, min_mad: float = 0.0) -> DoubleMADResult:
     """Flag every class whose left-tail deviation factor exceeds `cutoff` (Eq. 7)."""
     cutoff = float(cutoff)
     if not cutoff > 0.0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
-    df, m, mad = left_deviation_factors(statistics)
+    if not float(min_mad) >= 0.0:
+        raise ValueError(f"min_mad must be >= 0, got {min_mad}")
+    df, m, mad = left_deviation_factors(statistics, min_mad)
     flagged = [int(k) for k in np.flatnonzero(df > cutoff)]
     return DoubleMADResult(median=m, mad=mad, cutoff=cutoff, deviation_factors=df, flagged=flagged)

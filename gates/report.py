@@ -464,13 +464,21 @@ def _section_scan(rep, scan) -> str:
     parts = [_img(deviation_figure(d["deviation_factors"], d["cutoff"], d["flagged_classes"]),
                   "deviation factors per class")]
     flagged = set(d["flagged_classes"])
+    refs = d.get("reference_statistics")
+    ref = np.exp(np.log(np.asarray(refs, np.float64)).mean(0)) if refs else None
     rows, cls = [], []
     for k in range(d["n_classes"]):
-        rows.append((_e(_class_name(k, names)), _e(_fmt(d["statistics"][k])), _e(_fmt(d["deviation_factors"][k], 3)),
-                     _e(_pct(d["success_rates"][k])), "yes" if k in flagged else ""))
+        row = [_e(_class_name(k, names)), _e(_fmt(d["statistics"][k]))]
+        if ref is not None:
+            row.append(_e(_fmt(float(ref[k]))))
+        rows.append(tuple(row + [_e(_fmt(d["deviation_factors"][k], 3)), _e(_pct(d["success_rates"][k])),
+                                 "yes" if k in flagged else ""]))
         cls.append("flagged" if k in flagged else "")
-    parts.append(_table(("class", "perturbation statistic", "deviation factor", "trigger success", "flagged"),
-                        rows, cls))
+    head = ["class", "perturbation statistic"] + (["reference models (geometric mean)"] if ref is not None else [])
+    parts.append(_table(tuple(head + ["deviation factor", "trigger success", "flagged"]), rows, cls))
+    if ref is not None:
+        parts.append(f"<p>The deviation factors test log(statistic / reference) over {len(refs)} benign "
+                     "reference models trained on the held-out data: a class every model finds easy cancels out.</p>")
     phases = d.get("phases") or {}
     if phases:
         parts.append("<p>Oracle queries by phase:</p>" + _table(

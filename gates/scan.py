@@ -9,6 +9,10 @@ records every query per phase:
    s * M * G(z, t) that moves at least `success_target` (0.99) of the other classes'
    substitute images to t, on the oracle (see `statistic`);
 4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7).
+   With labelled held-out data the statistic is first normalised by benign reference models
+   trained on it and measured by steps 1-3 themselves (`reference_models`, see `reference`):
+   the test then sees log stat[t] - mean_j log ref_j[t], which cancels the natural ease of a
+   class that every model shares. Without held-out data the paper's plain statistic is tested.
    The test runs on log(statistic) by default (`test_scale="log"`): perturbation sizes are
    positive and spread multiplicatively across classes (on Fashion-MNIST the easiest benign
    classes need about half the median trigger), and the MAD assumes a roughly symmetric
@@ -31,12 +35,15 @@ from .anomaly import alpha_from_cutoff, cutoff_from_alpha, double_mad_test, DEFA
 from .data import Dataset
 from .generator import GeneratorTrainer, default_device
 from .inversion import ModelInversion
+from .errors import DataValidationError
 from .oracle import ModelOracle
+from .reference import normalised_levels, split_heldout, train_reference
 from .scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
 from .statistic import DEFAULT_LADDER, SUCCESS_RULES, statistics_cost, support_ladder, trigger_statistics
 
 GRADIENTS = ("nes", "surrogate")
 TEST_SCALES = ("log", "linear")
+HELDOUT_MODES = ("seed", "replace", "invert")
 
 
 @dataclass
@@ -53,7 +60,11 @@ class ScanConfig:
     inversion_sigma: float = 0.1
     inversion_tile: int | None = None
     init_range: tuple = (0.0, 0.2)
-    heldout_mode: str = "seed"  # seed | replace, used only when held-out data is given
+    heldout_mode: str = "replace"  # replace | seed | invert, used only when held-out data is given
+    # reference normalisation (see `reference`; needs labelled held-out data)
+    reference_models: int = 3
+    reference_epochs: int = 40
+    reference_min_per_class: int = 10
     # generator (Eq. 3-6)
     gradient: str = "nes"  # nes | surrogate
     estimator: str = "nes"  # nes | spsa
@@ -78,6 +89,7 @@ class ScanConfig:
     bisection_steps: int = 10
     support_ladder: tuple = DEFAULT_LADDER
     test_scale: str = "log"  # log | linear
+    min_mad: float = 0.15  # floor of the MAD on the log scale (a trigger ~15% smaller per unit); 0 on linear
     trigger_samples: int = 8
     # budget split
     inversion_share: float = 0.3
@@ -140,6 +152,8 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
         raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, not {cfg.success_rule!r}")
     if cfg.test_scale not in TEST_SCALES:
         raise ValueError(f"test_scale must be one of {TEST_SCALES}, not {cfg.test_scale!r}")
+    if cfg.heldout_mode not in HELDOUT_MODES:
+        raise ValueError(f"heldout_mode must be one of {HELDOUT_MODES}, not {cfg.heldout_mode!r}")
     heldout = _as_dataset(heldout)
     previous_budget = oracle.budget
     if budget is not None:
@@ -150,6 +164,76 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
         oracle.budget = previous_budget
 
 
+def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig, progress: bool,
+             wall: dict, prefix: str = ""):
+    """Phases 1-3 against one model: substitute set, generator, per-class statistic."""
+    k = oracle.n_classes
+    n_sources = (k - 1) * cfg.n_per_class
+    n_supports = len(support_ladder(int(np.prod(oracle.input_shape)), cfg.support_ladder))
+    stats_reserve = statistics_cost(k, n_sources, cfg.bisection_steps, n_supports) + k * cfg.n_per_class
+
+    # 1. model inversion
+    t0 = time.perf_counter()
+    with oracle.phase(prefix + "inversion"):
+        inv_reserve = 0 if budget is None else max(stats_reserve, int(round(budget * (1 - cfg.inversion_share))))
+        mode = cfg.heldout_mode if substitute is not None else "invert"
+        inv = ModelInversion(n_per_class=cfg.n_per_class, steps=cfg.inversion_steps, lr=cfg.inversion_lr,
+                             tv_weight=cfg.tv_weight, target_confidence=cfg.target_confidence,
+                             estimator=cfg.estimator, n_pairs=cfg.inversion_pairs, sigma=cfg.inversion_sigma,
+                             tile=cfg.inversion_tile, init_range=cfg.init_range, mode=mode, seed=seed,
+                             progress=progress).fit(oracle, substitute, reserve=inv_reserve)
+    wall[prefix + "inversion"] = time.perf_counter() - t0
+
+    # 2. conditional generator
+    t0 = time.perf_counter()
+    with oracle.phase(prefix + "generator"):
+        trainer = _trainer(cfg, seed + 1, progress).fit(oracle, inv.x_, inv.y_, reserve=stats_reserve)
+    wall[prefix + "generator"] = time.perf_counter() - t0
+
+    # 3. per-class statistic, re-measured on the oracle
+    t0 = time.perf_counter()
+    with oracle.phase(prefix + "statistics"):
+        st = trigger_statistics(oracle, trainer.generator_, inv.x_, inv.y_, success_target=cfg.success_target,
+                                max_scale=cfg.max_scale, bisection_steps=cfg.bisection_steps,
+                                ladder=cfg.support_ladder, success_rule=cfg.success_rule, seed=seed + 2,
+                                progress=progress)
+    wall[prefix + "statistics"] = time.perf_counter() - t0
+    return inv, trainer, st, mode
+
+
+def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progress: bool, wall: dict):
+    """Split the held-out set, train the reference models and measure their statistics (see `reference`).
+
+    Returns (substitute set, reference record or None); without held-out data, or with
+    `reference_models=0`, there is no reference and the whole held-out set is the substitute pool.
+    """
+    if heldout is None or cfg.reference_models <= 0:
+        return heldout, None
+    k = oracle.n_classes
+    substitute, train = split_heldout(heldout, cfg.n_per_class, k, seed=seed + 5)
+    counts = np.bincount(train.y, minlength=k)
+    if counts.min() < cfg.reference_min_per_class:
+        raise DataValidationError([
+            f"the reference models need at least {cfg.reference_min_per_class} held-out images per class "
+            f"beyond the {cfg.n_per_class} of the substitute set; classes "
+            f"{[int(c) for c in np.flatnonzero(counts < cfg.reference_min_per_class)]} have fewer "
+            f"(give more held-out data, or reference_models=0 for the paper's unnormalised test)"])
+    t0 = time.perf_counter()
+    stats, accs, queries = [], [], 0
+    for j in range(cfg.reference_models):
+        onnx_bytes, acc = train_reference(train, k, epochs=cfg.reference_epochs, seed=seed + 100 + j)
+        ref = ModelOracle(onnx_bytes)
+        st = _measure(ref, substitute if cfg.heldout_mode != "invert" else None, seed, None, cfg, progress,
+                      {}, prefix="")[2]
+        stats.append(st.statistics)
+        accs.append(acc)
+        queries += ref.queries
+    wall["reference"] = time.perf_counter() - t0
+    record = {"statistics": np.asarray(stats), "train_accuracy": accs, "train_images": len(train),
+              "queries": queries}
+    return substitute, record
+
+
 def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: ScanConfig,
           progress: bool) -> ScanResult:
     k = oracle.n_classes
@@ -157,41 +241,16 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     ledger_start = {p: (s.queries, s.seconds, s.calls) for p, s in oracle.ledger.phases.items()}
     t_start = time.perf_counter()
     wall = {}
-    n_sources = (k - 1) * cfg.n_per_class
-    n_supports = len(support_ladder(int(np.prod(oracle.input_shape)), cfg.support_ladder))
-    stats_reserve = statistics_cost(k, n_sources, cfg.bisection_steps, n_supports) + k * cfg.n_per_class
-
-    # 1. model inversion
-    t0 = time.perf_counter()
-    with oracle.phase("inversion"):
-        inv_reserve = 0 if budget is None else max(stats_reserve, int(round(budget * (1 - cfg.inversion_share))))
-        mode = cfg.heldout_mode if heldout is not None else "invert"
-        inv = ModelInversion(n_per_class=cfg.n_per_class, steps=cfg.inversion_steps, lr=cfg.inversion_lr,
-                             tv_weight=cfg.tv_weight, target_confidence=cfg.target_confidence,
-                             estimator=cfg.estimator, n_pairs=cfg.inversion_pairs, sigma=cfg.inversion_sigma,
-                             tile=cfg.inversion_tile, init_range=cfg.init_range, mode=mode, seed=seed,
-                             progress=progress).fit(oracle, heldout, reserve=inv_reserve)
-    wall["inversion"] = time.perf_counter() - t0
-
-    # 2. conditional generator
-    t0 = time.perf_counter()
-    with oracle.phase("generator"):
-        trainer = _trainer(cfg, seed + 1, progress).fit(oracle, inv.x_, inv.y_, reserve=stats_reserve)
-    wall["generator"] = time.perf_counter() - t0
+    substitute, reference = _references(oracle, heldout, seed, cfg, progress, wall)
+    if cfg.heldout_mode == "invert":
+        substitute = None
+    inv, trainer, st, mode = _measure(oracle, substitute, seed, budget, cfg, progress, wall)
     generator = trainer.generator_
 
-    # 3. per-class statistic, re-measured on the oracle
-    t0 = time.perf_counter()
-    with oracle.phase("statistics"):
-        st = trigger_statistics(oracle, generator, inv.x_, inv.y_, success_target=cfg.success_target,
-                                max_scale=cfg.max_scale, bisection_steps=cfg.bisection_steps,
-                                ladder=cfg.support_ladder, success_rule=cfg.success_rule, seed=seed + 2,
-                                progress=progress)
-    wall["statistics"] = time.perf_counter() - t0
-
     # 4. left-tail double-MAD test
-    tested = np.log(st.statistics) if cfg.test_scale == "log" else st.statistics
-    test = double_mad_test(tested, cutoff)
+    levels = np.log(st.statistics) if reference is None else normalised_levels(st.statistics, reference["statistics"])
+    tested = levels if cfg.test_scale == "log" else np.exp(levels)
+    test = double_mad_test(tested, cutoff, min_mad=cfg.min_mad if cfg.test_scale == "log" else 0.0)
     # from here on a sample is the measured support of the trigger, at no less than G's own
     # scale: the smallest successful scale sits on the decision edge and makes weak patching data
     generator.refine(st.masks, np.maximum(st.scales, 1.0))
@@ -203,9 +262,16 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
             phases[name] = {"queries": s.queries - q0, "calls": s.calls - c0,
                             "oracle_seconds": round(s.seconds - s0, 4),
                             "seconds": round(wall.get(name, s.seconds - s0), 4)}
+    if reference is not None:
+        phases["reference"] = {"queries": 0, "calls": 0, "oracle_seconds": 0.0,
+                               "reference_queries": reference["queries"], "seconds": round(wall["reference"], 4)}
     config = cfg.to_dict()
     config.update({"cutoff": cutoff, "alpha": alpha_from_cutoff(cutoff), "budget": budget,
                    "heldout": None if heldout is None else {"n": len(heldout), "mode": mode},
+                   "reference": None if reference is None else {
+                       "models": cfg.reference_models, "train_images": reference["train_images"],
+                       "train_accuracy": [round(a, 4) for a in reference["train_accuracy"]],
+                       "queries": reference["queries"]},
                    "inversion_steps_run": inv.steps_run_, "inversion_confidence": float(inv.confidence_.mean()),
                    "generator_steps_run": trainer.steps_run_, "gamma2_final": trainer.gamma2_.tolist(),
                    "thresh": trainer.thresh_, "oracle_device": oracle.device})
@@ -238,6 +304,7 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
         test_scale=cfg.test_scale,
         median=test.median,
         mad=test.mad,
+        reference_statistics=None if reference is None else reference["statistics"].tolist(),
     )
 
 

@@ -24,6 +24,9 @@ class ScanResult:
     reached[k]             whether that target was reached at all (False: statistic is an upper end)
     trigger_supports[k]    pixels kept in class k's winning trigger (the support ladder's choice)
     dense_statistics[k]    the same level without support pruning (full image)
+    reference_statistics   (n_models, K) the same statistic measured on benign reference models
+                           trained on held-out data (None without them); the test then runs on
+                           log statistics[k] - mean_j log reference_statistics[j][k]
     median, mad            of the tested values (log levels when test_scale is "log")
     trigger_masks          (K, C, H, W) float32 0/1 winning supports (not serialised)
     flagged_classes        classes with deviation factor > cutoff
@@ -62,6 +65,7 @@ class ScanResult:
     inverted_x: np.ndarray | None = field(default=None, repr=False)
     inverted_y: np.ndarray | None = field(default=None, repr=False)
     generator: object = field(default=None, repr=False)
+    reference_statistics: list | None = None
 
     @property
     def trojan_suspected(self) -> bool:
@@ -85,6 +89,8 @@ class ScanResult:
             "trigger_supports": [int(v) for v in self.trigger_supports],
             "dense_statistics": [round(float(v), 6) for v in self.dense_statistics],
             "test_scale": self.test_scale,
+            "reference_statistics": None if self.reference_statistics is None else
+            [[round(float(v), 6) for v in row] for row in self.reference_statistics],
             "median": round(float(self.median), 6),
             "mad": round(float(self.mad), 6),
             "cutoff": float(self.cutoff),

@@ -46,8 +46,12 @@ def add_arguments(parser):
     parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(e.name for e in ZOO))
     parser.add_argument("--quick", action="store_true", help="fewer generator steps and images per class")
     parser.add_argument("--gradient", choices=("nes", "surrogate", "both"), default="nes")
-    parser.add_argument("--clean-data", type=int, default=0, metavar="N",
-                        help="paper's clean-data variant: N Fashion-MNIST test images per class replace inversion")
+    parser.add_argument("--heldout", type=int, default=120, metavar="N",
+                        help="N labelled Fashion-MNIST test images per class given to the scan, as a gate has "
+                             "them: 20 per class form the substitute set (the paper's clean-data variant), the "
+                             "rest train the reference models; 0 scans from model inversion alone")
+    parser.add_argument("--references", type=int, default=3,
+                        help="benign reference models for the normalised test (0: the paper's plain test)")
     parser.add_argument("--append", action="store_true", help="append the tables to --output instead of rewriting it")
     parser.add_argument("--seed", type=int, default=0, help="scan seed")
     parser.add_argument("--cutoff", type=float, default=2.0)
@@ -112,14 +116,16 @@ def clean_subset(per_class: int, seed: int = 0):
     return test.subset(idx)
 
 
-def scan_row(entry, path, summary, gradient, seed, cutoff, quick, heldout=None) -> dict:
+def scan_row(entry, path, summary, gradient, seed, cutoff, quick, heldout=None, references: int = 3) -> dict:
+    import numpy as np
+
     from trojan_gate.gates.scan import scan
 
-    overrides = {"gradient": gradient}
+    overrides = {"gradient": gradient, "reference_models": references}
     if quick:
         overrides.update(generator_steps=150, n_per_class=10)
     if heldout is not None:
-        overrides.update(heldout_mode="replace", n_per_class=len(heldout) // len(set(heldout.y.tolist())))
+        overrides.update(heldout_mode="replace")
     t0 = time.perf_counter()
     r = scan(str(path), heldout=heldout, seed=seed, cutoff=cutoff, progress=False, **overrides)
     wall = time.perf_counter() - t0
@@ -134,8 +140,11 @@ def scan_row(entry, path, summary, gradient, seed, cutoff, quick, heldout=None) 
         "any_target_found": bool(set(targets) & set(flagged)),
         "queries": r.queries, "seconds": wall,
         "phases": {k: {"queries": v["queries"], "seconds": v["seconds"]} for k, v in r.phases.items()},
+        "reference_queries": (r.config.get("reference") or {}).get("queries", 0),
         "statistics": [round(s, 2) for s in r.statistics],
         "deviation_factors": [round(d, 2) for d in r.deviation_factors],
+        "reference": None if r.reference_statistics is None else
+        [round(float(v), 2) for v in np.exp(np.log(np.asarray(r.reference_statistics)).mean(0))],
     }
 
 
@@ -159,7 +168,7 @@ def _phase(r, name, key):
 
 def table(rows) -> str:
     head = ("| model | arch | trigger | targets | clean acc | ASR | max df | flagged | verdict | target df | "
-            "targets found | queries | inv q | gen q | stat q | seconds | inv s | gen s | stat s |")
+            "targets found | queries | inv q | gen q | stat q | seconds | inv s | gen s | stat s | ref s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -172,7 +181,7 @@ def table(rows) -> str:
             f"{r['queries']:,}", f"{_phase(r, 'inversion', 'queries'):,}", f"{_phase(r, 'generator', 'queries'):,}",
             f"{_phase(r, 'statistics', 'queries'):,}", f"{r['seconds']:.1f}",
             f"{_phase(r, 'inversion', 'seconds'):.1f}", f"{_phase(r, 'generator', 'seconds'):.1f}",
-            f"{_phase(r, 'statistics', 'seconds'):.1f}"]) + " |")
+            f"{_phase(r, 'statistics', 'seconds'):.1f}", f"{_phase(r, 'reference', 'seconds'):.1f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -192,21 +201,25 @@ def write_markdown(path: Path, args, results: dict):
              "Every number comes from the oracle's answers: the scan never reads weights or gradients. "
              "`max df` is the largest left-tail double-MAD deviation factor over the 10 classes; a model is "
              "flagged when it exceeds the cutoff c. `target df` is the deviation factor of each true target. "
-             "`inv`, `gen`, `stat` are the inversion, generator and statistics phases (queries and wall seconds). "
+             "`inv`, `gen`, `stat` are the inversion, generator and statistics phases (queries and wall seconds); "
+             "`ref s` is the time spent training the reference models and measuring them (their queries go to "
+             "local reference models, not to the scanned one, and are not in `queries`). "
              "Clean accuracy and attack success rate (ASR) are the lab's own measurements on the test set.", ""]
     lines += ["Generated by `trojan-gate benchmark deepinspect` "
              f"(`--seed {args.seed} --cutoff {args.cutoff} --epochs {args.epochs} --train-limit {args.train_limit}"
              f"{' --quick' if args.quick else ''} --gradient {args.gradient}"
-             f"{f' --clean-data {args.clean_data}' if args.clean_data else ''}"
+             f" --heldout {args.heldout} --references {args.references}"
              f"{f' --models {args.models}' if args.models else ''}`) on {time.strftime('%Y-%m-%d')}, "
              f"{platform.machine()} with {os.cpu_count()} CPU cores visible"
              f"{f', {args.threads} threads' if args.threads else ''}.", ""]
     for label, rows in results.items():
         s = summarise(rows)
         lines += [f"## {label}", "", table(rows), "", summary_lines(s), ""]
-        lines += ["Per-class statistics (L1 of the smallest trigger reaching the success target) and deviation factors:",
-                  "", "| model | statistics | deviation factors |", "|---|---|---|"]
-        lines += [f"| {r['model']} | {r['statistics']} | {r['deviation_factors']} |" for r in rows]
+        lines += ["Per-class statistics (L1 of the smallest trigger reaching the success target), the reference "
+                  "models' (geometric mean; the test runs on the log ratio) and deviation factors:",
+                  "", "| model | statistics | reference | deviation factors |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['statistics']} | {r.get('reference') or '-'} | {r['deviation_factors']} |"
+                  for r in rows]
         lines.append("")
     if len(results) == 2:
         a, b = (summarise(rows) for rows in results.values())
@@ -233,15 +246,17 @@ def run(args) -> int:
     entries = _entries(args.models)
     zoo = build_zoo(entries, Path(args.zoo_dir), args.epochs, args.train_limit)
     gradients = ("nes", "surrogate") if args.gradient == "both" else (args.gradient,)
-    heldout = clean_subset(args.clean_data) if args.clean_data else None
+    heldout = clean_subset(args.heldout) if args.heldout else None
+    refs = args.references if heldout is not None else 0
     results = {}
     for gradient in gradients:
-        label = (f"gradient = {gradient}, black-box (model inversion)" if heldout is None else
-                 f"gradient = {gradient}, clean-data variant ({args.clean_data} test images per class)")
+        label = (f"gradient = {gradient}, black-box (model inversion, no held-out data)" if heldout is None else
+                 f"gradient = {gradient}, black-box with {args.heldout} held-out images per class "
+                 f"(substitute set + {refs} reference models)")
         rows = []
         for e in entries:
             path, summary = zoo[e.name]
-            row = scan_row(e, path, summary, gradient, args.seed, args.cutoff, args.quick, heldout)
+            row = scan_row(e, path, summary, gradient, args.seed, args.cutoff, args.quick, heldout, refs)
             print(f"[{gradient}] {e.name}: {row['verdict']} flagged {row['flagged']} max df {row['max_df']:.2f} "
                   f"targets {row['targets']} ({row['queries']:,} queries, {row['seconds']:.1f} s)", flush=True)
             rows.append(row)
@@ -258,11 +273,11 @@ def _log_mlflow(args, results, text):
 
     with mlflow.start_run(run_name="benchmark-deepinspect"):
         mlflow.log_params({"seed": args.seed, "cutoff": args.cutoff, "gradient": args.gradient,
-                           "clean_data": args.clean_data, "quick": args.quick, "epochs": args.epochs,
+                           "heldout_per_class": args.heldout, "references": args.references, "quick": args.quick, "epochs": args.epochs,
                            "train_limit": args.train_limit,
                            "models": ",".join(r["model"] for r in next(iter(results.values())))})
         for rows in results.values():
-            key = rows[0]["gradient"] + ("_clean" if args.clean_data else "")
+            key = rows[0]["gradient"] + (f"_heldout_ref{args.references}" if args.heldout else "")
             s = summarise(rows)
             mlflow.log_metrics({f"{key}.{k}": float(v) for k, v in s.items() if v is not None})
             for r in rows:

@@ -23,8 +23,9 @@ def add_arguments(p):
     p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="patched model may lose at most this much accuracy")
     p.add_argument("--min-per-class", type=int, default=5)
     p.add_argument("--timeout", type=float, default=None, help="seconds before the gate stops with verdict error")
-    p.add_argument("--scan-uses-heldout", action="store_true",
-                   help="seed inversion with the held-out data (DeepInspect's clean-data variant; default black-box)")
+    p.add_argument("--scan-without-heldout", action="store_true",
+                   help="scan from model inversion alone, the paper's plain test (default: the held-out data "
+                        "gives the scan its substitute set and benign reference models)")
     p.add_argument("--scan-option", action="append", default=[], metavar="KEY=JSON", help="extra scan() keyword")
     p.add_argument("--patch-option", action="append", default=[], metavar="KEY=JSON", help="extra ModelPatcher keyword")
     p.add_argument("--force", action="store_true", help="re-run even if this config already decided the version")
@@ -51,7 +52,7 @@ def run(args) -> int:
     config = GateConfig(policy=args.policy, alias=args.alias, frr=args.frr, n_perturbations=args.n, blend=args.blend,
                         seed=args.seed, budget=args.budget, cutoff=args.cutoff,
                         max_accuracy_drop=args.max_accuracy_drop, min_per_class=args.min_per_class,
-                        timeout_s=args.timeout, scan_uses_heldout=args.scan_uses_heldout, scan_options=_options(args.scan_option),
+                        timeout_s=args.timeout, scan_uses_heldout=not args.scan_without_heldout, scan_options=_options(args.scan_option),
                         patch_options=_options(args.patch_option))
     outcome = run_gate(args.model_uri, args.heldout, config, force=args.force)
     if args.report:

@@ -22,8 +22,11 @@ def add_arguments(parser):
     parser.add_argument("model", help="path of the .onnx classifier")
     parser.add_argument("--report", required=True, help="where to write the JSON report (PNG grids go beside it)")
     parser.add_argument("--heldout", help="optional clean held-out data (.npz with x, y, or an image folder)")
-    parser.add_argument("--heldout-mode", choices=("seed", "replace"), default="seed",
-                        help="start inversion from held-out images (seed) or use them instead (replace)")
+    parser.add_argument("--heldout-mode", choices=("replace", "seed", "invert"), default="replace",
+                        help="substitute set from the held-out data: replace (use its images), seed (invert "
+                             "starting from them) or invert (inversion; held-out only trains the references)")
+    parser.add_argument("--references", type=int, default=3,
+                        help="benign reference models trained on the held-out data (0: the paper's plain test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, help="maximum number of oracle queries")
     g = parser.add_mutually_exclusive_group()
@@ -80,7 +83,8 @@ def run(args) -> int:
         if args.heldout:
             heldout = load_heldout(args.heldout, oracle.input_shape)
             validate_heldout(heldout.x, heldout.y, oracle.input_shape, oracle.n_classes)  # raises on failure
-        overrides = {"gradient": args.gradient, "heldout_mode": args.heldout_mode}
+        overrides = {"gradient": args.gradient, "heldout_mode": args.heldout_mode,
+                     "reference_models": args.references}
         if args.generator_steps:
             overrides["generator_steps"] = args.generator_steps
         result = scan(oracle, heldout=heldout, seed=args.seed, budget=args.budget, cutoff=args.cutoff,

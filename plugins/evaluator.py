@@ -11,8 +11,9 @@ reshaped to the model's (C, H, W). The model must be an ONNX (mlflow.onnx flavor
 plugin reads the single ONNX file and queries it through the oracle only.
 
 evaluator_config (flat when `evaluators="trojan"`): `seed` (0), `cutoff` (2.0), `budget`
-(None), `use_heldout_for_scan` (False: black-box inversion; True: the paper's clean-data
-variant with the labelled data), `calibrate_strip` (True when labels are given), `frr`
+(None), `use_heldout_for_scan` (True: with labelled data the scan takes its
+substitute set and benign reference models from it, see `gates.reference`; False: model
+inversion alone), `calibrate_strip` (True when labels are given), `frr`
 (0.01), `n_perturbations` (10), `blend`, `min_per_class` (5), `scan_options` (dict), `model_uri`
 (override where the ONNX file is read from).
 
@@ -86,7 +87,7 @@ class TrojanEvaluator(ModelEvaluator):
         y = dataset.labels_data
         y = None if y is None else np.asarray(y).reshape(-1).astype(np.int64)
         heldout = Dataset(x, y) if y is not None else None
-        result = scan(oracle, heldout=heldout if cfg.get("use_heldout_for_scan") else None,
+        result = scan(oracle, heldout=heldout if cfg.get("use_heldout_for_scan", True) else None,
                       seed=int(cfg.get("seed", 0)), cutoff=float(cfg.get("cutoff", 2.0)),
                       **cfg.get("scan_options", {}))
         metrics = {"trojan_max_deviation_factor": result.max_deviation_factor,

@@ -80,7 +80,9 @@ class GateConfig:
     min_per_class: int = 5
     timeout_s: float | None = None
     estimate_far: bool = True
-    scan_uses_heldout: bool = False  # False: black-box inversion (the paper); True: its clean-data variant
+    # True: the scan takes its substitute set and its benign reference models from the held-out
+    # data (clean-data variant + reference-normalised test); False: model inversion alone
+    scan_uses_heldout: bool = True
     scan_options: dict = field(default_factory=dict)
     patch_options: dict = field(default_factory=dict)
 
