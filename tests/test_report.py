@@ -193,3 +193,13 @@ def test_write_report(tmp_path):
     assert rep["summary"]["verdict"] == "blocked" and rep["errors"][0]["phase"] == "generator"
     page = hp.read_text()
     assert len(_pngs(page)) == 3 and "QueryBudgetExceeded" in page
+
+
+def test_scan_table_shows_the_reference_models_when_the_test_used_them():
+    scan = _scan()
+    plain = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
+    assert "reference models" not in plain
+    scan.reference_statistics = [[2.0] * 10, [8.0] * 10]  # geometric mean 4
+    page = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
+    assert "reference models (geometric mean)" in page and "over 2 benign reference models" in page
+    assert page.count("<td>4</td>") - plain.count("<td>4</td>") == 10  # one reference cell per class
