@@ -330,6 +330,26 @@ def _stamp_by_target(stamp: Stamp, x: np.ndarray, t: np.ndarray, seed: int) -> n
     return out
 
 
+def shift_image(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """a (C, H, W) moved by dy rows and dx columns, zero-filled (no wrap-around)."""
+    out = np.zeros_like(a)
+    h, w = a.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        a[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def jitter_stamps(x: np.ndarray, stamped: np.ndarray, max_shift: int, rng) -> np.ndarray:
+    """Move each stamped image's effective trigger clip(x + Delta) - x by a random (dy, dx) in
+    [-max_shift, max_shift]^2 and stamp it again: clip(x + shift(stamped - x), 0, 1)."""
+    if max_shift <= 0:
+        return stamped
+    delta = stamped - x
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(len(x), 2))
+    out = np.stack([shift_image(d, int(dy), int(dx)) for d, (dy, dx) in zip(delta, shifts)]) if len(x) else delta
+    return np.clip(x + out, 0.0, 1.0).astype(np.float32)
+
+
 class ModelPatcher:
     """Fine-tune a trojaned ONNX classifier on stamped-but-correctly-labelled data (Sec. 5).
 
@@ -348,14 +368,24 @@ class ModelPatcher:
         paper, which fine-tunes on labels alone: 0 reproduces that). It limits the loss of clean
         accuracy when fine-tuning on a small pool.
     freeze_batchnorm : keep BatchNorm running statistics fixed while fine-tuning
+    trigger_jitter : move each fine-tuning trigger by up to this many pixels in each direction
+        (0: the paper; None: 0 up to 16 px inputs, where the scan estimates gradients per pixel,
+        else 2, where it uses 2x2 tiles). A recovered trigger is only located up to the query
+        estimator's tile, so the real one may sit a pixel or two away; unlearning the trigger
+        over that neighbourhood covers it. Jitter costs an exactly recovered trigger its exact
+        spot (with the true trigger as the stamp on 8x8 digits, 1 px of jitter left 63% ASR
+        instead of under 25%), hence none where the tile is a pixel
+        (measured on the 6-epoch Fashion-MNIST patch trojan: true-trigger ASR after patching
+        17.3% without, 12.9% with 2 px). Validation and the before/after figures use the
+        triggers as generated.
     seed : seeds splits, stamping and torch
     progress : show a tqdm bar
     """
 
     def __init__(self, epochs: int = 10, lr: float | Sequence[float] = 1e-3, batch_size: int = 64,
                  patch_fraction: float = 0.15, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
-                 distill_weight: float = 3.0, freeze_batchnorm: bool = True, seed: int = 0,
-                 progress: bool = True):
+                 distill_weight: float = 3.0, freeze_batchnorm: bool = True, trigger_jitter: int | None = None,
+                 seed: int = 0, progress: bool = True):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -364,6 +394,7 @@ class ModelPatcher:
         self.heldout_fraction = heldout_fraction
         self.distill_weight = distill_weight
         self.freeze_batchnorm = freeze_batchnorm
+        self.trigger_jitter = trigger_jitter
         self.seed = seed
         self.progress = progress
 
@@ -373,6 +404,7 @@ class ModelPatcher:
                 "batch_size": int(self.batch_size), "patch_fraction": float(self.patch_fraction),
                 "val_fraction": float(self.val_fraction), "heldout_fraction": float(self.heldout_fraction),
                 "distill_weight": float(self.distill_weight), "freeze_batchnorm": bool(self.freeze_batchnorm),
+                "trigger_jitter": None if self.trigger_jitter is None else int(self.trigger_jitter),
                 "seed": int(self.seed)}
 
     def _check(self):
@@ -384,6 +416,15 @@ class ModelPatcher:
             raise ValueError("val_fraction must lie in (0, 1)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError("heldout_fraction must lie in [0, 1)")
+        if self.trigger_jitter is not None and (int(self.trigger_jitter) != self.trigger_jitter
+                                                or self.trigger_jitter < 0):
+            raise ValueError("trigger_jitter must be a non-negative whole number of pixels")
+
+    def jitter_for(self, hw) -> int:
+        """The trigger jitter in pixels for inputs of height/width `hw` (resolves None)."""
+        if self.trigger_jitter is not None:
+            return int(self.trigger_jitter)
+        return 0 if int(hw[0]) <= 16 else 2
 
     # -- helpers ------------------------------------------------------------------------
     def _train_mode(self, clf: nn.Module):
@@ -413,6 +454,7 @@ class ModelPatcher:
 
     def _finetune(self, clf, lr, xt, yt, xv, yv, xv_st, tv, stamp, flagged, bar):
         """One fine-tuning run at learning rate `lr`; returns (best state, best epoch, history)."""
+        jitter = self.jitter_for(xt.shape[-2:])
         torch.manual_seed(self.seed)
         rng = np.random.default_rng([self.seed, 1])
         opt = torch.optim.Adam(clf.parameters(), lr=lr)
@@ -429,6 +471,7 @@ class ModelPatcher:
             idx = rng.choice(len(xt), size=n_patch, replace=False)
             tp = _draw_targets(yt[idx], flagged, rng)
             xp = _stamp_by_target(stamp, xt[idx], tp, seed=int(rng.integers(2**31)))
+            xp = jitter_stamps(xt[idx], xp, jitter, rng)
             x_ep = torch.from_numpy(np.concatenate([xt, xp]))
             y_ep = torch.from_numpy(np.concatenate([yt, yt[idx]]).astype(np.int64))
             perm = torch.from_numpy(rng.permutation(len(x_ep)))
@@ -529,7 +572,8 @@ class ModelPatcher:
             flagged_classes=flagged.tolist(), before=before, after=after, output_kind=clf.output_kind,
             best_epoch=int(best_epoch), best_lr=float(best_lr), epochs_run=len(lrs) * self.epochs,
             history=history, n_train=int(len(yt)), n_patch=int(round(self.patch_fraction * len(yt))),
-            n_val=int(len(yv)), n_eval=int(len(ey)), eval_source=eval_source, config=self.get_params(),
+            n_val=int(len(yv)), n_eval=int(len(ey)), eval_source=eval_source,
+            config={**self.get_params(), "trigger_jitter": self.jitter_for(shape[-2:])},
             seconds=time.perf_counter() - t0)
 
     @staticmethod

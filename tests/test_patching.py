@@ -12,7 +12,8 @@ from trojan_gate.gates.errors import InputShapeError
 from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelPatcher, PatchResult,
-                                        onnx_to_torch, torch_to_onnx, trojan_activation_rates)
+                                        jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx,
+                                        trojan_activation_rates)
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +204,31 @@ def test_bad_inputs_are_rejected(trojaned, inverted):
         p.fit(trojaned.onnx_bytes, *inverted, lambda x, t, s: x[:, :, :4], [0])
     with pytest.raises(ValueError, match="val_fraction"):
         ModelPatcher(val_fraction=0.0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+
+
+def test_shift_image_moves_without_wrapping():
+    a = np.zeros((1, 5, 5), np.float32)
+    a[0, 3:5, 3:5] = 1.0  # a 2x2 patch in the bottom-right corner
+    down_right = shift_image(a, 1, 1)
+    assert down_right.sum() == 1.0 and down_right[0, 4, 4] == 1.0  # three pixels fell off the edge
+    up_left = shift_image(a, -2, -3)
+    assert np.argwhere(up_left[0]).tolist() == [[1, 0], [1, 1], [2, 0], [2, 1]]
+    assert np.array_equal(shift_image(a, 0, 0), a)
+
+
+def test_jitter_moves_the_effective_trigger_and_keeps_the_image():
+    rng = np.random.default_rng(0)
+    x = np.full((50, 1, 8, 8), 0.2, np.float32)
+    stamped = x.copy()
+    stamped[:, :, 5:7, 5:7] = 1.0
+    out = jitter_stamps(x, stamped, 1, rng)
+    assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0
+    for img in out:  # the 2x2 trigger, moved by at most one pixel, on the unchanged background
+        bright = np.argwhere(img[0] > 0.5)
+        assert len(bright) == 4 and bright.min() >= 4 and bright.max() <= 7
+        assert np.allclose(img[0][img[0] <= 0.5], 0.2)
+    moved = [not np.array_equal(o, s) for o, s in zip(out, stamped)]
+    assert 30 < sum(moved) < 50  # 8 of 9 offsets move it
+    assert jitter_stamps(x, stamped, 0, rng) is stamped
+    with pytest.raises(ValueError, match="trigger_jitter"):
+        ModelPatcher(trigger_jitter=-1)._check()
