@@ -1,7 +1,8 @@
 """The science of trojan-gate, free of MLflow.
 
 oracle (black-box ONNX queries), data loading and validation, the trojan lab,
-DeepInspect (inversion, generator, anomaly test, scan), patching and STRIP.
+DeepInspect (inversion, generator, statistic, reference models, anomaly test, scan),
+patching and STRIP.
 """
 from importlib import metadata as _metadata
 
