@@ -22,7 +22,7 @@ import io
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -247,6 +247,7 @@ class PatchResult:
     eval_source: str  # "heldout" or "validation"
     config: dict
     seconds: float
+    rounds: list = field(default_factory=list)  # per-round figures when several rounds were combined
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -273,7 +274,8 @@ class PatchResult:
                 "best_epoch": int(self.best_epoch), "best_lr": float(self.best_lr),
                 "epochs_run": int(self.epochs_run), "history": self.history,
                 "n_train": self.n_train, "n_patch": self.n_patch, "n_val": self.n_val, "n_eval": self.n_eval,
-                "eval_source": self.eval_source, "config": self.config, "seconds": round(self.seconds, 3)}
+                "eval_source": self.eval_source, "config": self.config, "seconds": round(self.seconds, 3),
+                "rounds": self.rounds}
 
     def save(self, path) -> Path:
         """Write the patched model to `path` and its figures next to it as `<path>.json`."""
@@ -348,6 +350,29 @@ def jitter_stamps(x: np.ndarray, stamped: np.ndarray, max_shift: int, rng) -> np
     shifts = rng.integers(-max_shift, max_shift + 1, size=(len(x), 2))
     out = np.stack([shift_image(d, int(dy), int(dx)) for d, (dy, dx) in zip(delta, shifts)]) if len(x) else delta
     return np.clip(x + out, 0.0, 1.0).astype(np.float32)
+
+
+def combine_rounds(results: Sequence["PatchResult"]) -> "PatchResult":
+    """Several patch rounds (each against a fresh scan's triggers) as one result.
+
+    `before` is the first round's (its triggers on the source model), `after` the last round's
+    (its triggers on the final model); with the same seed and held-out set every round keeps
+    the same evaluation split, so the accuracy drop is the total one. `rounds` keeps each
+    round's before/after figures.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("no patch rounds to combine")
+    if len(results) == 1:
+        return results[0]
+    first, last = results[0], results[-1]
+    flagged = sorted({int(c) for r in results for c in r.flagged_classes})
+    rounds = [{"flagged_classes": [int(c) for c in r.flagged_classes], "before": r.before, "after": r.after,
+               "accuracy_drop": r.accuracy_drop, "sha256": r.sha256} for r in results]
+    return replace(last, source_sha256=first.source_sha256, flagged_classes=flagged, before=first.before,
+                   history=[h for r in results for h in r.history],
+                   epochs_run=sum(r.epochs_run for r in results), seconds=sum(r.seconds for r in results),
+                   config={**last.config, "rounds": len(results)}, rounds=rounds)
 
 
 class ModelPatcher:

@@ -28,6 +28,8 @@ def add_arguments(p):
                         "gives the scan its substitute set and benign reference models)")
     p.add_argument("--scan-option", action="append", default=[], metavar="KEY=JSON", help="extra scan() keyword")
     p.add_argument("--patch-option", action="append", default=[], metavar="KEY=JSON", help="extra ModelPatcher keyword")
+    p.add_argument("--patch-rounds", type=int, default=1,
+                   help="patch again against the fresh scan's triggers while it still flags, up to N rounds")
     p.add_argument("--force", action="store_true", help="re-run even if this config already decided the version")
     p.add_argument("--report", help="also write the JSON report here")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -53,7 +55,7 @@ def run(args) -> int:
                         seed=args.seed, budget=args.budget, cutoff=args.cutoff,
                         max_accuracy_drop=args.max_accuracy_drop, min_per_class=args.min_per_class,
                         timeout_s=args.timeout, scan_uses_heldout=not args.scan_without_heldout, scan_options=_options(args.scan_option),
-                        patch_options=_options(args.patch_option))
+                        patch_options=_options(args.patch_option), patch_rounds=args.patch_rounds)
     outcome = run_gate(args.model_uri, args.heldout, config, force=args.force)
     if args.report:
         with open(args.report, "w") as f:

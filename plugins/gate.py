@@ -85,12 +85,17 @@ class GateConfig:
     scan_uses_heldout: bool = True
     scan_options: dict = field(default_factory=dict)
     patch_options: dict = field(default_factory=dict)
+    # patch again against the fresh scan's triggers while it still flags (and the accuracy drop
+    # is within bound), up to this many rounds; 1 is the paper
+    patch_rounds: int = 1
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
         if self.alias in ("latest",) or (self.alias.startswith("v") and self.alias[1:].isdigit()):
             raise ValueError(f"alias {self.alias!r} is reserved by MLflow")
+        if int(self.patch_rounds) != self.patch_rounds or self.patch_rounds < 1:
+            raise ValueError(f"patch_rounds must be a whole number >= 1, not {self.patch_rounds!r}")
 
     def fingerprint(self, model_sha256: str) -> str:
         doc = {k: v for k, v in asdict(self).items() if k != "timeout_s"}
@@ -259,15 +264,22 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
 
 
 def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
-    from trojan_gate.gates.patching import ModelPatcher
+    from trojan_gate.gates.patching import ModelPatcher, combine_rounds
 
-    patcher = ModelPatcher(seed=config.seed, **config.patch_options)
-    with oracle.phase("patch"):
-        patch = patcher.fit(oracle.model_bytes, scan_result.inverted_x, scan_result.inverted_y,
-                            scan_result.generator.stamp, scan_result.flagged_classes, heldout=(heldout.x, heldout.y))
+    current, current_scan, results = oracle.model_bytes, scan_result, []
+    for _ in range(max(1, int(config.patch_rounds))):
+        patcher = ModelPatcher(seed=config.seed, **config.patch_options)
+        with oracle.phase("patch"):
+            results.append(patcher.fit(current, current_scan.inverted_x, current_scan.inverted_y,
+                                       current_scan.generator.stamp, current_scan.flagged_classes,
+                                       heldout=(heldout.x, heldout.y)))
+        fresh = scan_fn(ModelOracle(results[-1].onnx_bytes, budget=config.budget), heldout, config)
+        drop = combine_rounds(results).accuracy_drop
+        if not fresh.trojan_suspected or (drop is not None and drop > config.max_accuracy_drop):
+            break
+        current, current_scan = results[-1].onnx_bytes, fresh  # patch again against what the fresh scan found
+    patch = combine_rounds(results)
     patched_path = patch.save(workdir / "patched" / "model.onnx")
-    fresh_oracle = ModelOracle(patch.onnx_bytes, budget=config.budget)
-    fresh = scan_fn(fresh_oracle, heldout, config)
     _log_scan(fresh, "patched_", workdir)
     drop = patch.accuracy_drop
     mlflow.log_metrics({"patch_activation_rate_before": patch.before["trojan_activation_rate"],
@@ -284,7 +296,8 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
                                       "patch.activation_rate_after": f"{patch.after['trojan_activation_rate']:.4f}",
                                       "patch.accuracy_drop": "" if drop is None else f"{drop:.4f}",
                                       "patch.source_max_deviation_factor": f"{scan_result.max_deviation_factor:.4f}",
-                                      "patch.fresh_max_deviation_factor": f"{fresh.max_deviation_factor:.4f}"})
+                                      "patch.fresh_max_deviation_factor": f"{fresh.max_deviation_factor:.4f}",
+                                      "patch.rounds": str(max(1, len(patch.rounds)))})
     return patch, fresh, new_ref, PATCHED
 
 

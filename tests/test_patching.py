@@ -12,7 +12,7 @@ from trojan_gate.gates.errors import InputShapeError
 from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelPatcher, PatchResult,
-                                        jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx,
+                                        combine_rounds, jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx,
                                         trojan_activation_rates)
 
 
@@ -232,3 +232,19 @@ def test_jitter_moves_the_effective_trigger_and_keeps_the_image():
     assert jitter_stamps(x, stamped, 0, rng) is stamped
     with pytest.raises(ValueError, match="trigger_jitter"):
         ModelPatcher(trigger_jitter=-1)._check()
+
+
+def test_combined_rounds_report_the_total_drop_and_every_round(patched):
+    from dataclasses import replace
+
+    second = replace(patched, before=patched.after, after={**patched.after, "clean_accuracy": 0.5},
+                     sha256="b" * 64, flagged_classes=[0, 2], epochs_run=10, seconds=1.0)
+    both = combine_rounds([patched, second])
+    assert both.before == patched.before and both.after["clean_accuracy"] == 0.5
+    assert both.accuracy_drop == pytest.approx(patched.before["clean_accuracy"] - 0.5)
+    assert both.source_sha256 == patched.source_sha256 and both.sha256 == "b" * 64
+    assert both.flagged_classes == [0, 2] and both.epochs_run == patched.epochs_run + 10
+    assert [r["sha256"] for r in both.to_dict()["rounds"]] == [patched.sha256, "b" * 64]
+    assert combine_rounds([patched]) is patched
+    with pytest.raises(ValueError):
+        combine_rounds([])
