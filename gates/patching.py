@@ -375,6 +375,29 @@ def combine_rounds(results: Sequence["PatchResult"]) -> "PatchResult":
                    config={**last.config, "rounds": len(results)}, rounds=rounds)
 
 
+def patch_in_rounds(onnx_bytes: bytes, scan_result, rescan: Callable, heldout, rounds: int = 1,
+                    max_accuracy_drop: float | None = None, **patcher_options) -> tuple[list, list]:
+    """Patch against `scan_result`'s triggers, re-scan, and while the fresh scan still flags
+    (and the total accuracy drop stays within `max_accuracy_drop`, when given) patch the patched
+    model again against the fresh scan's own triggers, up to `rounds` rounds.
+
+    rescan(onnx_bytes) -> a scan result of the patched model. Returns (patch results, fresh scans),
+    one of each per round run; `combine_rounds` makes the results one.
+    """
+    current, current_scan, results, scans = onnx_bytes, scan_result, [], []
+    for _ in range(max(1, int(rounds))):
+        results.append(ModelPatcher(**patcher_options).fit(
+            current, current_scan.inverted_x, current_scan.inverted_y, current_scan.generator.stamp,
+            current_scan.flagged_classes, heldout=heldout))
+        scans.append(rescan(results[-1].onnx_bytes))
+        drop = combine_rounds(results).accuracy_drop
+        if not scans[-1].trojan_suspected or (max_accuracy_drop is not None and drop is not None
+                                              and drop > max_accuracy_drop):
+            break
+        current, current_scan = results[-1].onnx_bytes, scans[-1]
+    return results, scans
+
+
 class ModelPatcher:
     """Fine-tune a trojaned ONNX classifier on stamped-but-correctly-labelled data (Sec. 5).
 

@@ -24,11 +24,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
-from torch import nn
 
 from .data import Dataset
-from .lab import SmallCNN, export_onnx
+from .lab import LabConfig, train_lab_model
 
 
 def split_heldout(heldout: Dataset, n_per_class: int, n_classes: int, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -44,35 +42,22 @@ def split_heldout(heldout: Dataset, n_per_class: int, n_classes: int, seed: int 
 
 def train_reference(data: Dataset, n_classes: int, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3,
                     seed: int = 0) -> tuple[bytes, float]:
-    """Train one benign SmallCNN on `data` (Adam, one-cycle schedule); returns (ONNX bytes, train accuracy)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    in_shape = tuple(data.x.shape[1:])
-    model = SmallCNN(in_shape, n_classes)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = int(np.ceil(len(data) / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
-    x, y = torch.from_numpy(np.asarray(data.x, np.float32)), torch.from_numpy(np.asarray(data.y, np.int64))
-    model.train()
-    for _ in range(epochs):
-        perm = torch.from_numpy(rng.permutation(len(data)))
-        for i in range(steps):
-            b = perm[i * batch_size:(i + 1) * batch_size]
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x).argmax(1) == y).float().mean())
+    """Train one benign SmallCNN on `data` (the lab's seeded Adam + one-cycle training, no trigger);
+    returns (ONNX bytes, train accuracy)."""
+    config = LabConfig(arch="small", trigger="none", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter keeps dynamic axes simple
-        onnx_bytes = export_onnx(model, in_shape)
-    return onnx_bytes, acc
+        model = train_lab_model(data, data, config, progress=False)
+    if model.n_classes != n_classes:
+        raise ValueError(f"reference training data covers {model.n_classes} classes, the model has {n_classes}")
+    return model.onnx_bytes, model.clean_accuracy
+
+
+def reference_level(reference_statistics) -> np.ndarray:
+    """Per class, the geometric mean of the reference models' statistics ((n_models, K) -> (K,))."""
+    return np.exp(np.log(np.asarray(reference_statistics, np.float64)).mean(0))
 
 
 def normalised_levels(statistics, reference_statistics) -> np.ndarray:
     """r[t] = log stat[t] - mean_j log ref_j[t] (reference_statistics: (n_models, K))."""
-    ref = np.log(np.asarray(reference_statistics, np.float64)).mean(0)
-    return np.log(np.asarray(statistics, np.float64)) - ref
+    return np.log(np.asarray(statistics, np.float64)) - np.log(reference_level(reference_statistics))

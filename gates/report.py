@@ -465,7 +465,12 @@ def _section_scan(rep, scan) -> str:
                   "deviation factors per class")]
     flagged = set(d["flagged_classes"])
     refs = d.get("reference_statistics")
-    ref = np.exp(np.log(np.asarray(refs, np.float64)).mean(0)) if refs else None
+    if refs:
+        from .reference import reference_level  # lazily: it imports torch through the lab
+
+        ref = reference_level(refs)
+    else:
+        ref = None
     rows, cls = [], []
     for k in range(d["n_classes"]):
         row = [_e(_class_name(k, names)), _e(_fmt(d["statistics"][k]))]

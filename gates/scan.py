@@ -164,8 +164,7 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
         oracle.budget = previous_budget
 
 
-def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig, progress: bool,
-             wall: dict, prefix: str = ""):
+def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig, progress: bool, wall: dict):
     """Phases 1-3 against one model: substitute set, generator, per-class statistic."""
     k = oracle.n_classes
     n_sources = (k - 1) * cfg.n_per_class
@@ -174,7 +173,7 @@ def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig
 
     # 1. model inversion
     t0 = time.perf_counter()
-    with oracle.phase(prefix + "inversion"):
+    with oracle.phase("inversion"):
         inv_reserve = 0 if budget is None else max(stats_reserve, int(round(budget * (1 - cfg.inversion_share))))
         mode = cfg.heldout_mode if substitute is not None else "invert"
         inv = ModelInversion(n_per_class=cfg.n_per_class, steps=cfg.inversion_steps, lr=cfg.inversion_lr,
@@ -182,35 +181,38 @@ def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig
                              estimator=cfg.estimator, n_pairs=cfg.inversion_pairs, sigma=cfg.inversion_sigma,
                              tile=cfg.inversion_tile, init_range=cfg.init_range, mode=mode, seed=seed,
                              progress=progress).fit(oracle, substitute, reserve=inv_reserve)
-    wall[prefix + "inversion"] = time.perf_counter() - t0
+    wall["inversion"] = time.perf_counter() - t0
 
     # 2. conditional generator
     t0 = time.perf_counter()
-    with oracle.phase(prefix + "generator"):
+    with oracle.phase("generator"):
         trainer = _trainer(cfg, seed + 1, progress).fit(oracle, inv.x_, inv.y_, reserve=stats_reserve)
-    wall[prefix + "generator"] = time.perf_counter() - t0
+    wall["generator"] = time.perf_counter() - t0
 
     # 3. per-class statistic, re-measured on the oracle
     t0 = time.perf_counter()
-    with oracle.phase(prefix + "statistics"):
+    with oracle.phase("statistics"):
         st = trigger_statistics(oracle, trainer.generator_, inv.x_, inv.y_, success_target=cfg.success_target,
                                 max_scale=cfg.max_scale, bisection_steps=cfg.bisection_steps,
                                 ladder=cfg.support_ladder, success_rule=cfg.success_rule, seed=seed + 2,
                                 progress=progress)
-    wall[prefix + "statistics"] = time.perf_counter() - t0
+    wall["statistics"] = time.perf_counter() - t0
     return inv, trainer, st, mode
 
 
 def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progress: bool, wall: dict):
     """Split the held-out set, train the reference models and measure their statistics (see `reference`).
 
-    Returns (substitute set, reference record or None); without held-out data, or with
-    `reference_models=0`, there is no reference and the whole held-out set is the substitute pool.
+    Returns (substitute set or None, reference record or None); without held-out data, or with
+    `reference_models=0`, there is no reference and the whole held-out set is the substitute pool;
+    with `heldout_mode="invert"` the substitute set comes from inversion (None).
     """
+    keep = cfg.heldout_mode != "invert"
     if heldout is None or cfg.reference_models <= 0:
-        return heldout, None
+        return (heldout if keep else None), None
     k = oracle.n_classes
     substitute, train = split_heldout(heldout, cfg.n_per_class, k, seed=seed + 5)
+    substitute = substitute if keep else None
     counts = np.bincount(train.y, minlength=k)
     if counts.min() < cfg.reference_min_per_class:
         raise DataValidationError([
@@ -223,8 +225,7 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
     for j in range(cfg.reference_models):
         onnx_bytes, acc = train_reference(train, k, epochs=cfg.reference_epochs, seed=seed + 100 + j)
         ref = ModelOracle(onnx_bytes)
-        st = _measure(ref, substitute if cfg.heldout_mode != "invert" else None, seed, None, cfg, progress,
-                      {}, prefix="")[2]
+        st = _measure(ref, substitute, seed, None, cfg, progress, {})[2]
         stats.append(st.statistics)
         accs.append(acc)
         queries += ref.queries
@@ -242,8 +243,6 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     t_start = time.perf_counter()
     wall = {}
     substitute, reference = _references(oracle, heldout, seed, cfg, progress, wall)
-    if cfg.heldout_mode == "invert":
-        substitute = None
     inv, trainer, st, mode = _measure(oracle, substitute, seed, budget, cfg, progress, wall)
     generator = trainer.generator_
 

@@ -117,8 +117,7 @@ def clean_subset(per_class: int, seed: int = 0):
 
 
 def scan_row(entry, path, summary, gradient, seed, cutoff, quick, heldout=None, references: int = 3) -> dict:
-    import numpy as np
-
+    from trojan_gate.gates.reference import reference_level
     from trojan_gate.gates.scan import scan
 
     overrides = {"gradient": gradient, "reference_models": references}
@@ -144,7 +143,7 @@ def scan_row(entry, path, summary, gradient, seed, cutoff, quick, heldout=None, 
         "statistics": [round(s, 2) for s in r.statistics],
         "deviation_factors": [round(d, 2) for d in r.deviation_factors],
         "reference": None if r.reference_statistics is None else
-        [round(float(v), 2) for v in np.exp(np.log(np.asarray(r.reference_statistics)).mean(0))],
+        [round(float(v), 2) for v in reference_level(r.reference_statistics)],
     }
 
 

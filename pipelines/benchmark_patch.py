@@ -60,7 +60,7 @@ def run(args) -> int:
     from trojan_gate.gates.far_estimate import estimate_far, hijacking_inputs
     from trojan_gate.gates.lab import LabConfig, train_lab_model
     from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.patching import ModelPatcher
+    from trojan_gate.gates.patching import patch_in_rounds
     from trojan_gate.gates.scan import scan
     from trojan_gate.gates.strip import BLEND_RULES, StripDetector
 
@@ -87,19 +87,16 @@ def run(args) -> int:
                "asr_before": _asr(oracle, lab, ev.x, ev.y, targets), "scan_s": scan_s}
         if result.trojan_suspected:
             t1 = time.perf_counter()
-            current, current_scan, rounds = oracle, result, []
-            for _ in range(args.patch_rounds):  # each further round patches against the fresh scan's triggers
-                pr = ModelPatcher(seed=args.seed, **patch_options).fit(
-                    current.model_bytes, current_scan.inverted_x, current_scan.inverted_y,
-                    current_scan.generator.stamp, current_scan.flagged_classes, heldout=(held.x, held.y))
-                current = ModelOracle(pr.onnx_bytes)
-                current_scan = scan(current, heldout=scan_held, seed=args.seed)
-                rounds.append({"asr": _asr(current, lab, ev.x, ev.y, targets), "acc": _acc(current, ev.x, ev.y),
-                               "df": current_scan.max_deviation_factor, "flagged": current_scan.flagged_classes})
-                if not current_scan.trojan_suspected:
-                    break
+            results, scans = patch_in_rounds(  # no accuracy bound: every round is measured
+                oracle.model_bytes, result, lambda b: scan(ModelOracle(b), heldout=scan_held, seed=args.seed),
+                (held.x, held.y), args.patch_rounds, seed=args.seed, **patch_options)
+            rounds = []
+            for pr, fresh in zip(results, scans):
+                patched = ModelOracle(pr.onnx_bytes)
+                rounds.append({"asr": _asr(patched, lab, ev.x, ev.y, targets), "acc": _acc(patched, ev.x, ev.y),
+                               "df": fresh.max_deviation_factor, "flagged": fresh.flagged_classes})
             row.update(acc_after=rounds[-1]["acc"], asr_after=rounds[-1]["asr"],
-                       df_after=current_scan.max_deviation_factor, fresh_verdict=current_scan.verdict,
+                       df_after=scans[-1].max_deviation_factor, fresh_verdict=scans[-1].verdict,
                        rounds=rounds, patch_s=time.perf_counter() - t1)
         patch_rows.append(row)
         # generator-estimated vs true STRIP FAR on the trojaned model itself

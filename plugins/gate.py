@@ -264,20 +264,15 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
 
 
 def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
-    from trojan_gate.gates.patching import ModelPatcher, combine_rounds
+    from trojan_gate.gates.patching import combine_rounds, patch_in_rounds
 
-    current, current_scan, results = oracle.model_bytes, scan_result, []
-    for _ in range(max(1, int(config.patch_rounds))):
-        patcher = ModelPatcher(seed=config.seed, **config.patch_options)
-        with oracle.phase("patch"):
-            results.append(patcher.fit(current, current_scan.inverted_x, current_scan.inverted_y,
-                                       current_scan.generator.stamp, current_scan.flagged_classes,
-                                       heldout=(heldout.x, heldout.y)))
-        fresh = scan_fn(ModelOracle(results[-1].onnx_bytes, budget=config.budget), heldout, config)
-        drop = combine_rounds(results).accuracy_drop
-        if not fresh.trojan_suspected or (drop is not None and drop > config.max_accuracy_drop):
-            break
-        current, current_scan = results[-1].onnx_bytes, fresh  # patch again against what the fresh scan found
+    with oracle.phase("patch"):
+        results, scans = patch_in_rounds(
+            oracle.model_bytes, scan_result,
+            lambda onnx_bytes: scan_fn(ModelOracle(onnx_bytes, budget=config.budget), heldout, config),
+            (heldout.x, heldout.y), config.patch_rounds, config.max_accuracy_drop, seed=config.seed,
+            **config.patch_options)
+    fresh = scans[-1]
     patch = combine_rounds(results)
     patched_path = patch.save(workdir / "patched" / "model.onnx")
     _log_scan(fresh, "patched_", workdir)
