@@ -426,6 +426,14 @@ class ModelPatcher:
         (measured on the 6-epoch Fashion-MNIST patch trojan: true-trigger ASR after patching
         17.3% without, 12.9% with 2 px). Validation and the before/after figures use the
         triggers as generated.
+    background_fraction : share of training images, redrawn each epoch, stamped with the
+        generated trigger of a random *unflagged* class other than their own, label kept
+        (0: the paper). Fine-tuning on the flagged classes' triggers alone makes the model
+        robust to perturbations toward those classes only; a fresh scan then sees every other
+        class's trigger unchanged and the flagged class's grown, which skews the per-class
+        profile the double-MAD test reads (a fresh scan of the patched 6-epoch Fashion-MNIST
+        trojan flagged the never-flagged bag class). Stamping every class keeps the profile
+        level. Needs a stamp that serves every class (the scan's generator does).
     seed : seeds splits, stamping and torch
     progress : show a tqdm bar
     """
@@ -433,7 +441,7 @@ class ModelPatcher:
     def __init__(self, epochs: int = 10, lr: float | Sequence[float] = 1e-3, batch_size: int = 64,
                  patch_fraction: float = 0.15, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
                  distill_weight: float = 3.0, freeze_batchnorm: bool = True, trigger_jitter: int | None = None,
-                 seed: int = 0, progress: bool = True):
+                 background_fraction: float = 0.15, seed: int = 0, progress: bool = True):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -443,6 +451,7 @@ class ModelPatcher:
         self.distill_weight = distill_weight
         self.freeze_batchnorm = freeze_batchnorm
         self.trigger_jitter = trigger_jitter
+        self.background_fraction = background_fraction
         self.seed = seed
         self.progress = progress
 
@@ -453,13 +462,15 @@ class ModelPatcher:
                 "val_fraction": float(self.val_fraction), "heldout_fraction": float(self.heldout_fraction),
                 "distill_weight": float(self.distill_weight), "freeze_batchnorm": bool(self.freeze_batchnorm),
                 "trigger_jitter": None if self.trigger_jitter is None else int(self.trigger_jitter),
-                "seed": int(self.seed)}
+                "background_fraction": float(self.background_fraction), "seed": int(self.seed)}
 
     def _check(self):
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
         if not 0.0 <= self.patch_fraction <= 1.0:
             raise ValueError("patch_fraction must lie in [0, 1]")
+        if not 0.0 <= self.background_fraction <= 1.0:
+            raise ValueError("background_fraction must lie in [0, 1]")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie in (0, 1)")
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -515,13 +526,22 @@ class ModelPatcher:
         history = [{"lr": lr, "epoch": 0, **first}]
         best_state, best_epoch, best_score = None, 0, -np.inf
         n_patch = int(round(self.patch_fraction * len(xt)))
+        n_background = int(round(self.background_fraction * len(xt)))
+        background = np.setdiff1d(np.arange(clf.n_classes), flagged)
         for epoch in range(1, self.epochs + 1):
             idx = rng.choice(len(xt), size=n_patch, replace=False)
             tp = _draw_targets(yt[idx], flagged, rng)
             xp = _stamp_by_target(stamp, xt[idx], tp, seed=int(rng.integers(2**31)))
             xp = jitter_stamps(xt[idx], xp, jitter, rng)
-            x_ep = torch.from_numpy(np.concatenate([xt, xp]))
-            y_ep = torch.from_numpy(np.concatenate([yt, yt[idx]]).astype(np.int64))
+            xs, ys = [xt, xp], [yt, yt[idx]]
+            if n_background and len(background):
+                jdx = rng.choice(len(xt), size=n_background, replace=False)
+                tb = _draw_targets(yt[jdx], background, rng)
+                xb = _stamp_by_target(stamp, xt[jdx], tb, seed=int(rng.integers(2**31)))
+                xs.append(jitter_stamps(xt[jdx], xb, jitter, rng))
+                ys.append(yt[jdx])
+            x_ep = torch.from_numpy(np.concatenate(xs))
+            y_ep = torch.from_numpy(np.concatenate(ys).astype(np.int64))
             perm = torch.from_numpy(rng.permutation(len(x_ep)))
             self._train_mode(clf)
             losses = []

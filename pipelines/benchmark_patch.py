@@ -18,6 +18,9 @@ import numpy as np
 
 HELP = "patch the lab's trojaned models and compare generator-estimated STRIP FAR with the true FAR"
 
+DEFAULT_RECIPE = ("the defaults (paper recipe + trigger jitter, 2 px at 28x28, + 15% background stamps "
+                  "of the unflagged classes)")
+
 ZOO = {
     "patch": dict(trigger="patch", targets=(0,)),
     "pattern": dict(trigger="pattern", targets=(2,)),
@@ -125,7 +128,7 @@ def run(args) -> int:
 
     lines = [f"Lab architecture: {args.arch}. Scans: "
              f"{'model inversion alone' if args.scan_without_heldout else 'held-out substitute set + 3 reference models'}."
-             f" Patch options: {patch_options or 'the defaults (paper recipe + trigger jitter, 2 px at 28x28)'}."
+             f" Patch options: {patch_options or DEFAULT_RECIPE}."
              f" Patch rounds: at most {args.patch_rounds}.", "",
              "| model | targets | flagged | max df before → after | clean acc before → after | true-trigger ASR before → after | fresh scan | scan s | patch s |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -176,10 +176,34 @@ def test_generator_like_stamp_with_several_targets(trojaned, inverted):
         noise = np.random.default_rng(seed).uniform(0, 0.2, size=x.shape[1:]).astype(np.float32)
         return np.clip(x + noise * (1 + t % 2), 0, 1)
 
-    r = ModelPatcher(epochs=1, seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [2, 5])
+    r = ModelPatcher(epochs=1, background_fraction=0.0, seed=0, progress=False).fit(
+        trojaned.onnx_bytes, *inverted, stamp, [2, 5])
     assert {t for t, _, _ in calls} == {2, 5}
     assert set(r.before["trojan_activation_rates"]) == {2, 5}
     assert 0.0 <= r.after["trojan_activation_rate"] <= 1.0
+
+
+def test_background_stamps_cover_unflagged_classes_never_an_image_own_class(trojaned, inverted):
+    """background_fraction stamps a share of images with triggers of the unflagged classes too."""
+    x_inv, y_inv = inverted
+    label_of = {row.tobytes(): int(label) for row, label in zip(x_inv, y_inv)}
+    calls = []
+
+    def stamp(x, t, seed):
+        calls.append((int(t), [label_of.get(row.tobytes()) for row in x]))
+        return x
+
+    ModelPatcher(epochs=2, background_fraction=0.3, trigger_jitter=0, seed=0, progress=False).fit(
+        trojaned.onnx_bytes, x_inv, y_inv, stamp, [0])
+    targets = {t for t, _ in calls}
+    assert 0 in targets and len(targets - {0}) >= 5
+    background = [(t, labels) for t, labels in calls if t != 0]
+    assert all(label != t for t, labels in background for label in labels if label is not None)
+
+    only_flagged = []
+    ModelPatcher(epochs=1, background_fraction=0.0, seed=0, progress=False).fit(
+        trojaned.onnx_bytes, x_inv, y_inv, lambda x, t, s: only_flagged.append(int(t)) or x, [0])
+    assert set(only_flagged) == {0}
 
 
 def test_trojan_activation_rates_excludes_target_class():
@@ -204,6 +228,8 @@ def test_bad_inputs_are_rejected(trojaned, inverted):
         p.fit(trojaned.onnx_bytes, *inverted, lambda x, t, s: x[:, :, :4], [0])
     with pytest.raises(ValueError, match="val_fraction"):
         ModelPatcher(val_fraction=0.0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+    with pytest.raises(ValueError, match="background_fraction"):
+        ModelPatcher(background_fraction=1.5).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
 
 
 def test_shift_image_moves_without_wrapping():
