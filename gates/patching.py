@@ -332,6 +332,16 @@ def _stamp_by_target(stamp: Stamp, x: np.ndarray, t: np.ndarray, seed: int) -> n
     return out
 
 
+def _stamped_share(x: np.ndarray, y: np.ndarray, n: int, classes: np.ndarray, stamp: Stamp, jitter: int,
+                   rng) -> tuple[np.ndarray, np.ndarray]:
+    """n images drawn from (x, y), each stamped with a trigger for one of `classes` (not its own
+    class where possible) and jittered; returned with their true labels."""
+    idx = rng.choice(len(x), size=n, replace=False)
+    t = _draw_targets(y[idx], classes, rng)
+    stamped = _stamp_by_target(stamp, x[idx], t, seed=int(rng.integers(2**31)))
+    return jitter_stamps(x[idx], stamped, jitter, rng), y[idx]
+
+
 def shift_image(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """a (C, H, W) moved by dy rows and dx columns, zero-filled (no wrap-around)."""
     out = np.zeros_like(a)
@@ -530,17 +540,12 @@ class ModelPatcher:
         n_background = int(round(self.background_fraction * len(xt)))
         background = np.setdiff1d(np.arange(clf.n_classes), flagged)
         for epoch in range(1, self.epochs + 1):
-            idx = rng.choice(len(xt), size=n_patch, replace=False)
-            tp = _draw_targets(yt[idx], flagged, rng)
-            xp = _stamp_by_target(stamp, xt[idx], tp, seed=int(rng.integers(2**31)))
-            xp = jitter_stamps(xt[idx], xp, jitter, rng)
-            xs, ys = [xt, xp], [yt, yt[idx]]
+            xp, yp = _stamped_share(xt, yt, n_patch, flagged, stamp, jitter, rng)
+            xs, ys = [xt, xp], [yt, yp]
             if n_background and len(background):
-                jdx = rng.choice(len(xt), size=n_background, replace=False)
-                tb = _draw_targets(yt[jdx], background, rng)
-                xb = _stamp_by_target(stamp, xt[jdx], tb, seed=int(rng.integers(2**31)))
-                xs.append(jitter_stamps(xt[jdx], xb, jitter, rng))
-                ys.append(yt[jdx])
+                xb, yb = _stamped_share(xt, yt, n_background, background, stamp, jitter, rng)
+                xs.append(xb)
+                ys.append(yb)
             x_ep = torch.from_numpy(np.concatenate(xs))
             y_ep = torch.from_numpy(np.concatenate(ys).astype(np.int64))
             perm = torch.from_numpy(rng.permutation(len(x_ep)))
