@@ -39,8 +39,8 @@ def add_arguments(p):
     p.add_argument("--frr", type=float, default=0.01)
     p.add_argument("--out", default="benchmarks/patch.md")
     p.add_argument("--patch-option", action="append", default=[], metavar="KEY=JSON",
-                   help="ModelPatcher keyword, e.g. epochs=20 (repeatable; default: the paper's recipe "
-                        "plus trigger jitter)")
+                   help="ModelPatcher keyword, e.g. epochs=20 (repeatable; "
+                        + DEFAULT_RECIPE.replace("%", "%%") + ")")  # argparse %-formats help
     p.add_argument("--patch-rounds", type=int, default=1,
                    help="patch again against the fresh scan's triggers while it still flags, up to this many rounds")
     p.add_argument("--scan-without-heldout", action="store_true",

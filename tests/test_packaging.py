@@ -46,3 +46,21 @@ def test_cli_lists_its_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("intake", "calibrate", "demo", "lab", "serve"):
         assert cmd in out
+
+
+def test_every_command_help_renders():
+    """argparse %-formats help strings; a bare '%' in one breaks --help for that command."""
+    import argparse
+
+    from trojan_gate.pipelines.cli import build_parser
+
+    def walk(parser):
+        parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from walk(child)
+        yield parser.prog
+
+    progs = list(walk(build_parser()))
+    assert "trojan-gate benchmark patch" in progs and "trojan-gate gate" in progs
