@@ -154,7 +154,11 @@ def _findings(verdict, scan_d, strip_d, patch_d, errors, names) -> list[dict]:
     else:
         dfs, stats_, rates = scan_d["deviation_factors"], scan_d["statistics"], scan_d["success_rates"]
         cutoff = scan_d["cutoff"]
+        linked = set(scan_d.get("co_targets") or [])
         for k in scan_d["flagged_classes"]:
+            if k in linked:
+                f.append(_co_target_finding(scan_d, k, names))
+                continue
             f.append({"severity": "CRITICAL", "title": f"Trojan suspected: class {_class_name(k, names)}",
                       "detail": (f"Deviation factor {_fmt(dfs[k], 3)} > cutoff {cutoff:g} (alpha {scan_d['alpha']}): "
                                  f"the recovered trigger for this class needs an abnormally small perturbation "
@@ -270,6 +274,21 @@ def _png(fig) -> str:
 
 def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _co_target_finding(scan_d: dict, k: int, names) -> dict:
+    """A class flagged as a multi-target trojan's co-target: its strongest link to another flagged class."""
+    a = np.asarray(scan_d["co_activation"], dtype=float)
+    w = np.sqrt(np.clip(a, 0, None) * np.clip(a, 0, None).T)
+    others = [int(c) for c in scan_d["flagged_classes"] if int(c) != k]
+    j = max(others, key=lambda c: w[k, c])
+    return {"severity": "CRITICAL", "title": f"Trojan suspected: class {_class_name(k, names)} (co-target)",
+            "detail": (f"Deviation factor {_fmt(scan_d['deviation_factors'][k], 3)} alone is under the cutoff, but "
+                       f"the recovered trigger of flagged class {_class_name(j, names)} hands this class "
+                       f"{_pct(a[j, k])} of the probability and its own trigger hands {_pct(a[k, j])} back "
+                       f"(link {w[k, j]:.3f} >= {scan_d['config'].get('link_threshold')}): one trigger, "
+                       f"several targets."),
+            "class": int(k), "deviation_factor": scan_d["deviation_factors"][k], "linked_to": j}
 
 
 def deviation_figure(deviation_factors, cutoff, flagged, names=None) -> str:

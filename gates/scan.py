@@ -8,7 +8,10 @@ records every query per phase:
 3. ``statistics`` per class, the L1 of the smallest rescaled, support-pruned trigger
    s * M * G(z, t) that moves at least `success_target` (0.99) of the other classes'
    substitute images to t, on the oracle (see `statistic`);
-4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7).
+4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7);
+5. ``co-targets`` the flagged set is closed under co-activation links: a class to and from
+   which a flagged class's recovered trigger carries probability on the oracle is the same
+   multi-target trojan's co-target (see `cotargets`; links never flag a clean model).
    With labelled held-out data the statistic is first normalised by benign reference models
    trained on it and measured by steps 1-3 themselves (`reference_models`, see `reference`):
    the test then sees log stat[t] - mean_j log ref_j[t], which cancels the natural ease of a
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from .cotargets import DEFAULT_LINK_THRESHOLD, co_activation, co_activation_cost, co_targets, link_strength
 from .anomaly import alpha_from_cutoff, cutoff_from_alpha, double_mad_test, DEFAULT_CUTOFF
 from .data import Dataset
 from .generator import GeneratorTrainer, default_device
@@ -91,6 +95,8 @@ class ScanConfig:
     test_scale: str = "log"  # log | linear
     min_mad: float = 0.15  # floor of the MAD on the log scale (a trigger ~15% smaller per unit); 0 on linear
     trigger_samples: int = 8
+    # co-targets of a multi-target trojan (see `cotargets`); 0 turns the step off
+    link_threshold: float = DEFAULT_LINK_THRESHOLD
     # budget split
     inversion_share: float = 0.3
     device: str | None = None
@@ -170,6 +176,8 @@ def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig
     n_sources = (k - 1) * cfg.n_per_class
     n_supports = len(support_ladder(int(np.prod(oracle.input_shape)), cfg.support_ladder))
     stats_reserve = statistics_cost(k, n_sources, cfg.bisection_steps, n_supports) + k * cfg.n_per_class
+    if cfg.link_threshold > 0:
+        stats_reserve += co_activation_cost(k, n_sources)
 
     # 1. model inversion
     t0 = time.perf_counter()
@@ -253,6 +261,16 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     # from here on a sample is the measured support of the trigger, at no less than G's own
     # scale: the smallest successful scale sits on the decision edge and makes weak patching data
     generator.refine(st.masks, np.maximum(st.scales, 1.0))
+
+    # 5. co-targets: close the flagged set under co-activation links, measured on the oracle
+    flagged, linked, activation = list(test.flagged), [], None
+    if cfg.link_threshold > 0 and flagged:
+        t0 = time.perf_counter()
+        with oracle.phase("co-targets"):
+            activation = co_activation(oracle, generator, inv.x_, inv.y_, seed=seed + 4, progress=progress)
+        wall["co-targets"] = time.perf_counter() - t0
+        linked = co_targets(flagged, link_strength(activation), cfg.link_threshold)
+        flagged = sorted(flagged + linked)
     samples = np.stack([generator.sample(t, cfg.trigger_samples, seed=seed + 3 + t) for t in range(k)])
     phases = {}
     for name, s in oracle.ledger.phases.items():
@@ -275,8 +293,10 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
                    "generator_steps_run": trainer.steps_run_, "gamma2_final": trainer.gamma2_.tolist(),
                    "thresh": trainer.thresh_, "oracle_device": oracle.device})
     return ScanResult(
-        verdict=VERDICT_TROJANED if test.flagged else VERDICT_CLEAN,
-        flagged_classes=test.flagged,
+        verdict=VERDICT_TROJANED if flagged else VERDICT_CLEAN,
+        flagged_classes=flagged,
+        co_targets=linked,
+        co_activation=None if activation is None else activation.tolist(),
         statistics=st.statistics.tolist(),
         deviation_factors=test.deviation_factors.tolist(),
         success_rates=st.success_at_1.tolist(),

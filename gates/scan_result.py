@@ -29,7 +29,11 @@ class ScanResult:
                            log statistics[k] - mean_j log reference_statistics[j][k]
     median, mad            of the tested values (log levels when test_scale is "log")
     trigger_masks          (K, C, H, W) float32 0/1 winning supports (not serialised)
-    flagged_classes        classes with deviation factor > cutoff
+    flagged_classes        classes with deviation factor > cutoff, plus their co-targets
+    co_targets             flagged classes added by co-activation links, not by their own
+                           deviation factor (multi-target trojans; see `cotargets`)
+    co_activation          (K, K) A[t][u]: mean probability of u on images stamped with t's
+                           trigger (None when nothing was flagged or links are off)
     trigger_samples        (K, m, C, H, W) float32 measured triggers s_k * M_k * G(z, k)
                            (x' = clip(x + delta, 0, 1))
     inverted_x/inverted_y  the substitute data set recovered by model inversion
@@ -66,6 +70,8 @@ class ScanResult:
     inverted_y: np.ndarray | None = field(default=None, repr=False)
     generator: object = field(default=None, repr=False)
     reference_statistics: list | None = None
+    co_targets: list = field(default_factory=list)
+    co_activation: list | None = None
 
     @property
     def trojan_suspected(self) -> bool:
@@ -91,6 +97,9 @@ class ScanResult:
             "test_scale": self.test_scale,
             "reference_statistics": None if self.reference_statistics is None else
             [[round(float(v), 6) for v in row] for row in self.reference_statistics],
+            "co_targets": [int(c) for c in self.co_targets],
+            "co_activation": None if self.co_activation is None else
+            [[round(float(v), 6) for v in row] for row in self.co_activation],
             "median": round(float(self.median), 6),
             "mad": round(float(self.mad), 6),
             "cutoff": float(self.cutoff),

@@ -203,3 +203,20 @@ def test_scan_table_shows_the_reference_models_when_the_test_used_them():
     page = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
     assert "reference models (geometric mean)" in page and "over 2 benign reference models" in page
     assert page.count("<td>4</td>") - plain.count("<td>4</td>") == 10  # one reference cell per class
+
+
+def test_a_co_target_finding_names_its_link_not_a_deviation_factor():
+    from dataclasses import replace
+
+    scan = _scan(flagged=(3,))
+    a = np.zeros((10, 10))
+    a[3, 5], a[5, 3] = 0.09, 0.04  # link sqrt(0.09 * 0.04) = 0.06
+    scan = replace(scan, flagged_classes=[3, 5], co_targets=[5], co_activation=a.tolist(),
+                   config={"link_threshold": 0.035})
+    rep = build_report(model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
+    by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
+    assert set(by_class) == {3, 5}
+    assert "co-target" in by_class[5]["title"] and by_class[5]["linked_to"] == 3
+    assert "0.060 >= 0.035" in by_class[5]["detail"] and "under the cutoff" in by_class[5]["detail"]
+    assert "co-target" not in by_class[3]["title"]
+    assert rep["summary"]["flagged_classes"] == [3, 5]

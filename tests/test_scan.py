@@ -33,6 +33,7 @@ def test_does_not_flag_the_benign_model(benign_scan):
     assert benign_scan.verdict == "clean"
     assert benign_scan.flagged_classes == []
     assert benign_scan.max_deviation_factor <= benign_scan.cutoff
+    assert "co-targets" not in benign_scan.phases and benign_scan.co_activation is None  # links never start a flag
 
 
 def test_result_contract(trojan_scan):
@@ -45,13 +46,17 @@ def test_result_contract(trojan_scan):
     assert r.inverted_x.shape[1:] == shape and set(np.unique(r.inverted_y)) == set(range(k))
     assert r.inverted_x.min() >= 0.0 and r.inverted_x.max() <= 1.0
     # every query is attributed to a phase and the phases add up
-    assert set(r.phases) == {"inversion", "generator", "statistics"}
+    assert set(r.phases) == {"inversion", "generator", "statistics", "co-targets"}  # co-targets: only when flagged
     assert sum(p["queries"] for p in r.phases.values()) == r.queries > 0
+    n = len(r.inverted_y)
+    assert r.phases["co-targets"]["queries"] == sum(int((r.inverted_y != t).sum()) for t in range(k)) == (k - 1) * n
+    assert np.asarray(r.co_activation).shape == (k, k) and r.co_targets == []  # a single-target trojan
     assert r.seconds > 0 and all(p["seconds"] >= 0 for p in r.phases.values())
     assert r.config["gradient"] == "nes" and r.config["generator_steps_run"] > 0
     assert {"numpy", "torch", "onnxruntime"} <= set(r.versions)
     d = json.loads(json.dumps(r.to_dict()))
-    for key in ("verdict", "flagged_classes", "deviation_factors", "queries", "seconds", "phases", "config"):
+    for key in ("verdict", "flagged_classes", "deviation_factors", "queries", "seconds", "phases", "config",
+                "co_targets", "co_activation"):
         assert key in d
     # the generator used by patching: deterministic samples, stamps clipped to [0, 1]
     g = r.generator
