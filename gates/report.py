@@ -277,16 +277,18 @@ def _img(b64: str, alt: str) -> str:
 
 
 def _co_target_finding(scan_d: dict, k: int, names) -> dict:
-    """A class flagged as a multi-target trojan's co-target: its strongest link to another flagged class."""
+    """A class flagged through a co-activation link (a multi-target trojan): its strongest link to a flagged class."""
     a = np.asarray(scan_d["co_activation"], dtype=float)
     w = np.sqrt(np.clip(a, 0, None) * np.clip(a, 0, None).T)
     others = [int(c) for c in scan_d["flagged_classes"] if int(c) != k]
     j = max(others, key=lambda c: w[k, c])
+    natural = scan_d.get("reference_links")
+    natural = "" if natural is None else f"; {np.asarray(natural)[k, j]:.3f} on the benign reference models"
     return {"severity": "CRITICAL", "title": f"Trojan suspected: class {_class_name(k, names)} (co-target)",
             "detail": (f"Deviation factor {_fmt(scan_d['deviation_factors'][k], 3)} alone is under the cutoff, but "
                        f"the recovered trigger of flagged class {_class_name(j, names)} hands this class "
                        f"{_pct(a[j, k])} of the probability and its own trigger hands {_pct(a[k, j])} back "
-                       f"(link {w[k, j]:.3f} >= {scan_d['config'].get('link_threshold')}): one trigger, "
+                       f"(link {w[k, j]:.3f} >= {scan_d['config'].get('link_threshold')}{natural}): one trigger, "
                        f"several targets."),
             "class": int(k), "deviation_factor": scan_d["deviation_factors"][k], "linked_to": j}
 

@@ -11,7 +11,9 @@ records every query per phase:
 4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7);
 5. ``co-targets`` the flagged set is closed under co-activation links: a class to and from
    which a flagged class's recovered trigger carries probability on the oracle is the same
-   multi-target trojan's co-target (see `cotargets`; links never flag a clean model).
+   multi-target trojan's co-target. With reference models a link must also be `link_reference_factor`
+   times its natural level on them, and three classes linked pairwise are a finding of their
+   own (see `cotargets`); without references links never flag a clean model.
    With labelled held-out data the statistic is first normalised by benign reference models
    trained on it and measured by steps 1-3 themselves (`reference_models`, see `reference`):
    the test then sees log stat[t] - mean_j log ref_j[t], which cancels the natural ease of a
@@ -34,7 +36,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .cotargets import DEFAULT_LINK_THRESHOLD, co_activation, co_activation_cost, co_targets, link_strength
+from .cotargets import (DEFAULT_LINK_THRESHOLD, DEFAULT_REFERENCE_FACTOR, anomalous_links, co_activation,
+                        co_activation_cost, co_targets, link_strength, triangle_members)
 from .anomaly import alpha_from_cutoff, cutoff_from_alpha, double_mad_test, DEFAULT_CUTOFF
 from .data import Dataset
 from .generator import GeneratorTrainer, default_device
@@ -97,6 +100,7 @@ class ScanConfig:
     trigger_samples: int = 8
     # co-targets of a multi-target trojan (see `cotargets`); 0 turns the step off
     link_threshold: float = DEFAULT_LINK_THRESHOLD
+    link_reference_factor: float = DEFAULT_REFERENCE_FACTOR
     # budget split
     inversion_share: float = 0.3
     device: str | None = None
@@ -229,17 +233,21 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
             f"{[int(c) for c in np.flatnonzero(counts < cfg.reference_min_per_class)]} have fewer "
             f"(give more held-out data, or reference_models=0 for the paper's unnormalised test)"])
     t0 = time.perf_counter()
-    stats, accs, queries = [], [], 0
+    stats, accs, links, queries = [], [], [], 0
     for j in range(cfg.reference_models):
         onnx_bytes, acc = train_reference(train, k, epochs=cfg.reference_epochs, seed=seed + 100 + j)
         ref = ModelOracle(onnx_bytes)
-        st = _measure(ref, substitute, seed, None, cfg, progress, {})[2]
+        inv, trainer, st, _ = _measure(ref, substitute, seed, None, cfg, progress, {})
         stats.append(st.statistics)
+        if cfg.link_threshold > 0:  # the natural level of every co-activation link (see `cotargets`)
+            generator = trainer.generator_.refine(st.masks, np.maximum(st.scales, 1.0))
+            links.append(link_strength(co_activation(ref, generator, inv.x_, inv.y_, seed=seed + 4,
+                                                     progress=progress)))
         accs.append(acc)
         queries += ref.queries
     wall["reference"] = time.perf_counter() - t0
     record = {"statistics": np.asarray(stats), "train_accuracy": accs, "train_images": len(train),
-              "queries": queries}
+              "queries": queries, "links": np.asarray(links) if links else None}
     return substitute, record
 
 
@@ -262,15 +270,21 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     # scale: the smallest successful scale sits on the decision edge and makes weak patching data
     generator.refine(st.masks, np.maximum(st.scales, 1.0))
 
-    # 5. co-targets: close the flagged set under co-activation links, measured on the oracle
+    # 5. co-targets: close the flagged set under co-activation links, measured on the oracle;
+    # with references, a link far above its natural level flags its classes on its own
+    reference_links = None if reference is None else reference["links"]
     flagged, linked, activation = list(test.flagged), [], None
-    if cfg.link_threshold > 0 and flagged:
+    if cfg.link_threshold > 0 and (flagged or reference_links is not None):
         t0 = time.perf_counter()
         with oracle.phase("co-targets"):
             activation = co_activation(oracle, generator, inv.x_, inv.y_, seed=seed + 4, progress=progress)
         wall["co-targets"] = time.perf_counter() - t0
-        linked = co_targets(flagged, link_strength(activation), cfg.link_threshold)
-        flagged = sorted(flagged + linked)
+        graph = anomalous_links(link_strength(activation), reference_links, cfg.link_threshold,
+                                cfg.link_reference_factor)
+        on_their_own = [] if reference_links is None else triangle_members(graph)
+        start = sorted(set(flagged) | set(on_their_own))
+        linked = sorted((set(start) | set(co_targets(start, graph))) - set(flagged))
+        flagged = sorted(set(flagged) | set(linked))
     samples = np.stack([generator.sample(t, cfg.trigger_samples, seed=seed + 3 + t) for t in range(k)])
     phases = {}
     for name, s in oracle.ledger.phases.items():
@@ -297,6 +311,7 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
         flagged_classes=flagged,
         co_targets=linked,
         co_activation=None if activation is None else activation.tolist(),
+        reference_links=None if reference_links is None else reference_links.mean(0).tolist(),
         statistics=st.statistics.tolist(),
         deviation_factors=test.deviation_factors.tolist(),
         success_rates=st.success_at_1.tolist(),

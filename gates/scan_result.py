@@ -34,6 +34,8 @@ class ScanResult:
                            deviation factor (multi-target trojans; see `cotargets`)
     co_activation          (K, K) A[t][u]: mean probability of u on images stamped with t's
                            trigger (None when nothing was flagged or links are off)
+    reference_links        (K, K) mean link strength W on the reference models: each link's
+                           natural level (None without references)
     trigger_samples        (K, m, C, H, W) float32 measured triggers s_k * M_k * G(z, k)
                            (x' = clip(x + delta, 0, 1))
     inverted_x/inverted_y  the substitute data set recovered by model inversion
@@ -72,6 +74,7 @@ class ScanResult:
     reference_statistics: list | None = None
     co_targets: list = field(default_factory=list)
     co_activation: list | None = None
+    reference_links: list | None = None
 
     @property
     def trojan_suspected(self) -> bool:
@@ -100,6 +103,8 @@ class ScanResult:
             "co_targets": [int(c) for c in self.co_targets],
             "co_activation": None if self.co_activation is None else
             [[round(float(v), 6) for v in row] for row in self.co_activation],
+            "reference_links": None if self.reference_links is None else
+            [[round(float(v), 6) for v in row] for row in self.reference_links],
             "median": round(float(self.median), 6),
             "mad": round(float(self.mad), 6),
             "cutoff": float(self.cutoff),

@@ -1,8 +1,8 @@
 """`trojan-gate benchmark deepinspect`: black-box DeepInspect on a Fashion-MNIST lab zoo.
 
 The zoo: benign models (different seeds, archs "small" and "deep") and BadNets trojans
-(patch, pattern, blend, a multi-target patch with targets (1, 4, 7), and a patch on the deep
-arch). Models are trained once and cached as ONNX with a manifest (the ground truth, never
+(patch, pattern, blend, a multi-target patch with targets (1, 4, 7), a patch on the deep
+arch, and two more multi-target patches: targets (2, 5, 9), and five targets (0, 2, 3, 6, 8)). Models are trained once and cached as ONNX with a manifest (the ground truth, never
 shown to the scan). Per model: truth, max deviation factor, flagged classes, verdict,
 queries and seconds (per phase too); then false positives, false negatives and the smallest
 gap between trojaned and benign max deviation factors. `--gradient both` scans each model
@@ -39,6 +39,8 @@ ZOO = (
     ZooEntry("blend-small", "small", "blend", (6,), 0),
     ZooEntry("multi-patch-small", "small", "patch", (1, 4, 7), 0),
     ZooEntry("patch-deep", "deep", "patch", (3,), 0),
+    ZooEntry("multi-259-small", "small", "patch", (2, 5, 9), 1),
+    ZooEntry("multi5-small", "small", "patch", (0, 2, 3, 6, 8), 2),
 )
 
 
@@ -134,6 +136,7 @@ def scan_row(entry, path, summary, gradient, seed, cutoff, quick, heldout=None, 
         "model": entry.name, "arch": entry.arch, "trigger": entry.trigger, "targets": targets,
         "clean_acc": summary.get("clean_accuracy"), "asr": summary.get("attack_success_rate"),
         "gradient": gradient, "max_df": r.max_deviation_factor, "flagged": flagged, "verdict": r.verdict,
+        "co_targets": list(r.co_targets),
         "target_df": [round(r.deviation_factors[t], 2) for t in targets],
         "targets_found": bool(targets) and set(targets) <= set(flagged),
         "any_target_found": bool(set(targets) & set(flagged)),
@@ -166,7 +169,8 @@ def _phase(r, name, key):
 
 
 def table(rows) -> str:
-    head = ("| model | arch | trigger | targets | clean acc | ASR | max df | flagged | verdict | target df | "
+    head = ("| model | arch | trigger | targets | clean acc | ASR | max df | flagged | of them co-targets | verdict | "
+            "target df | "
             "targets found | queries | inv q | gen q | stat q | seconds | inv s | gen s | stat s | ref s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -174,7 +178,8 @@ def table(rows) -> str:
             r["model"], r["arch"], r["trigger"], ",".join(map(str, r["targets"])) or "-",
             f"{r['clean_acc']:.3f}" if r["clean_acc"] is not None else "-",
             f"{r['asr']:.3f}" if r["asr"] is not None else "-",
-            f"{r['max_df']:.2f}", ",".join(map(str, r["flagged"])) or "-", r["verdict"],
+            f"{r['max_df']:.2f}", ",".join(map(str, r["flagged"])) or "-",
+            ",".join(map(str, r.get("co_targets", []))) or "-", r["verdict"],
             ",".join(map(str, r["target_df"])) or "-",
             ("yes" if r["targets_found"] else ("partly" if r["any_target_found"] else "no")) if r["targets"] else "-",
             f"{r['queries']:,}", f"{_phase(r, 'inversion', 'queries'):,}", f"{_phase(r, 'generator', 'queries'):,}",

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from trojan_gate.gates.cotargets import (DEFAULT_LINK_THRESHOLD, co_activation, co_activation_cost, co_targets,
-                                         link_strength)
+from trojan_gate.gates.cotargets import (DEFAULT_LINK_THRESHOLD, anomalous_links, co_activation, co_activation_cost,
+                                         co_targets, link_strength, triangle_members)
 from trojan_gate.gates.lab import LabConfig, make_trigger, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 
@@ -54,6 +54,33 @@ def test_co_targets_follow_chains_of_links_from_flagged_classes_only():
     assert co_targets([0], w, threshold=0.03) == [2, 4, 5]
 
 
+def test_with_references_a_link_must_also_stand_far_above_its_natural_level():
+    w = np.zeros((4, 4))
+    w[0, 1] = w[1, 0] = 0.06  # natural level 0.03 on the references: only 2x
+    w[2, 3] = w[3, 2] = 0.06  # natural level 0.01: 6x
+    refs = np.zeros((2, 4, 4))
+    refs[:, 0, 1] = refs[:, 1, 0] = [0.02, 0.04]
+    refs[:, 2, 3] = refs[:, 3, 2] = [0.0, 0.02]
+    plain = anomalous_links(w)
+    assert plain[0, 1] and plain[2, 3] and not plain.diagonal().any()
+    g = anomalous_links(w, refs, reference_factor=3.0)  # (default 10)
+    assert g.dtype == bool and not g[0, 1] and g[2, 3] and g[3, 2]
+    assert co_targets([2], g) == [3] and co_targets([0], g) == []
+    assert not anomalous_links(w, refs, threshold=0.07).any()  # the absolute floor still holds
+
+
+def test_only_three_classes_linked_pairwise_stand_on_their_own():
+    g = np.zeros((6, 6), bool)
+    for i, j in [(0, 1), (1, 2), (0, 2), (3, 4), (4, 5)]:  # a triangle 0-1-2, and a chain 3-4-5
+        g[i, j] = g[j, i] = True
+    assert triangle_members(g) == [0, 1, 2]
+    g[3, 5] = True  # one direction only is not a link
+    assert triangle_members(g) == [0, 1, 2]
+    g[5, 3] = True
+    assert triangle_members(g) == [0, 1, 2, 3, 4, 5]
+    assert triangle_members(np.zeros((4, 4), bool)) == []
+
+
 def test_a_shared_trigger_links_its_targets_on_the_oracle(digits, digits_multi):
     _, test = digits
     x, y = test.x[:300], test.y[:300]
@@ -74,6 +101,7 @@ def test_a_shared_trigger_links_its_targets_on_the_oracle(digits, digits_multi):
     assert outside.max() < DEFAULT_LINK_THRESHOLD
     for flagged in TARGETS:  # whichever target the double-MAD test found, the other two follow
         assert co_targets([flagged], w) == sorted(set(TARGETS) - {flagged})
+    assert triangle_members(anomalous_links(w)) == list(TARGETS)  # and with references, on their own
 
 
 def test_a_single_target_trigger_links_to_nothing(digits, digits_trojan):
@@ -84,3 +112,4 @@ def test_a_single_target_trigger_links_to_nothing(digits, digits_trojan):
     assert digits_trojan.attack_success_rate > 0.9
     assert a[3].sum() < 0.1  # stamped images go to 3 (the diagonal is not recorded), not elsewhere
     assert co_targets([3], link_strength(a)) == []
+    assert triangle_members(anomalous_links(link_strength(a))) == []

@@ -220,3 +220,19 @@ def test_a_co_target_finding_names_its_link_not_a_deviation_factor():
     assert "0.060 >= 0.035" in by_class[5]["detail"] and "under the cutoff" in by_class[5]["detail"]
     assert "co-target" not in by_class[3]["title"]
     assert rep["summary"]["flagged_classes"] == [3, 5]
+
+
+def test_a_link_flagged_on_its_own_reports_both_classes_and_the_natural_level():
+    from dataclasses import replace
+
+    scan = _scan(flagged=())
+    a = np.zeros((10, 10))
+    a[2, 9], a[9, 2] = 0.08, 0.05
+    refs = np.zeros((10, 10))
+    refs[2, 9] = refs[9, 2] = 0.004
+    scan = replace(scan, verdict=VERDICT_TROJANED, flagged_classes=[2, 9], co_targets=[2, 9],
+                   co_activation=a.tolist(), reference_links=refs.tolist(), config={"link_threshold": 0.035})
+    rep = build_report(model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
+    by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
+    assert by_class[2]["linked_to"] == 9 and by_class[9]["linked_to"] == 2
+    assert "0.004 on the benign reference models" in by_class[2]["detail"]
