@@ -8,12 +8,7 @@ records every query per phase:
 3. ``statistics`` per class, the L1 of the smallest rescaled, support-pruned trigger
    s * M * G(z, t) that moves at least `success_target` (0.99) of the other classes'
    substitute images to t, on the oracle (see `statistic`);
-4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7);
-5. ``co-targets`` the flagged set is closed under co-activation links: a class to and from
-   which a flagged class's recovered trigger carries probability on the oracle is the same
-   multi-target trojan's co-target. With reference models a link must also be `link_reference_factor`
-   times its natural level on them, and three classes linked pairwise are a finding of their
-   own (see `cotargets`); without references links never flag a clean model.
+4. the left-tail double-MAD test flags classes whose statistic is abnormally small (Eq. 7).
    With labelled held-out data the statistic is first normalised by benign reference models
    trained on it and measured by steps 1-3 themselves (`reference_models`, see `reference`):
    the test then sees log stat[t] - mean_j log ref_j[t], which cancels the natural ease of a
@@ -22,6 +17,11 @@ records every query per phase:
    positive and spread multiplicatively across classes (on Fashion-MNIST the easiest benign
    classes need about half the median trigger), and the MAD assumes a roughly symmetric
    bulk, which the logarithm restores. `test_scale="linear"` tests the raw levels.
+5. ``co-targets`` the flagged set is closed under co-activation links: a class to and from
+   which a flagged class's recovered trigger carries probability on the oracle is the same
+   multi-target trojan's co-target. With reference models a link must also be `link_reference_factor`
+   times its natural level on them, and three classes linked pairwise are a finding of their
+   own (see `cotargets`); without references links never flag a clean model.
 
 With a query budget, inversion may spend at most `inversion_share` of it, the statistics'
 exact cost is reserved up front, and the generator stops early when its share runs out (the
