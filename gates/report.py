@@ -278,8 +278,10 @@ def _img(b64: str, alt: str) -> str:
 
 def _co_target_finding(scan_d: dict, k: int, names) -> dict:
     """A class flagged through a co-activation link (a multi-target trojan): its strongest link to a flagged class."""
+    from .cotargets import link_strength
+
     a = np.asarray(scan_d["co_activation"], dtype=float)
-    w = np.sqrt(np.clip(a, 0, None) * np.clip(a, 0, None).T)
+    w = link_strength(a)
     others = [int(c) for c in scan_d["flagged_classes"] if int(c) != k]
     j = max(others, key=lambda c: w[k, c])
     natural = scan_d.get("reference_links")

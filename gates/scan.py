@@ -212,6 +212,13 @@ def _measure(oracle: ModelOracle, substitute, seed: int, budget, cfg: ScanConfig
     return inv, trainer, st, mode
 
 
+def _measured_generator(trainer, st):
+    """The trained generator refined to each class's measured support, at no less than G's own
+    scale: the smallest successful scale sits on the decision edge and makes weak patching data.
+    From here on a sample is the trigger the statistic measured (scanned and reference models alike)."""
+    return trainer.generator_.refine(st.masks, np.maximum(st.scales, 1.0))
+
+
 def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progress: bool, wall: dict):
     """Split the held-out set, train the reference models and measure their statistics (see `reference`).
 
@@ -240,9 +247,8 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
         inv, trainer, st, _ = _measure(ref, substitute, seed, None, cfg, progress, {})
         stats.append(st.statistics)
         if cfg.link_threshold > 0:  # the natural level of every co-activation link (see `cotargets`)
-            generator = trainer.generator_.refine(st.masks, np.maximum(st.scales, 1.0))
-            links.append(link_strength(co_activation(ref, generator, inv.x_, inv.y_, seed=seed + 4,
-                                                     progress=progress)))
+            links.append(link_strength(co_activation(ref, _measured_generator(trainer, st), inv.x_, inv.y_,
+                                                     seed=seed + 4, progress=progress)))
         accs.append(acc)
         queries += ref.queries
     wall["reference"] = time.perf_counter() - t0
@@ -260,15 +266,12 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     wall = {}
     substitute, reference = _references(oracle, heldout, seed, cfg, progress, wall)
     inv, trainer, st, mode = _measure(oracle, substitute, seed, budget, cfg, progress, wall)
-    generator = trainer.generator_
+    generator = _measured_generator(trainer, st)
 
     # 4. left-tail double-MAD test
     levels = np.log(st.statistics) if reference is None else normalised_levels(st.statistics, reference["statistics"])
     tested = levels if cfg.test_scale == "log" else np.exp(levels)
     test = double_mad_test(tested, cutoff, min_mad=cfg.min_mad if cfg.test_scale == "log" else 0.0)
-    # from here on a sample is the measured support of the trigger, at no less than G's own
-    # scale: the smallest successful scale sits on the decision edge and makes weak patching data
-    generator.refine(st.masks, np.maximum(st.scales, 1.0))
 
     # 5. co-targets: close the flagged set under co-activation links, measured on the oracle;
     # with references, a link far above its natural level flags its classes on its own

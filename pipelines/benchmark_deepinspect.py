@@ -2,8 +2,9 @@
 
 The zoo: benign models (different seeds, archs "small" and "deep") and BadNets trojans
 (patch, pattern, blend, a multi-target patch with targets (1, 4, 7), a patch on the deep
-arch, and two more multi-target patches: targets (2, 5, 9), and five targets (0, 2, 3, 6, 8)). Models are trained once and cached as ONNX with a manifest (the ground truth, never
-shown to the scan). Per model: truth, max deviation factor, flagged classes, verdict,
+arch, and two more multi-target patches: targets (2, 5, 9), and five targets (0, 2, 3, 6, 8)).
+Models are trained once and cached as ONNX with a manifest (the ground truth, never shown to
+the scan). Per model: truth, max deviation factor, flagged classes, verdict,
 queries and seconds (per phase too); then false positives, false negatives and the smallest
 gap between trojaned and benign max deviation factors. `--gradient both` scans each model
 with pure query estimates (nes) and with the distilled surrogate, for the comparison.
