@@ -2,13 +2,27 @@
 
 The flagged model is fine-tuned on a mixture of the substitute data {X_MI, Y_MI} (plus part
 of a held-out set when the user gave one) and a patching set
-X_patch = X_MI^subset + Delta_t, Y_patch = Y_MI^subset: a share (`patch_fraction`, paper 15%)
-of the training images stamped with triggers Delta_t drawn for the flagged classes t, their
-labels kept correct. Another share (`val_fraction`, paper 10%) is held back to choose the
-retraining configuration (the best epoch, and the learning rate when several are given).
-Training runs `epochs` epochs (paper 10) with the original loss (negative log-likelihood),
-plus, by default, a self-distillation term on the unstamped images that keeps the patched
-model close to the original one where no trigger is present.
+X_patch = X_MI^subset + Delta_t, Y_patch = Y_MI^subset: a share (`patch_fraction`, paper 15%,
+default 40%) of the training images stamped with triggers Delta_t drawn for the flagged classes
+t, their labels kept correct. Another share (`val_fraction`, paper 10%) is held back to choose
+the retraining configuration (the best epoch, and the learning rate when several are given;
+ties go to the later epoch). Training runs `epochs` epochs (paper 10, default 40) with the
+original loss (negative log-likelihood), plus, by default, a self-distillation term on the
+unstamped images that keeps the patched model close to the original one where no trigger is
+present.
+
+Why more than the paper's 15% and 10 epochs: the scan's generator learns from gradients
+estimated from queries (on 2x2 tiles at 28x28), so its triggers are rough copies of the real
+one (a pixel off, or holding only a piece of a multi-target trojan's shared patch), and
+unlearning a rough copy unlearns the real trigger only partly. Seeing more
+of them for longer closes most of that gap while the distillation term holds clean accuracy.
+Measured on the Fashion-MNIST zoo trojans (held-out 120 per class; true-trigger activation
+rate after patching, 15% stamped/10 epochs/distillation 3 -> the defaults, 40%/40 epochs/
+distillation 6, both with the jitter and background stamps below): patch 10.7% -> 5.0%, blend
+(flagged 6, 8) 57.2% -> 9.7%, multi-target 1,4,7 43.1% -> 9.8%, clean accuracy -0.5, -0.3 and
+-0.8 points (see the README's patch benchmark for the lab's own models).
+`ModelPatcher(patch_fraction=0.15, epochs=10, distill_weight=0, trigger_jitter=0,
+background_fraction=0)` is the paper's recipe.
 
 The ONNX model is converted to torch with onnx2torch, fine-tuned, and exported back to a
 single-file ONNX with the same input/output names, a dynamic batch axis and the same kind of
@@ -413,18 +427,19 @@ class ModelPatcher:
 
     Parameters
     ----------
-    epochs : fine-tuning epochs (paper: 10)
+    epochs : fine-tuning epochs (paper: 10; default 40, see the module doc)
     lr : Adam learning rate, or a sequence of them to choose from on the validation split
     batch_size : mini-batch size
     patch_fraction : share of training images, redrawn each epoch, stamped with a trigger
-        for a flagged class while keeping the true label (paper: 15%)
+        for a flagged class while keeping the true label (paper: 15%; default 40%, see the module doc)
     val_fraction : share of the fine-tuning pool held back to choose the epoch / lr (paper: 10%)
     heldout_fraction : share of the held-out set added to the fine-tuning pool; the rest is
         kept apart to measure clean accuracy and activation rate before/after
     distill_weight : weight of a KL term keeping the patched model's class distribution on
         unstamped training images close to the original model's (self-distillation; not in the
         paper, which fine-tunes on labels alone: 0 reproduces that). It limits the loss of clean
-        accuracy when fine-tuning on a small pool.
+        accuracy when fine-tuning on a small pool for many epochs (Fashion-MNIST patch trojan,
+        40 epochs: -1.9 points at weight 3, -1.6 at 6; blend -1.5 and -1.0).
     freeze_batchnorm : keep BatchNorm running statistics fixed while fine-tuning
     trigger_jitter : move each fine-tuning trigger by up to this many pixels in each direction
         (0: the paper; None: 0 up to 16 px inputs, where the scan estimates gradients per pixel,
@@ -449,9 +464,9 @@ class ModelPatcher:
     progress : show a tqdm bar
     """
 
-    def __init__(self, epochs: int = 10, lr: float | Sequence[float] = 1e-3, batch_size: int = 64,
-                 patch_fraction: float = 0.15, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
-                 distill_weight: float = 3.0, freeze_batchnorm: bool = True, trigger_jitter: int | None = None,
+    def __init__(self, epochs: int = 40, lr: float | Sequence[float] = 1e-3, batch_size: int = 64,
+                 patch_fraction: float = 0.40, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
+                 distill_weight: float = 6.0, freeze_batchnorm: bool = True, trigger_jitter: int | None = None,
                  background_fraction: float = 0.15, seed: int = 0, progress: bool = True):
         self.epochs = epochs
         self.lr = lr
@@ -568,7 +583,7 @@ class ModelPatcher:
                 losses.append(loss.item())
             v = self._validate(clf, xv, yv, xv_st, tv)
             history.append({"lr": lr, "epoch": epoch, "train_loss": float(np.mean(losses)), **v})
-            if v["score"] > best_score:
+            if v["score"] >= best_score:
                 best_state = copy.deepcopy(clf.state_dict())
                 best_epoch, best_score = epoch, v["score"]
             bar.update(1)

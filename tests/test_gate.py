@@ -59,11 +59,9 @@ def test_trojaned_version_is_blocked_and_loses_its_alias(mlflow_store, trojan_on
 
 def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, trojan_onnx, heldout, cached_scan):
     ref = intake_onnx(trojan_onnx, "clf")
-    # the paper's recipe (15% stamped, 10 epochs) leaves ~22% true-trigger activation on this tiny
-    # model; a stronger patch removes more of it
-    strong = {"patch_fraction": 0.3, "distill_weight": 1.0, "epochs": 20}
-    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03, patch_options=strong),
-                   _scan_fn=cached_scan)
+    # the default recipe (40% stamped, 40 epochs; the paper's 15% and 10 epochs leave ~22%
+    # true-trigger activation on this tiny model)
+    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), _scan_fn=cached_scan)
     assert out.verdict == "patched", (out.error, out.report.get("summary"))
     versions = {str(v.version): v for v in MlflowClient().search_model_versions("name='clf'")}
     assert set(versions) == {"1", "2"}
@@ -89,7 +87,9 @@ def test_patch_rounds_patch_again_while_the_fresh_scan_flags(mlflow_store, troja
         return result
 
     ref = intake_onnx(trojan_onnx, "clf")
-    config = GateConfig(policy="patch", max_accuracy_drop=0.03, patch_rounds=3)
+    # a light recipe, so that the round-2 model is clean and the rounds stop there
+    light = {"patch_fraction": 0.15, "epochs": 10, "distill_weight": 3.0}
+    config = GateConfig(policy="patch", max_accuracy_drop=0.03, patch_rounds=3, patch_options=light)
     out = run_gate(ref.uri, heldout, config, _scan_fn=scan_fn)
     assert out.verdict == "patched", (out.error, out.report.get("summary"))
     assert len(calls) == 3 and len(set(calls)) == 3  # source, round-1 model, round-2 model

@@ -118,8 +118,8 @@ def test_patch_removes_true_trigger_and_keeps_accuracy(patched, trojaned, digits
     assert r.accuracy_drop <= 0.03
     assert r.meets(max_activation_rate=0.25, max_accuracy_drop=0.03)
     assert not r.meets(max_activation_rate=r.after["trojan_activation_rate"] - 0.01)
-    assert 1 <= r.best_epoch <= 10 and r.epochs_run == 10
-    assert len(r.history) == 11 and r.history[0]["epoch"] == 0
+    assert 1 <= r.best_epoch <= 40 and r.epochs_run == 40
+    assert len(r.history) == 41 and r.history[0]["epoch"] == 0
     # re-measure independently on the whole digits test split with ONNX Runtime
     before, after = ModelOracle(trojaned.onnx_bytes), ModelOracle(r.onnx_bytes)
     keep = test.y != 0
@@ -144,7 +144,8 @@ def test_patched_model_interface_and_output_kind(patched, trojaned, digits):
     assert patched.output_kind == OUTPUT_PROBABILITIES
     d = patched.to_dict()
     assert d["before"]["trojan_activation_rates"]["0"] == patched.before["trojan_activation_rate"]
-    assert d["config"]["patch_fraction"] == 0.15 and d["config"]["val_fraction"] == 0.10
+    assert d["config"]["patch_fraction"] == 0.40 and d["config"]["val_fraction"] == 0.10
+    assert d["config"]["epochs"] == 40
 
 
 def test_patching_is_deterministic(patched, trojaned, inverted, digits):
