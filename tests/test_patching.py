@@ -184,6 +184,15 @@ def test_generator_like_stamp_with_several_targets(trojaned, inverted):
     assert 0.0 <= r.after["trojan_activation_rate"] <= 1.0
 
 
+def test_validation_ties_go_to_the_later_epoch(trojaned, inverted):
+    """With a zero learning rate every epoch scores the same; the last one is kept."""
+    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
+    r = ModelPatcher(epochs=3, lr=0.0, seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+    scores = [h["score"] for h in r.history[1:]]
+    assert len(set(scores)) == 1
+    assert r.best_epoch == 3
+
+
 def test_background_stamps_cover_unflagged_classes_never_an_image_own_class(trojaned, inverted):
     """background_fraction stamps a share of images with triggers of the unflagged classes too."""
     x_inv, y_inv = inverted
