@@ -193,6 +193,17 @@ def test_validation_ties_go_to_the_later_epoch(trojaned, inverted):
     assert r.best_epoch == 3
 
 
+def test_patch_benchmark_names_the_current_default_recipe():
+    """The benchmark's help and tables state the recipe in words; it must follow ModelPatcher's defaults."""
+    from trojan_gate.pipelines.benchmark_patch import DEFAULT_RECIPE
+
+    p = ModelPatcher().get_params()
+    for words in (f"{p['patch_fraction']:.0%} stamped", f"{p['epochs']} epochs",
+                  f"self-distillation weight {p['distill_weight']:g}",
+                  f"{p['background_fraction']:.0%} background stamps"):
+        assert words in DEFAULT_RECIPE
+
+
 def test_background_stamps_cover_unflagged_classes_never_an_image_own_class(trojaned, inverted):
     """background_fraction stamps a share of images with triggers of the unflagged classes too."""
     x_inv, y_inv = inverted
