@@ -82,7 +82,8 @@ def link_strength(a: np.ndarray) -> np.ndarray:
 
 def anomalous_links(links: np.ndarray, reference_links=None, threshold: float = DEFAULT_LINK_THRESHOLD,
                     reference_factor: float = DEFAULT_REFERENCE_FACTOR) -> np.ndarray:
-    """Boolean (K, K): W >= threshold and, given the references' W (n_models, K, K), W >= factor * their mean."""
+    """Boolean (K, K): W >= threshold and, given the references' W ((n_models, K, K), or their mean
+    (K, K)), W >= factor * their mean."""
     links = np.asarray(links, dtype=np.float64)
     ok = links >= threshold
     if reference_links is not None:

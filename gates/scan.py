@@ -275,7 +275,7 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
 
     # 5. co-targets: close the flagged set under co-activation links, measured on the oracle;
     # with references, a link far above its natural level flags its classes on its own
-    reference_links = None if reference is None else reference["links"]
+    reference_links = None if reference is None or reference["links"] is None else reference["links"].mean(0)
     flagged, linked, activation = list(test.flagged), [], None
     if cfg.link_threshold > 0 and (flagged or reference_links is not None):
         t0 = time.perf_counter()
@@ -314,7 +314,7 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
         flagged_classes=flagged,
         co_targets=linked,
         co_activation=None if activation is None else activation.tolist(),
-        reference_links=None if reference_links is None else reference_links.mean(0).tolist(),
+        reference_links=None if reference_links is None else reference_links.tolist(),
         statistics=st.statistics.tolist(),
         deviation_factors=test.deviation_factors.tolist(),
         success_rates=st.success_at_1.tolist(),
