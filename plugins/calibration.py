@@ -21,7 +21,7 @@ from trojan_gate.gates.data import Dataset
 from trojan_gate.gates.oracle import ModelOracle
 
 from .guarded_pyfunc import CODE_FILE, guarded_signature
-from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag
+from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx
 
 GUARDED_SUFFIX = "-guarded"
 SERVING_REQUIREMENTS = ["mlflow", "onnxruntime", "onnx", "numpy", "pandas", "scipy"]
@@ -65,13 +65,21 @@ def log_guarded_model(onnx_path, boundary_dir, input_shape, guarded_name: str, t
 def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
                          blend: str | None = None, seed: int = 0, min_per_class: int = 5,
                          guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
-                         extra_metrics: dict | None = None, extra: dict | None = None) -> CalibrationOutcome:
-    """Verify the version's ONNX, calibrate STRIP on held-out data, attach and register the guard."""
+                         extra_metrics: dict | None = None, extra: dict | None = None,
+                         onnx_path=None) -> CalibrationOutcome:
+    """Verify the version's ONNX, calibrate STRIP on held-out data, attach and register the guard.
+
+    `onnx_path`: a copy of the version's ONNX the caller already fetched; it is checked against
+    the registered sha256 instead of being downloaded again.
+    """
     from trojan_gate.gates.strip import artifact_sha256
 
     client = MlflowClient()
     work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
-    onnx_path = fetch_onnx(ref, dst=str(work / "model"), client=client)  # sha256-verified
+    if onnx_path is None:
+        onnx_path = fetch_onnx(ref, dst=str(work / "model"), client=client)  # sha256-verified
+    else:
+        onnx_path = verify_onnx(ref, onnx_path, client)
     oracle = ModelOracle(onnx_path)
     boundary_dir = work / "strip_boundary"
     det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,

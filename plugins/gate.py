@@ -236,7 +236,8 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
             if final is not None:
                 check_deadline("STRIP calibration")
                 det, selection, trojan_scores = _calibrate(final, heldout, scan_result, config, client,
-                                                           suspect_classes=scan_result.flagged_classes)
+                                                           suspect_classes=scan_result.flagged_classes,
+                                                           onnx_path=onnx_path if final is ref else None)
                 mlflow.log_metrics({"strip_boundary": float(det.threshold_), "strip_n": float(det.n_perturbations),
                                     **({"strip_estimated_far": selection.estimated_far}
                                        if selection is not None and np.isfinite(selection.estimated_far) else {})})
@@ -296,12 +297,16 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
     return patch, fresh, new_ref, PATCHED
 
 
-def _calibrate(final: VersionRef, heldout: Dataset, source_scan, config: GateConfig, client, suspect_classes=()):
+def _calibrate(final: VersionRef, heldout: Dataset, source_scan, config: GateConfig, client, suspect_classes=(),
+               onnx_path=None):
     """STRIP for the version that passed; the source scan's generated triggers estimate FAR and pick blend and N.
 
     For a patched version the triggers of the source's flagged classes are used: the stand-ins
-    are the suspected trojan's own inputs that still hijack the patched model.
+    are the suspected trojan's own inputs that still hijack the patched model. `onnx_path` is
+    the version's ONNX when the gate already fetched it (a passing source version); otherwise
+    it is fetched once here. Either way the file is checked against the registered sha256.
     """
+    onnx_path = fetch_onnx(final, client=client) if onnx_path is None else onnx_path
     selection = trojan_scores = None
     blend, n = config.blend, config.n_perturbations or 10
     extra = {}
@@ -309,7 +314,6 @@ def _calibrate(final: VersionRef, heldout: Dataset, source_scan, config: GateCon
         from trojan_gate.gates.far_estimate import hijacking_inputs, select_strip_config
         from trojan_gate.gates.strip import BLEND_RULES
 
-        onnx_path = fetch_onnx(final, client=client)
         oracle = ModelOracle(onnx_path)
         # the suspected trojan's own triggers when the source was flagged (patched); every class otherwise
         classes = suspect_classes or None
@@ -327,7 +331,7 @@ def _calibrate(final: VersionRef, heldout: Dataset, source_scan, config: GateCon
         if len(stamped.x):
             trojan_scores = stamped
     outcome = calibrate_registered(final, heldout, frr=config.frr, n_perturbations=n, blend=blend, seed=config.seed,
-                                   min_per_class=config.min_per_class, extra=extra,
+                                   min_per_class=config.min_per_class, extra=extra, onnx_path=onnx_path,
                                    extra_metrics={"strip_estimated_far": selection.estimated_far} if selection else None)
     det = outcome.detector
     det.trojan_scores_ = det.score(trojan_scores.x) if trojan_scores is not None else None

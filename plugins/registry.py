@@ -174,7 +174,20 @@ def fetch_onnx(ref: VersionRef, dst: str | None = None, client: MlflowClient | N
     candidates = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
     if not candidates:
         raise ArtifactIntegrityError(f"{ref.uri} holds no .onnx file")
-    onnx_path = candidates[0]
+    return _verified(ref, candidates[0], expected)
+
+
+def verify_onnx(ref: VersionRef, path, client: MlflowClient | None = None) -> Path:
+    """A local copy of the version's ONNX (an earlier `fetch_onnx`), checked again against the
+    `trojan_gate.sha256` tag, so a file changed since it was fetched is refused like a tampered one."""
+    client = client or MlflowClient()
+    expected = version_tags(ref, client).get(tag("sha256"))
+    if not expected:
+        raise RegistryError(f"{ref.uri} has no {tag('sha256')} tag: register it with `trojan-gate intake` first")
+    return _verified(ref, Path(path), expected)
+
+
+def _verified(ref: VersionRef, onnx_path: Path, expected: str) -> Path:
     actual = sha256_file(onnx_path)
     if actual != expected:
         raise ArtifactIntegrityError(f"{ref.uri}: model file sha256 {actual[:12]}… does not match the "

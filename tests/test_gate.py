@@ -45,6 +45,34 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     assert len(MlflowClient().search_model_versions("name='clf'")) == 1
 
 
+def test_a_passing_version_is_downloaded_once(mlflow_store, tmp_path, digits_benign, heldout, cached_scan,
+                                              monkeypatch):
+    """Scan, FAR estimate and STRIP calibration share one verified download of the ONNX."""
+    ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
+    real, fetched = mlflow.artifacts.download_artifacts, []
+
+    def counting(*args, **kwargs):
+        fetched.append(kwargs.get("artifact_uri", args[0] if args else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
+    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), _scan_fn=cached_scan)
+    assert out.verdict == "passed", out.error
+    assert fetched.count(ref.uri) == 1, fetched
+
+
+def test_a_file_changed_after_download_is_refused_at_calibration(mlflow_store, tmp_path, digits_benign, heldout):
+    from trojan_gate.plugins.calibration import calibrate_registered
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.plugins.registry import fetch_onnx
+
+    ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
+    local = fetch_onnx(ref, dst=str(tmp_path / "copy"))
+    local.write_bytes(local.read_bytes() + b"\0")
+    with pytest.raises(ArtifactIntegrityError, match="tampered"):
+        calibrate_registered(ref, heldout, onnx_path=local)
+
+
 def test_trojaned_version_is_blocked_and_loses_its_alias(mlflow_store, trojan_onnx, heldout, cached_scan):
     ref = intake_onnx(trojan_onnx, "clf")
     MlflowClient().set_registered_model_alias("clf", "candidate", ref.version)
