@@ -63,13 +63,14 @@ def run(args) -> int:
     from trojan_gate.gates.far_estimate import estimate_far, hijacking_inputs
     from trojan_gate.gates.lab import LabConfig, train_lab_model
     from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.patching import patch_in_rounds
+    from trojan_gate.gates.patching import ModelPatcher, patch_in_rounds
     from trojan_gate.gates.scan import scan
     from trojan_gate.gates.strip import BLEND_RULES, StripDetector
 
-    from trojan_gate.pipelines.gate import _options
+    from .options import parse_options
 
-    patch_options = _options(args.patch_option)
+    patch_options = parse_options(args.patch_option, "--patch-option")
+    ModelPatcher(seed=args.seed, **patch_options)  # an unknown option fails here, before any training
     train, test = load_fashion_mnist(True, download=True), load_fashion_mnist(False, download=True)
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(test))

@@ -35,27 +35,20 @@ def add_arguments(p):
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
 
-def _options(items) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def run(args) -> int:
     from trojan_gate.plugins.gate import GateConfig, run_gate
     from trojan_gate.plugins.registry import configure_tracking
 
-    configure_tracking(args.tracking_uri)
+    from .options import parse_options
+
     config = GateConfig(policy=args.policy, alias=args.alias, frr=args.frr, n_perturbations=args.n, blend=args.blend,
                         seed=args.seed, budget=args.budget, cutoff=args.cutoff,
                         max_accuracy_drop=args.max_accuracy_drop, min_per_class=args.min_per_class,
-                        timeout_s=args.timeout, scan_uses_heldout=not args.scan_without_heldout, scan_options=_options(args.scan_option),
-                        patch_options=_options(args.patch_option), patch_rounds=args.patch_rounds)
+                        timeout_s=args.timeout, scan_uses_heldout=not args.scan_without_heldout,
+                        scan_options=parse_options(args.scan_option, "--scan-option"),
+                        patch_options=parse_options(args.patch_option, "--patch-option"),
+                        patch_rounds=args.patch_rounds)  # a bad option stops here, before MLflow is touched
+    configure_tracking(args.tracking_uri)
     outcome = run_gate(args.model_uri, args.heldout, config, force=args.force)
     if args.report:
         with open(args.report, "w") as f:

@@ -64,6 +64,32 @@ class GateSuperseded(TrojanGateError):
     """Another gate claimed this version after this one started; it decides the verdict."""
 
 
+def _scan_option_names() -> set:
+    from dataclasses import fields
+
+    from trojan_gate.gates.scan import ScanConfig
+
+    return {f.name for f in fields(ScanConfig)}
+
+
+def _patch_option_names() -> set:
+    import inspect
+
+    from trojan_gate.gates.patching import ModelPatcher
+
+    # the gate sets seed itself (GateConfig.seed) and runs without a progress bar
+    return set(inspect.signature(ModelPatcher.__init__).parameters) - {"self", "seed", "progress"}
+
+
+def _check_option_names(what: str, options: dict, known: set):
+    """Refuse unknown option names before the gate starts (a typo would otherwise fail the
+    gate after a full scan, or be silently ignored)."""
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(sorted(known))}")
+
+
 @dataclass
 class GateConfig:
     """Everything that decides a gate's outcome (hashed into the idempotency fingerprint)."""
@@ -96,6 +122,8 @@ class GateConfig:
             raise ValueError(f"alias {self.alias!r} is reserved by MLflow")
         if int(self.patch_rounds) != self.patch_rounds or self.patch_rounds < 1:
             raise ValueError(f"patch_rounds must be a whole number >= 1, not {self.patch_rounds!r}")
+        _check_option_names("scan_options", self.scan_options, _scan_option_names())
+        _check_option_names("patch_options", self.patch_options, _patch_option_names())
 
     def fingerprint(self, model_sha256: str) -> str:
         doc = {k: v for k, v in asdict(self).items() if k != "timeout_s"}
