@@ -19,7 +19,7 @@ import numpy as np
 HELP = "patch the lab's trojaned models and compare generator-estimated STRIP FAR with the true FAR"
 
 DEFAULT_RECIPE = ("the defaults (40% stamped, 40 epochs, self-distillation weight 6, trigger jitter 2 px at 28x28, "
-                  "15% background stamps of the unflagged classes)")
+                  "15% background stamps of the unflagged classes, last epoch kept)")
 
 ZOO = {
     "patch": dict(trigger="patch", targets=(0,)),
@@ -46,6 +46,9 @@ def add_arguments(p):
     p.add_argument("--scan-without-heldout", action="store_true",
                    help="scan from model inversion alone (default: held-out substitute set + reference models, "
                         "as the gate scans)")
+    p.add_argument("--patch-seeds", default="",
+                   help="extra ModelPatcher seeds (comma-separated) patched once more against the same scan, "
+                        "for the spread of accuracy change and true-trigger ASR (no fresh scans)")
     p.add_argument("--no-mlflow", action="store_true")
 
 
@@ -71,6 +74,7 @@ def run(args) -> int:
 
     patch_options = parse_options(args.patch_option, "--patch-option")
     ModelPatcher(seed=args.seed, **patch_options)  # an unknown option fails here, before any training
+    extra_seeds = [int(v) for v in args.patch_seeds.split(",") if v.strip()]
     train, test = load_fashion_mnist(True, download=True), load_fashion_mnist(False, download=True)
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(test))
@@ -102,6 +106,15 @@ def run(args) -> int:
             row.update(acc_after=rounds[-1]["acc"], asr_after=rounds[-1]["asr"],
                        df_after=scans[-1].max_deviation_factor, fresh_verdict=scans[-1].verdict,
                        rounds=rounds, patch_s=time.perf_counter() - t1)
+            spread = [{"seed": args.seed, "acc": rounds[0]["acc"], "asr": rounds[0]["asr"]}]
+            for s in extra_seeds:
+                pr = ModelPatcher(seed=s, **patch_options).fit(
+                    oracle.model_bytes, result.inverted_x, result.inverted_y, result.generator.stamp,
+                    result.flagged_classes, heldout=(held.x, held.y))
+                patched = ModelOracle(pr.onnx_bytes)
+                spread.append({"seed": s, "acc": _acc(patched, ev.x, ev.y),
+                               "asr": _asr(patched, lab, ev.x, ev.y, targets)})
+            row["seed_spread"] = spread
         patch_rows.append(row)
         # generator-estimated vs true STRIP FAR on the trojaned model itself
         stamped_all = hijacking_inputs(oracle, result.generator.stamp, held.x, held.y, seed=args.seed)
@@ -156,6 +169,22 @@ def run(args) -> int:
                           f"{rd['flagged']} |")
         rounds_text = "\n".join(rl)
         print(rounds_text)
+    if extra_seeds:
+        sl = ["", "", f"Seed spread: ModelPatcher seeds {args.seed} (the table above, first round) and "
+              f"{', '.join(map(str, extra_seeds))}, each against the same scan; accuracy change in points and "
+              "true-trigger ASR after patching, on the same test images (no fresh scans):", "",
+              "| model | " + " | ".join(f"seed {d['seed']}" for d in next(
+                  (r["seed_spread"] for r in patch_rows if "seed_spread" in r), [])) + " | mean |",
+              "|---|" + "---|" * (len(extra_seeds) + 2)]
+        for r in patch_rows:
+            if "seed_spread" not in r:
+                continue
+            cells = [f"{100 * (d['acc'] - r['acc_before']):+.2f} / {100 * d['asr']:.1f}%" for d in r["seed_spread"]]
+            mean_acc = np.mean([d["acc"] for d in r["seed_spread"]]) - r["acc_before"]
+            mean_asr = np.mean([d["asr"] for d in r["seed_spread"]])
+            sl.append(f"| {r['model']} | " + " | ".join(cells) + f" | {100 * mean_acc:+.2f} / {100 * mean_asr:.1f}% |")
+        rounds_text += "\n".join(sl)
+        print("\n".join(sl))
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +192,8 @@ def run(args) -> int:
                    f" --arch {args.arch} --epochs {args.epochs} --seed {args.seed}"
                    f"{' --scan-without-heldout' if args.scan_without_heldout else ''}"
                    f"{''.join(' --patch-option ' + o for o in args.patch_option)}"
-                   f"{f' --patch-rounds {args.patch_rounds}' if args.patch_rounds != 1 else ''}`\n\n{table}{rounds_text}\n")
+                   f"{f' --patch-rounds {args.patch_rounds}' if args.patch_rounds != 1 else ''}"
+                   f"{f' --patch-seeds {args.patch_seeds}' if extra_seeds else ''}`\n\n{table}{rounds_text}\n")
     if not args.no_mlflow:
         import mlflow
 

@@ -185,12 +185,28 @@ def test_generator_like_stamp_with_several_targets(trojaned, inverted):
 
 
 def test_validation_ties_go_to_the_later_epoch(trojaned, inverted):
-    """With a zero learning rate every epoch scores the same; the last one is kept."""
+    """epoch_selection="best": with a zero learning rate every epoch scores the same; the last one is kept."""
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    r = ModelPatcher(epochs=3, lr=0.0, seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+    r = ModelPatcher(epochs=3, lr=0.0, epoch_selection="best", seed=0, progress=False).fit(
+        trojaned.onnx_bytes, *inverted, stamp, [0])
     scores = [h["score"] for h in r.history[1:]]
     assert len(set(scores)) == 1
     assert r.best_epoch == 3
+
+
+def test_by_default_the_last_epoch_is_kept_and_best_keeps_the_top_validation_score(trojaned, inverted):
+    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
+    last = ModelPatcher(epochs=4, lr=0.05, seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+    assert last.best_epoch == 4 and last.config["epoch_selection"] == "last"
+    best = ModelPatcher(epochs=4, lr=0.05, epoch_selection="best", seed=0, progress=False).fit(
+        trojaned.onnx_bytes, *inverted, stamp, [0])
+    scores = [h["score"] for h in best.history[1:]]
+    assert best.best_epoch == max(e for e, v in enumerate(scores, 1) if v == max(scores))
+    assert best.best_epoch < 4 and best.sha256 != last.sha256  # lr 0.05 overshoots: the scores fall at the end
+    # the same seed trains the same trajectory; only the kept epoch differs
+    assert [h["score"] for h in last.history] == [h["score"] for h in best.history]
+    with pytest.raises(ValueError, match="epoch_selection"):
+        ModelPatcher(epoch_selection="first").fit(trojaned.onnx_bytes, *inverted, stamp, [0])
 
 
 def test_patch_benchmark_names_the_current_default_recipe():
@@ -200,7 +216,7 @@ def test_patch_benchmark_names_the_current_default_recipe():
     p = ModelPatcher().get_params()
     for words in (f"{p['patch_fraction']:.0%} stamped", f"{p['epochs']} epochs",
                   f"self-distillation weight {p['distill_weight']:g}",
-                  f"{p['background_fraction']:.0%} background stamps"):
+                  f"{p['background_fraction']:.0%} background stamps", f"{p['epoch_selection']} epoch kept"):
         assert words in DEFAULT_RECIPE
 
 
