@@ -19,7 +19,8 @@ unlearning a rough copy unlearns the real trigger only partly. Seeing more
 of them for longer closes most of that gap while the distillation term holds clean accuracy.
 Measured on the Fashion-MNIST zoo trojans (held-out 120 per class; true-trigger activation
 rate after patching, 15% stamped/10 epochs/distillation 3 -> the defaults, 40%/40 epochs/
-distillation 6, both with the jitter and background stamps below): patch 10.7% -> 5.0%, blend
+distillation 6, both with the jitter and background stamps below, both keeping the best
+validation epoch): patch 10.7% -> 5.0%, blend
 (flagged 6, 8) 57.2% -> 9.7%, multi-target 1,4,7 43.1% -> 9.8%, clean accuracy -0.5, -0.3 and
 -0.8 points (see the README's patch benchmark for the lab's own models).
 `ModelPatcher(patch_fraction=0.15, epochs=10, distill_weight=0, trigger_jitter=0,
