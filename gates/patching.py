@@ -600,9 +600,8 @@ class ModelPatcher:
                 losses.append(loss.item())
             v = self._validate(clf, xv, yv, xv_st, tv)
             history.append({"lr": lr, "epoch": epoch, "train_loss": float(np.mean(losses)), **v})
-            last = epoch == self.epochs
-            if (self.epoch_selection == "best" and v["score"] >= best_score) or \
-                    (self.epoch_selection == "last" and last):
+            keep = v["score"] >= best_score if self.epoch_selection == "best" else epoch == self.epochs
+            if keep:
                 best_state = copy.deepcopy(clf.state_dict())
                 best_epoch, best_score = epoch, v["score"]
             bar.update(1)

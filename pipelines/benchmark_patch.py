@@ -173,8 +173,7 @@ def run(args) -> int:
         sl = ["", "", f"Seed spread: ModelPatcher seeds {args.seed} (the table above, first round) and "
               f"{', '.join(map(str, extra_seeds))}, each against the same scan; accuracy change in points and "
               "true-trigger ASR after patching, on the same test images (no fresh scans):", "",
-              "| model | " + " | ".join(f"seed {d['seed']}" for d in next(
-                  (r["seed_spread"] for r in patch_rows if "seed_spread" in r), [])) + " | mean |",
+              "| model | " + " | ".join(f"seed {s}" for s in [args.seed, *extra_seeds]) + " | mean |",
               "|---|" + "---|" * (len(extra_seeds) + 2)]
         for r in patch_rows:
             if "seed_spread" not in r:

@@ -164,11 +164,7 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
 
 def fetch_onnx(ref: VersionRef, dst: str | None = None, client: MlflowClient | None = None) -> Path:
     """Download the version's single-file ONNX and verify it against the `trojan_gate.sha256` tag."""
-    client = client or MlflowClient()
-    tags = version_tags(ref, client)
-    expected = tags.get(tag("sha256"))
-    if not expected:
-        raise RegistryError(f"{ref.uri} has no {tag('sha256')} tag: register it with `trojan-gate intake` first")
+    expected = _registered_sha256(ref, client or MlflowClient())
     dst = dst or tempfile.mkdtemp(prefix="trojan-gate-model-")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst))
     candidates = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
@@ -180,11 +176,14 @@ def fetch_onnx(ref: VersionRef, dst: str | None = None, client: MlflowClient | N
 def verify_onnx(ref: VersionRef, path, client: MlflowClient | None = None) -> Path:
     """A local copy of the version's ONNX (an earlier `fetch_onnx`), checked again against the
     `trojan_gate.sha256` tag, so a file changed since it was fetched is refused like a tampered one."""
-    client = client or MlflowClient()
+    return _verified(ref, Path(path), _registered_sha256(ref, client or MlflowClient()))
+
+
+def _registered_sha256(ref: VersionRef, client: MlflowClient) -> str:
     expected = version_tags(ref, client).get(tag("sha256"))
     if not expected:
         raise RegistryError(f"{ref.uri} has no {tag('sha256')} tag: register it with `trojan-gate intake` first")
-    return _verified(ref, Path(path), expected)
+    return expected
 
 
 def _verified(ref: VersionRef, onnx_path: Path, expected: str) -> Path:
