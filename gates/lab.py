@@ -18,6 +18,7 @@ return class probabilities (a softmax is part of the graph).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -205,10 +206,11 @@ def poison(train: Dataset, trigger: Trigger, targets, rate: float, rng) -> Datas
 
 def _predict_torch(model, x, batch=2048) -> np.ndarray:
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
+            out.append(model(torch.from_numpy(x[i:i + batch]).to(device)).argmax(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -232,37 +234,56 @@ def export_onnx(model: nn.Module, in_shape, opset: int = 17) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def _reproducible(device: str):
+    """On CUDA, cuDNN picks deterministic kernels, so a seed gives the same model run after run."""
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        yield
+
+
 def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: bool = True,
-                    threads: int | None = None) -> LabModel:
+                    threads: int | None = None, device: str = "cpu") -> LabModel:
     """Train a seeded benign or trojaned classifier and export it to ONNX.
 
     `threads` caps torch's intra-op threads for this call only (tiny models train faster on one
-    thread of a small shared machine); the previous setting is restored afterwards.
+    thread of a small shared machine); the previous setting is restored afterwards. `device` is
+    where torch trains ("cpu" by default). A seed repeats bit for bit on one device and thread
+    count (on CUDA, cuDNN is asked for deterministic kernels); another device or thread count
+    gives a close, not identical, model. The exported ONNX is the same graph either way.
     """
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         try:
-            return train_lab_model(train, test, config, progress=progress)
+            return train_lab_model(train, test, config, progress=progress, device=device)
         finally:
             torch.set_num_threads(previous)
+    with _reproducible(device):
+        return _train(train, test, config, progress, device)
+
+
+def _train(train: Dataset, test: Dataset, config: LabConfig, progress: bool, device: str) -> LabModel:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     in_shape = tuple(train.x.shape[1:])
     n_classes = int(max(train.y.max(), test.y.max()) + 1)
     trigger = make_trigger(config.trigger, in_shape, config.seed, config.alpha) if config.trojaned else None
     data = poison(train, trigger, config.targets, config.poison_rate, rng) if trigger is not None else train
-    model = build_model(config.arch, in_shape, n_classes)
+    model = build_model(config.arch, in_shape, n_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps_per_epoch = int(np.ceil(len(data) / config.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
-    xt, yt = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    xt, yt = torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)
     t0 = time.perf_counter()
     bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress,
                desc=f"lab {config.arch}/{config.trigger}", leave=False)
     for _ in range(config.epochs):
         model.train()
-        perm = torch.from_numpy(rng.permutation(len(data)))
+        perm = torch.from_numpy(rng.permutation(len(data))).to(device)
         for i in range(steps_per_epoch):
             b = perm[i * config.batch_size:(i + 1) * config.batch_size]
             loss = nn.functional.cross_entropy(model(xt[b]), yt[b])
@@ -273,7 +294,7 @@ def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: 
             bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
-    model.eval()
+    model = model.cpu().eval()
     acc = float((_predict_torch(model, test.x) == test.y).mean())
     asr = None
     if trigger is not None:

@@ -103,7 +103,7 @@ class ScanConfig:
     link_reference_factor: float = DEFAULT_REFERENCE_FACTOR
     # budget split
     inversion_share: float = 0.3
-    device: str | None = None
+    device: str | None = None  # torch device for G and the reference models ("cuda" when present)
 
     def resolved(self, input_shape) -> "ScanConfig":
         h = int(input_shape[-2])
@@ -242,7 +242,8 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
     t0 = time.perf_counter()
     stats, accs, links, queries = [], [], [], 0
     for j in range(cfg.reference_models):
-        onnx_bytes, acc = train_reference(train, k, epochs=cfg.reference_epochs, seed=seed + 100 + j)
+        onnx_bytes, acc = train_reference(train, k, epochs=cfg.reference_epochs, seed=seed + 100 + j,
+                                         device=cfg.device)
         ref = ModelOracle(onnx_bytes)
         inv, trainer, st, _ = _measure(ref, substitute, seed, None, cfg, progress, {})
         stats.append(st.statistics)

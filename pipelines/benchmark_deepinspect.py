@@ -200,6 +200,18 @@ def summary_lines(s: dict) -> str:
             f"- total: {s['queries_total']:,} queries, {s['seconds_total']:.0f} s")
 
 
+def hardware() -> str:
+    """Where torch trains (the generator, the reference models) and where ONNX Runtime answers queries."""
+    import onnxruntime as ort
+    import torch
+
+    from trojan_gate.gates.oracle import default_providers
+
+    where = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
+    ort_where = "CUDA" if "CUDAExecutionProvider" in default_providers() else "CPU"
+    return f"torch {torch.__version__} on {where}, ONNX Runtime {ort.__version__} on {ort_where}"
+
+
 def write_markdown(path: Path, args, results: dict):
     lines = ["---", ""] if args.append and path.exists() else [
              "# DeepInspect (black-box) on the Fashion-MNIST lab zoo", "",
@@ -216,7 +228,7 @@ def write_markdown(path: Path, args, results: dict):
              f" --heldout {args.heldout} --references {args.references}"
              f"{f' --models {args.models}' if args.models else ''}`) on {time.strftime('%Y-%m-%d')}, "
              f"{platform.machine()} with {os.cpu_count()} CPU cores visible"
-             f"{f', {args.threads} threads' if args.threads else ''}.", ""]
+             f"{f', {args.threads} threads' if args.threads else ''}; {hardware()}.", ""]
     for label, rows in results.items():
         s = summarise(rows)
         lines += [f"## {label}", "", table(rows), "", summary_lines(s), ""]
@@ -279,7 +291,7 @@ def _log_mlflow(args, results, text):
     with mlflow.start_run(run_name="benchmark-deepinspect"):
         mlflow.log_params({"seed": args.seed, "cutoff": args.cutoff, "gradient": args.gradient,
                            "heldout_per_class": args.heldout, "references": args.references, "quick": args.quick, "epochs": args.epochs,
-                           "train_limit": args.train_limit,
+                           "train_limit": args.train_limit, "hardware": hardware(),
                            "models": ",".join(r["model"] for r in next(iter(results.values())))})
         for rows in results.values():
             key = rows[0]["gradient"] + (f"_heldout_ref{args.references}" if args.heldout else "")

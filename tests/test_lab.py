@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from trojan_gate.gates.lab import TRIGGERS, LabConfig, make_trigger, train_lab_model
 
@@ -37,3 +38,25 @@ def test_checker_trojan_on_digits_hijacks_to_target(digits):
     assert lab.trigger.kind == "checker"
     assert lab.clean_accuracy > 0.85
     assert lab.attack_success_rate > 0.9
+
+
+def _quick_benign(digits, device):
+    train, test = digits
+    return train_lab_model(train, test, LabConfig(arch="small", trigger="none", epochs=3, batch_size=64, seed=7),
+                           progress=False, device=device)
+
+
+def test_a_seed_trains_the_same_model_twice_on_cpu(digits):
+    assert _quick_benign(digits, "cpu").onnx_bytes == _quick_benign(digits, "cpu").onnx_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_seed_trains_the_same_model_twice_on_cuda_and_exports_a_cpu_graph(digits):
+    import onnxruntime as ort
+
+    first, second = _quick_benign(digits, "cuda"), _quick_benign(digits, "cuda")
+    assert first.onnx_bytes == second.onnx_bytes  # cuDNN's deterministic kernels
+    assert abs(first.clean_accuracy - _quick_benign(digits, "cpu").clean_accuracy) < 0.05
+    session = ort.InferenceSession(first.onnx_bytes, providers=["CPUExecutionProvider"])
+    probs = session.run(None, {"input": digits[1].x[:4]})[0]
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
