@@ -206,11 +206,10 @@ def poison(train: Dataset, trigger: Trigger, targets, rate: float, rng) -> Datas
 
 def _predict_torch(model, x, batch=2048) -> np.ndarray:
     model.eval()
-    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[i:i + batch]).to(device)).argmax(1).cpu().numpy())
+            out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
