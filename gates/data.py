@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,12 @@ def default_cache_dir() -> Path:
 
 
 def _prepare_debian_root(source: Path, root: Path) -> bool:
-    """Lay Debian's IDX files out the way torchvision's FashionMNIST expects them."""
+    """Lay Debian's IDX files out the way torchvision's FashionMNIST expects them.
+
+    Safe when several processes do it at once: each writes its own temporary file beside the
+    target and renames it into place (atomic on one file system), so a reader never sees a
+    half-written file and no writer loses its temporary file to another.
+    """
     raw = root / "FashionMNIST" / "raw"
     if all((raw / f).is_file() for f in _FMNIST_FILES):
         return True
@@ -57,13 +63,21 @@ def _prepare_debian_root(source: Path, root: Path) -> bool:
     raw.mkdir(parents=True, exist_ok=True)
     for f in _FMNIST_FILES:
         dst = raw / f
-        if (source / f).is_file():
-            shutil.copyfile(source / f, dst)
-        else:
-            tmp = dst.with_suffix(".part")
-            with gzip.open(source / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
+        if dst.is_file():
+            continue
+        fd, name = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".part")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as fout:
+                if (source / f).is_file():
+                    with open(source / f, "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+                else:
+                    with gzip.open(source / f"{f}.gz", "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
             tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
     return True
 
 

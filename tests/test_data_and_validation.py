@@ -79,3 +79,37 @@ def test_minimum_count_per_class_and_all_failures_listed(digits):
     msg = str(err.value)
     assert "at least 5 images" in msg and "[7]" in msg and "pixel values <= 1.0" in msg
     assert len(err.value.failures) == 2
+
+
+def test_concurrent_first_loads_unpack_the_debian_files_without_racing(tmp_path):
+    """Several processes (serving workers, parallel jobs) may unpack the IDX files into an empty
+    cache at once; each writes its own temporary file, so none fails and every file is whole."""
+    import gzip
+    import threading
+
+    from trojan_gate.gates.data import _FMNIST_FILES, _prepare_debian_root
+
+    source = tmp_path / "debian"
+    source.mkdir()
+    payload = {f: np.random.default_rng(i).bytes(2_000_000) for i, f in enumerate(_FMNIST_FILES)}
+    for f, data in payload.items():
+        with gzip.open(source / f"{f}.gz", "wb", compresslevel=1) as out:
+            out.write(data)
+    root, barrier, errors = tmp_path / "cache", threading.Barrier(6), []
+
+    def unpack():
+        barrier.wait()
+        try:
+            assert _prepare_debian_root(source, root)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=unpack) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    raw = root / "FashionMNIST" / "raw"
+    assert {f: (raw / f).read_bytes() for f in _FMNIST_FILES} == payload
+    assert sorted(p.name for p in raw.iterdir()) == sorted(_FMNIST_FILES)
