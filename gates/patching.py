@@ -495,6 +495,14 @@ class ModelPatcher:
         self.seed = seed
         self.progress = progress
 
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameter names, sorted (scikit-learn's `_get_param_names` habit):
+        the one list the gate and the patch benchmark check user options against."""
+        import inspect
+
+        return sorted(n for n in inspect.signature(cls.__init__).parameters if n != "self")
+
     def get_params(self) -> dict:
         lrs = [float(v) for v in np.atleast_1d(self.lr)]
         return {"epochs": int(self.epochs), "lr": lrs if len(lrs) > 1 else lrs[0],

@@ -70,10 +70,13 @@ def run(args) -> int:
     from trojan_gate.gates.scan import scan
     from trojan_gate.gates.strip import BLEND_RULES, StripDetector
 
+    from trojan_gate.plugins.gate import check_option_names
+
     from .options import parse_options
 
     patch_options = parse_options(args.patch_option, "--patch-option")
-    ModelPatcher(seed=args.seed, **patch_options)  # an unknown option fails here, before any training
+    # an unknown option fails here, before any training; --seed and --patch-seeds set the seeds
+    check_option_names("--patch-option", patch_options, lambda: set(ModelPatcher.param_names()) - {"seed"})
     extra_seeds = [int(v) for v in args.patch_seeds.split(",") if v.strip()]
     train, test = load_fashion_mnist(True, download=True), load_fashion_mnist(False, download=True)
     rng = np.random.default_rng(args.seed)

@@ -73,18 +73,17 @@ def _scan_option_names() -> set:
 
 
 def _patch_option_names() -> set:
-    import inspect
-
     from trojan_gate.gates.patching import ModelPatcher
 
     # the gate sets seed itself (GateConfig.seed) and runs without a progress bar
-    return set(inspect.signature(ModelPatcher.__init__).parameters) - {"self", "seed", "progress"}
+    return set(ModelPatcher.param_names()) - {"seed", "progress"}
 
 
-def _check_option_names(what: str, options: dict, known_names):
-    """Refuse unknown option names before the gate starts (a typo would otherwise fail the
+def check_option_names(what: str, options: dict, known_names):
+    """Refuse unknown option names before a run starts (a typo would otherwise fail the
     gate after a full scan, or be silently ignored). `known_names()` imports the scan or the
-    patcher, so it is called only when there are options to check."""
+    patcher, so it is called only when there are options to check. Used by the gate and by
+    the patch benchmark."""
     if not options:
         return
     known = known_names()
@@ -126,8 +125,8 @@ class GateConfig:
             raise ValueError(f"alias {self.alias!r} is reserved by MLflow")
         if int(self.patch_rounds) != self.patch_rounds or self.patch_rounds < 1:
             raise ValueError(f"patch_rounds must be a whole number >= 1, not {self.patch_rounds!r}")
-        _check_option_names("scan_options", self.scan_options, _scan_option_names)
-        _check_option_names("patch_options", self.patch_options, _patch_option_names)
+        check_option_names("scan_options", self.scan_options, _scan_option_names)
+        check_option_names("patch_options", self.patch_options, _patch_option_names)
 
     def fingerprint(self, model_sha256: str) -> str:
         doc = {k: v for k, v in asdict(self).items() if k != "timeout_s"}

@@ -38,3 +38,20 @@ def test_gate_cli_with_a_misspelt_patch_option_exits_2_before_touching_mlflow(tm
     assert code == 2
     assert "unknown option(s) 'epoch'" in capsys.readouterr().err
     assert mlflow.get_tracking_uri() == before  # the config was refused before the store was chosen
+
+
+def test_the_patcher_names_its_parameters_once_for_every_caller():
+    from trojan_gate.gates.patching import ModelPatcher
+
+    names = ModelPatcher.param_names()
+    assert names == sorted(names) and "self" not in names
+    assert set(ModelPatcher().get_params()) == set(names) - {"progress"}
+    assert all(hasattr(ModelPatcher(), n) for n in names)
+
+
+def test_patch_benchmark_refuses_a_misspelt_or_seed_option_before_any_training(capsys):
+    for item, name in (("epoch=20", "'epoch'"), ("seed=3", "'seed'")):
+        code = cli.main(["benchmark", "patch", "--patch-option", item, "--no-mlflow"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert f"--patch-option: unknown option(s) {name}" in err and "distill_weight" in err
