@@ -25,7 +25,9 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         # verifies the model sha256 recorded in the artifact and the bank's sha256
         self._guard = GuardedClassifier.from_artifacts(context.artifacts["onnx_model"], context.artifacts["boundary"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None):
+        # The hint is one MLflow reads as "no schema from type hints": the logged TensorSpec
+        # signature stays the contract, and a DataFrame (flattened images) is accepted too.
         policy = (params or {}).get("policy", "flag")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
