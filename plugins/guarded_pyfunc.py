@@ -26,8 +26,8 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         self._guard = GuardedClassifier.from_artifacts(context.artifacts["onnx_model"], context.artifacts["boundary"])
 
     def predict(self, context, model_input: np.ndarray, params=None):
-        # The hint is one MLflow reads as "no schema from type hints": the logged TensorSpec
-        # signature stays the contract, and a DataFrame (flattened images) is accepted too.
+        # np.ndarray is a hint MLflow reads as "no schema from type hints": the logged TensorSpec
+        # signature stays the contract. A DataFrame of flattened images is reshaped all the same.
         policy = (params or {}).get("policy", "flag")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

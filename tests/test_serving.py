@@ -36,3 +36,23 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
     assert any(p["trojan_suspected"] for p in rejected)
     assert all((p["label"] == -1) == p["trojan_suspected"] for p in rejected)
     assert max(p["entropy"] for p in stamped_pred if p["trojan_suspected"]) <= float(tags["trojan_gate.strip.boundary"])
+
+
+def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, trojan_onnx, heldout_npz, digits,
+                                                               digits_trojan):
+    import mlflow
+    import pandas as pd
+
+    ref = intake_onnx(trojan_onnx, "digits-clf-local")
+    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--frr", "0.05", "--n", "10"]) == 0
+    guarded = resolve(version_tags(ref)["trojan_gate.guarded_model"])
+    model = mlflow.pyfunc.load_model(guarded.uri)
+    _, test = digits
+    victims = np.flatnonzero(test.y != 3)[:20]
+    clean, stamped = test.x[victims], digits_trojan.stamp(test.x[victims])
+    out = model.predict(np.concatenate([clean, stamped]).astype(np.float32))
+    assert isinstance(out, pd.DataFrame) and list(out.columns) == ["label", "probability", "entropy",
+                                                                   "trojan_suspected"]
+    assert out["trojan_suspected"][:20].mean() <= 0.2 and out["trojan_suspected"][20:].mean() >= 0.8
+    rejected = model.predict(stamped.astype(np.float32), params={"policy": "reject"})
+    assert ((rejected["label"] == -1) == rejected["trojan_suspected"]).all()
