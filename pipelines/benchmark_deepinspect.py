@@ -196,7 +196,8 @@ def summary_lines(s: dict) -> str:
             f"{s['false_negatives']} / {s['n_trojaned']} trojaned; all targets among the flagged: "
             f"{s['targets_found']} / {s['n_trojaned']}\n"
             f"- smallest gap, min(trojaned max df) - max(benign max df): "
-            f"{'n/a' if gap is None else f'{gap:.2f}'} (positive means a cutoff separates them)\n"
+            f"{'n/a' if gap is None else f'{gap:.2f}'} (positive means a cutoff on the df alone separates "
+            f"them; co-target links can flag a trojan whose max df is under the cutoff, so FN counts the links)\n"
             f"- total: {s['queries_total']:,} queries, {s['seconds_total']:.0f} s")
 
 
