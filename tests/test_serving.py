@@ -7,12 +7,17 @@ from trojan_gate.plugins.registry import intake_onnx, resolve, version_tags
 from trojan_gate.plugins.serving import invoke, served_model
 
 
+def _calibrated(trojan_onnx, heldout_npz, name):
+    """Register the trojaned digits model as `name` and calibrate it; returns (version, its tags)."""
+    ref = intake_onnx(trojan_onnx, name)
+    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--frr", "0.05", "--n", "10"]) == 0
+    return ref, version_tags(ref)
+
+
 @pytest.mark.serve
 def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_onnx, heldout_npz, digits,
                                                            digits_trojan):
-    ref = intake_onnx(trojan_onnx, "digits-clf")
-    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--frr", "0.05", "--n", "10"]) == 0
-    tags = version_tags(ref)
+    ref, tags = _calibrated(trojan_onnx, heldout_npz, "digits-clf")
     for key in ("strip.boundary", "strip.n", "strip.frr", "strip.artifact_sha256", "guarded_model"):
         assert f"trojan_gate.{key}" in tags
     assert tags["trojan_gate.strip.n"] == "10"
@@ -43,9 +48,8 @@ def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, troja
     import mlflow
     import pandas as pd
 
-    ref = intake_onnx(trojan_onnx, "digits-clf-local")
-    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--frr", "0.05", "--n", "10"]) == 0
-    guarded = resolve(version_tags(ref)["trojan_gate.guarded_model"])
+    _, tags = _calibrated(trojan_onnx, heldout_npz, "digits-clf-local")
+    guarded = resolve(tags["trojan_gate.guarded_model"])
     model = mlflow.pyfunc.load_model(guarded.uri)
     _, test = digits
     victims = np.flatnonzero(test.y != 3)[:20]
