@@ -165,11 +165,20 @@ def _findings(verdict, scan_d, strip_d, patch_d, errors, names) -> list[dict]:
                                  f"({_fmt(stats_[k])}) and reaches the class in {_pct(rates[k])} of stamped inputs."),
                       "class": int(k), "deviation_factor": dfs[k]})
         for k, v in enumerate(dfs):
-            if k not in scan_d["flagged_classes"] and v is not None and NEAR_CUTOFF * cutoff <= v <= cutoff:
+            if (k not in scan_d["flagged_classes"] and k not in (scan_d.get("transferable_classes") or [])
+                    and v is not None and NEAR_CUTOFF * cutoff <= v <= cutoff):
                 f.append({"severity": "MEDIUM", "title": f"Class {_class_name(k, names)} close to the cutoff",
                           "detail": f"Deviation factor {v:.2f} within {100 * (1 - NEAR_CUTOFF):.0f}% of the "
                                     f"cutoff {cutoff:g}; not flagged.",
                           "class": int(k), "deviation_factor": v})
+        transfer = scan_d.get("transfer_rates")
+        for k in scan_d.get("transferable_classes") or []:
+            f.append({"severity": "MEDIUM", "title": f"Class {_class_name(k, names)} past the cutoff, not flagged",
+                      "detail": (f"Deviation factor {_fmt(dfs[k], 3)} > cutoff {cutoff:g}, but its trigger also moves "
+                                 f"{_pct(transfer[k])} of stamped inputs on the benign reference models (median "
+                                 f"class {_pct(float(np.median(transfer)))}): a natural class feature rather than "
+                                 "a backdoor (transfer_factor); review if in doubt."),
+                      "class": int(k), "deviation_factor": dfs[k]})
         if not scan_d["flagged_classes"]:
             f.append({"severity": "INFO", "title": "No trojan found by DeepInspect",
                       "detail": f"Largest deviation factor {_fmt(scan_d['max_deviation_factor'], 3)} <= cutoff "
@@ -494,19 +503,27 @@ def _section_scan(rep, scan) -> str:
         ref = reference_level(refs)
     else:
         ref = None
+    transfer = d.get("transfer_rates")
     rows, cls = [], []
     for k in range(d["n_classes"]):
         row = [_e(_class_name(k, names)), _e(_fmt(d["statistics"][k]))]
         if ref is not None:
             row.append(_e(_fmt(float(ref[k]))))
-        rows.append(tuple(row + [_e(_fmt(d["deviation_factors"][k], 3)), _e(_pct(d["success_rates"][k])),
-                                 "yes" if k in flagged else ""]))
+        row += [_e(_fmt(d["deviation_factors"][k], 3)), _e(_pct(d["success_rates"][k]))]
+        if transfer is not None:
+            row.append(_e(_pct(transfer[k])))
+        rows.append(tuple(row + ["yes" if k in flagged else ""]))
         cls.append("flagged" if k in flagged else "")
     head = ["class", "perturbation statistic"] + (["reference models (geometric mean)"] if ref is not None else [])
-    parts.append(_table(tuple(head + ["deviation factor", "trigger success", "flagged"]), rows, cls))
+    head += ["deviation factor", "trigger success"] + (["transfer to references"] if transfer is not None else [])
+    parts.append(_table(tuple(head + ["flagged"]), rows, cls))
     if ref is not None:
         parts.append(f"<p>The deviation factors test log(statistic / reference) over {len(refs)} benign "
                      "reference models trained on the held-out data: a class every model finds easy cancels out.</p>")
+    if transfer is not None:
+        parts.append("<p>Transfer to references: the share of stamped inputs the class's measured trigger also "
+                     "moves on the benign reference models. A backdoor trigger is specific to its model (low); a "
+                     "natural class feature moves benign models too.</p>")
     phases = d.get("phases") or {}
     if phases:
         parts.append("<p>Oracle queries by phase:</p>" + _table(

@@ -17,6 +17,10 @@ records every query per phase:
    positive and spread multiplicatively across classes (on Fashion-MNIST the easiest benign
    classes need about half the median trigger), and the MAD assumes a roughly symmetric
    bulk, which the logarithm restores. `test_scale="linear"` tests the raw levels.
+   With reference models every class's measured trigger is also stamped on the substitute
+   images and tried on the references (`transfer`): `transfer_rates` is always reported, and
+   with `transfer_factor` > 0 a flagged class whose trigger moves the references too (a
+   natural class feature, not a backdoor) is reported as transferable instead of flagged.
 5. ``co-targets`` the flagged set is closed under co-activation links: a class to and from
    which a flagged class's recovered trigger carries probability on the oracle is the same
    multi-target trojan's co-target. With reference models a link must also be `link_reference_factor`
@@ -47,6 +51,7 @@ from .oracle import ModelOracle
 from .reference import normalised_levels, split_heldout, train_reference
 from .scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
 from .statistic import DEFAULT_LADDER, SUCCESS_RULES, statistics_cost, support_ladder, trigger_statistics
+from .transfer import specific_classes, transfer_rates
 
 GRADIENTS = ("nes", "surrogate")
 TEST_SCALES = ("log", "linear")
@@ -72,6 +77,9 @@ class ScanConfig:
     reference_models: int = 3
     reference_epochs: int = 40
     reference_min_per_class: int = 10
+    # keep a flagged class only if its trigger moves the references at most this many times as
+    # often as the median class's trigger does (see `transfer`); 0 reports the rates, filters nothing
+    transfer_factor: float = 0.0
     # generator (Eq. 3-6)
     gradient: str = "nes"  # nes | surrogate
     estimator: str = "nes"  # nes | spsa
@@ -162,6 +170,8 @@ def scan(model, heldout=None, seed: int = 0, budget: int | None = None, cutoff: 
         raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, not {cfg.success_rule!r}")
     if cfg.test_scale not in TEST_SCALES:
         raise ValueError(f"test_scale must be one of {TEST_SCALES}, not {cfg.test_scale!r}")
+    if not cfg.transfer_factor >= 0:
+        raise ValueError(f"transfer_factor must be >= 0 (0: report only), not {cfg.transfer_factor!r}")
     if cfg.heldout_mode not in HELDOUT_MODES:
         raise ValueError(f"heldout_mode must be one of {HELDOUT_MODES}, not {cfg.heldout_mode!r}")
     heldout = _as_dataset(heldout)
@@ -240,7 +250,7 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
             f"{[int(c) for c in np.flatnonzero(counts < cfg.reference_min_per_class)]} have fewer "
             f"(give more held-out data, or reference_models=0 for the paper's unnormalised test)"])
     t0 = time.perf_counter()
-    stats, accs, links, queries = [], [], [], 0
+    stats, accs, links, oracles = [], [], [], []
     for j in range(cfg.reference_models):
         onnx_bytes, acc = train_reference(train, k, epochs=cfg.reference_epochs, seed=seed + 100 + j,
                                          device=cfg.device)
@@ -251,10 +261,11 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
             links.append(link_strength(co_activation(ref, _measured_generator(trainer, st), inv.x_, inv.y_,
                                                      seed=seed + 4, progress=progress)))
         accs.append(acc)
-        queries += ref.queries
+        oracles.append(ref)
     wall["reference"] = time.perf_counter() - t0
     record = {"statistics": np.asarray(stats), "train_accuracy": accs, "train_images": len(train),
-              "queries": queries, "links": np.asarray(links) if links else None}
+              "queries": sum(o.queries for o in oracles), "links": np.asarray(links) if links else None,
+              "oracles": oracles}
     return substitute, record
 
 
@@ -273,11 +284,19 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     levels = np.log(st.statistics) if reference is None else normalised_levels(st.statistics, reference["statistics"])
     tested = levels if cfg.test_scale == "log" else np.exp(levels)
     test = double_mad_test(tested, cutoff, min_mad=cfg.min_mad if cfg.test_scale == "log" else 0.0)
+    flagged, transferable, transfer = list(test.flagged), [], None
+    if reference is not None:  # does each class's measured trigger move the benign references too?
+        t0 = time.perf_counter()
+        transfer = transfer_rates(reference["oracles"], trainer.generator_, st.masks, st.scales, inv.x_, inv.y_,
+                                  seed=seed + 2, success_rule=cfg.success_rule, progress=progress)
+        flagged, transferable = specific_classes(flagged, transfer, cfg.transfer_factor)
+        reference["queries"] = sum(o.queries for o in reference["oracles"])
+        wall["reference"] += time.perf_counter() - t0
 
     # 5. co-targets: close the flagged set under co-activation links, measured on the oracle;
     # with references, a link far above its natural level flags its classes on its own
     reference_links = None if reference is None or reference["links"] is None else reference["links"].mean(0)
-    flagged, linked, activation = list(test.flagged), [], None
+    linked, activation = [], None
     if cfg.link_threshold > 0 and (flagged or reference_links is not None):
         t0 = time.perf_counter()
         with oracle.phase("co-targets"):
@@ -343,6 +362,8 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
         median=test.median,
         mad=test.mad,
         reference_statistics=None if reference is None else reference["statistics"].tolist(),
+        transfer_rates=None if transfer is None else transfer.tolist(),
+        transferable_classes=transferable,
     )
 
 

@@ -29,7 +29,12 @@ class ScanResult:
                            log statistics[k] - mean_j log reference_statistics[j][k]
     median, mad            of the tested values (log levels when test_scale is "log")
     trigger_masks          (K, C, H, W) float32 0/1 winning supports (not serialised)
-    flagged_classes        classes with deviation factor > cutoff, plus their co-targets
+    flagged_classes        classes with deviation factor > cutoff (less those dropped as
+                           transferable), plus their co-targets
+    transfer_rates[k]      mean success on the reference models of class k's measured trigger
+                           (None without references; see `transfer`)
+    transferable_classes   classes past the cutoff whose trigger transfers to the references
+                           more than `transfer_factor` x the median class's: reported, not flagged
     co_targets             flagged classes added by co-activation links, not by their own
                            deviation factor (multi-target trojans; see `cotargets`)
     co_activation          (K, K) A[t][u]: mean probability of u on images stamped with t's
@@ -75,6 +80,8 @@ class ScanResult:
     co_targets: list = field(default_factory=list)
     co_activation: list | None = None
     reference_links: list | None = None
+    transfer_rates: list | None = None
+    transferable_classes: list = field(default_factory=list)
 
     @property
     def trojan_suspected(self) -> bool:
@@ -105,6 +112,9 @@ class ScanResult:
             [[round(float(v), 6) for v in row] for row in self.co_activation],
             "reference_links": None if self.reference_links is None else
             [[round(float(v), 6) for v in row] for row in self.reference_links],
+            "transfer_rates": None if self.transfer_rates is None else
+            [round(float(v), 6) for v in self.transfer_rates],
+            "transferable_classes": [int(c) for c in self.transferable_classes],
             "median": round(float(self.median), 6),
             "mad": round(float(self.mad), 6),
             "cutoff": float(self.cutoff),

@@ -27,6 +27,9 @@ def add_arguments(parser):
                              "starting from them) or invert (inversion; held-out only trains the references)")
     parser.add_argument("--references", type=int, default=3,
                         help="benign reference models trained on the held-out data (0: the paper's plain test)")
+    parser.add_argument("--transfer-factor", type=float, default=0.0,
+                        help="with references: do not flag a class whose trigger moves the references more than "
+                             "this many times as often as the median class's (0: report only; see README)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, help="maximum number of oracle queries")
     g = parser.add_mutually_exclusive_group()
@@ -84,7 +87,7 @@ def run(args) -> int:
             heldout = load_heldout(args.heldout, oracle.input_shape)
             validate_heldout(heldout.x, heldout.y, oracle.input_shape, oracle.n_classes)  # raises on failure
         overrides = {"gradient": args.gradient, "heldout_mode": args.heldout_mode,
-                     "reference_models": args.references}
+                     "reference_models": args.references, "transfer_factor": args.transfer_factor}
         if args.generator_steps:
             overrides["generator_steps"] = args.generator_steps
         result = scan(oracle, heldout=heldout, seed=args.seed, budget=args.budget, cutoff=args.cutoff,
@@ -97,5 +100,7 @@ def run(args) -> int:
     print(f"{result.verdict}: flagged classes {result.flagged_classes}, max deviation factor "
           f"{result.max_deviation_factor:.2f} (cutoff {result.cutoff:.3g}), {result.queries} queries, "
           f"{result.seconds:.1f} s")
+    if result.transferable_classes:
+        print(f"not flagged, past the cutoff but transferable to the references: {result.transferable_classes}")
     print(f"report: {report}\ntriggers: {grid}")
     return EXIT_FLAGGED if result.trojan_suspected else EXIT_OK

@@ -236,3 +236,22 @@ def test_a_link_flagged_on_its_own_reports_both_classes_and_the_natural_level():
     by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
     assert by_class[2]["linked_to"] == 9 and by_class[9]["linked_to"] == 2
     assert "0.004 on the benign reference models" in by_class[2]["detail"]
+
+
+def test_a_class_dropped_as_transferable_is_a_medium_finding_and_the_table_shows_transfer():
+    from dataclasses import replace
+
+    scan = _scan(flagged=(3,))
+    plain = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
+    assert "transfer to references" not in plain
+    tau = [0.6] * 10
+    tau[3] = 0.5  # moves the references like a natural class feature
+    scan = replace(scan, verdict="clean", flagged_classes=[], transferable_classes=[3], transfer_rates=tau)
+    rep = build_report(model_name="m", version="1", verdict="passed", scan=scan)
+    medium = [f for f in rep["findings"] if f.get("class") == 3]
+    assert len(medium) == 1 and medium[0]["severity"] == "MEDIUM"
+    assert "past the cutoff, not flagged" in medium[0]["title"]
+    assert "50.0% of stamped inputs" in medium[0]["detail"] and "median class 60.0%" in medium[0]["detail"]
+    assert not any(f["severity"] == "CRITICAL" for f in rep["findings"])
+    page = render_html(rep, scan=scan)
+    assert "transfer to references" in page and page.count("<td>60.0%</td>") >= 9
