@@ -33,6 +33,7 @@ from trojan_gate.gates.lab import LabConfig, make_trigger, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.reference import normalised_levels, split_heldout
 from trojan_gate.gates.scan import ScanConfig, _measure
+from trojan_gate.gates.transfer import transfer_rates
 
 TRUTH = {"benign-small-s0": [], "benign-small-s1": [], "benign-deep-s0": [], "pattern-small": [2],
          "blend-small": [6], "patch-small": [0], "multi-patch-small": [1, 4, 7], "multi-259-small": [2, 5, 9],
@@ -66,18 +67,6 @@ def _differential_trainer(cfg, seed, progress):
         variation=cfg.variation, device="cpu", seed=seed, progress=False)
 
 
-def _transfer(nets, trainer, st, x, y, seed):
-    """Per class and reference: share of stamped substitute images the measured trigger moves to t."""
-    out = []
-    for t in range(len(st.statistics)):
-        src = x[y != t]
-        d = st.masks[t] * trainer.generator_.raw_sample(t, len(src), seed=(seed + 2) * 1000 + t) * st.scales[t]
-        xp = torch.from_numpy(np.clip(src + d, 0, 1).astype(np.float32))
-        with torch.no_grad():
-            out.append([float((net(xp).argmax(1).numpy() == t).mean()) for net in nets])
-    return out
-
-
 def run(seed, lam, names, zoo="runs/zoo"):
     from trojan_gate.pipelines.benchmark_deepinspect import clean_subset
 
@@ -102,7 +91,8 @@ def run(seed, lam, names, zoo="runs/zoo"):
         t0 = time.perf_counter()
         inv, trainer, st, _ = _measure(ModelOracle(f"{zoo}/{name}.onnx"), sub, seed, None, cfg, False, {})
         rec = {"name": name, "seed": seed, "lam": lam, "stat": st.statistics.tolist(),
-               "transfer": _transfer(DifferentialTrainer.nets, trainer, st, inv.x_, np.asarray(inv.y_), seed),
+               "transfer": transfer_rates([o for o, _ in refs], trainer.generator_, st.masks, st.scales, inv.x_,
+                                          np.asarray(inv.y_), seed=seed + 2, progress=False).tolist(),
                "seconds": round(time.perf_counter() - t0, 1)}
         if name.startswith("pattern"):  # is the recovered class-2 trigger the lab's pattern?
             mean_abs = np.abs(trainer.generator_.raw_sample(2, 64, seed=1) * st.masks[2]).mean(0).ravel()

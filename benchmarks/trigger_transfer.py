@@ -22,7 +22,7 @@ from trojan_gate.gates.anomaly import double_mad_test
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.reference import split_heldout, train_reference
 from trojan_gate.gates.scan import ScanConfig, _measure
-from trojan_gate.gates.statistic import _smallest_scale
+from trojan_gate.gates.statistic import _smallest_scale, draw_seed
 
 TRUTH = {"benign-small-s0": [], "benign-small-s1": [], "benign-deep-s0": [], "pattern-small": [2],
          "blend-small": [6], "patch-small": [0], "multi-patch-small": [1, 4, 7], "multi-259-small": [2, 5, 9],
@@ -34,7 +34,7 @@ def profile(o, seed, inv, trainer, st):
     out, trig = [], []
     for t in range(o.n_classes):
         src = x[y != t]
-        d = st.masks[t] * trainer.generator_.raw_sample(t, len(src), seed=(seed + 2) * 1000 + t)
+        d = st.masks[t] * trainer.generator_.raw_sample(t, len(src), seed=draw_seed(seed + 2, t))
         s99 = float(st.scales[t])
 
         def succ(s):

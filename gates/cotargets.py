@@ -48,6 +48,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from .statistic import draw_seed
+
 DEFAULT_LINK_THRESHOLD = 0.035
 DEFAULT_REFERENCE_FACTOR = 10.0
 
@@ -63,7 +65,7 @@ def co_activation(oracle, generator, x: np.ndarray, y: np.ndarray, seed: int = 0
         src, ysrc = x[y != t], y[y != t]
         if not len(src):
             continue
-        delta = generator.sample(t, len(src), seed=seed * 1000 + t)
+        delta = generator.sample(t, len(src), seed=draw_seed(seed, t))
         proba = np.asarray(oracle.predict_proba(np.clip(src + delta, 0.0, 1.0)), dtype=np.float64)
         for u in range(k):
             keep = ysrc != u

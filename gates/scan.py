@@ -264,8 +264,7 @@ def _references(oracle: ModelOracle, heldout, seed: int, cfg: ScanConfig, progre
         oracles.append(ref)
     wall["reference"] = time.perf_counter() - t0
     record = {"statistics": np.asarray(stats), "train_accuracy": accs, "train_images": len(train),
-              "queries": sum(o.queries for o in oracles), "links": np.asarray(links) if links else None,
-              "oracles": oracles}
+              "links": np.asarray(links) if links else None, "oracles": oracles}
     return substitute, record
 
 
@@ -290,7 +289,7 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
         transfer = transfer_rates(reference["oracles"], trainer.generator_, st.masks, st.scales, inv.x_, inv.y_,
                                   seed=seed + 2, success_rule=cfg.success_rule, progress=progress)
         flagged, transferable = specific_classes(flagged, transfer, cfg.transfer_factor)
-        reference["queries"] = sum(o.queries for o in reference["oracles"])
+        reference["queries"] = sum(o.queries for o in reference["oracles"])  # their statistics, links and transfer
         wall["reference"] += time.perf_counter() - t0
 
     # 5. co-targets: close the flagged set under co-activation links, measured on the oracle;

@@ -55,6 +55,12 @@ def stamped_success(proba: np.ndarray, t, y_source, rule: str = "argmax") -> np.
     raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, not {rule!r}")
 
 
+def draw_seed(seed: int, t: int) -> int:
+    """The seed of class t's trigger draws at scan seed `seed`: the statistic, the co-target links and
+    the transfer rates draw the same triggers for a class."""
+    return int(seed) * 1000 + int(t)
+
+
 def support_ladder(n_pixels: int, ladder=DEFAULT_LADDER) -> list[int]:
     """Support sizes below the input size, ascending, then the full input (`n_pixels`)."""
     sizes = sorted({int(k) for k in ladder if 0 < int(k) < n_pixels})
@@ -106,7 +112,7 @@ def trigger_statistics(oracle, generator, x: np.ndarray, y: np.ndarray, success_
     stats, supports, scales, success1, reached, dense, masks = [], [], [], [], [], [], []
     for t in tqdm(range(k), desc="statistics", disable=not progress, leave=False):
         src, ysrc = x[y != t], np.asarray(y)[y != t]
-        delta = generator.sample(t, len(src), seed=seed * 1000 + t)
+        delta = generator.sample(t, len(src), seed=draw_seed(seed, t))
         flat = np.abs(delta).reshape(len(delta), -1)
         order = np.argsort(-flat.mean(0), kind="stable")
 

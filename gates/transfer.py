@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from .statistic import stamped_success
+from .statistic import draw_seed, stamped_success
 
 
 def transfer_rates(reference_oracles, generator, masks: np.ndarray, scales, x: np.ndarray, y: np.ndarray,
@@ -51,7 +51,7 @@ def transfer_rates(reference_oracles, generator, masks: np.ndarray, scales, x: n
         src, ysrc = x[y != t], y[y != t]
         if not len(src):
             continue
-        delta = float(scales[t]) * masks[t] * generator.raw_sample(t, len(src), seed=seed * 1000 + t)
+        delta = float(scales[t]) * masks[t] * generator.raw_sample(t, len(src), seed=draw_seed(seed, t))
         stamped = np.clip(src + delta, 0.0, 1.0)
         tau[t] = float(np.mean([stamped_success(o.predict_proba(stamped), t, ysrc, success_rule).mean()
                                 for o in oracles]))
