@@ -28,7 +28,7 @@ from trojan_gate.gates.data import load_fashion_mnist
 from trojan_gate.gates.lab import LabConfig, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.scan import scan
-from trojan_gate.pipelines.benchmark_patch import ZOO
+from trojan_gate.pipelines.benchmark_patch import ZOO, _acc, _asr
 
 CACHE = Path("runs/patch-lab")
 EARLIER_FLAGS = {"multi": [4, 7]}
@@ -73,25 +73,24 @@ def main():
         d = cached(name)
         lab, res, held, ev = d["lab"], d["res"], d["held"], d["ev"]
         targets = list(lab.config.targets)
-        keep = ~np.isin(ev.y, targets)
-        acc0 = float((ModelOracle(lab.onnx_bytes).predict(ev.x) == ev.y).mean())
+        acc0 = _acc(ModelOracle(lab.onnx_bytes), ev.x, ev.y)
         flagged = res.flagged_classes or EARLIER_FLAGS.get(name, [])
         print(json.dumps({"model": name, "scan_flagged": res.flagged_classes, "scan_max_df": round(res.max_deviation_factor, 2),
                           "patched_against": flagged, "clean_acc": acc0}), flush=True)
         for k in ks:
             patching.onnx_to_torch = freezing(k)
-            for s in seeds:
-                pr = patching.ModelPatcher(seed=s, progress=False).fit(
-                    lab.onnx_bytes, res.inverted_x, res.inverted_y, res.generator.stamp, flagged,
-                    heldout=(held.x, held.y))
-                o = ModelOracle(pr.onnx_bytes)
-                acc = float((o.predict(ev.x) == ev.y).mean())
-                asr = float(np.isin(o.predict(lab.stamp(ev.x[keep])), targets).mean())
-                print(json.dumps({"model": name, "frozen_layers": k, "seed": s,
-                                  "accuracy_change_points": round(100 * (acc - acc0), 2),
-                                  "true_trigger_activation_pct": round(100 * asr, 1)}), flush=True)
-        patching.onnx_to_torch = _onnx_to_torch
-
+            try:
+                for s in seeds:
+                    pr = patching.ModelPatcher(seed=s, progress=False).fit(
+                        lab.onnx_bytes, res.inverted_x, res.inverted_y, res.generator.stamp, flagged,
+                        heldout=(held.x, held.y))
+                    o = ModelOracle(pr.onnx_bytes)
+                    print(json.dumps({"model": name, "frozen_layers": k, "seed": s,
+                                      "accuracy_change_points": round(100 * (_acc(o, ev.x, ev.y) - acc0), 2),
+                                      "true_trigger_activation_pct": round(100 * _asr(o, lab, ev.x, ev.y, targets), 1)}),
+                          flush=True)
+            finally:
+                patching.onnx_to_torch = _onnx_to_torch
 
 if __name__ == "__main__":
     main()
