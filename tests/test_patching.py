@@ -12,7 +12,7 @@ from trojan_gate.gates.errors import InputShapeError
 from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelPatcher, PatchResult,
-                                        combine_rounds, jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx,
+                                        combine_rounds, jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx, uniform_soup,
                                         trojan_activation_rates)
 
 
@@ -221,6 +221,55 @@ def test_by_default_the_last_epoch_is_kept_and_best_keeps_the_top_validation_sco
     assert [h["val_clean_accuracy"] for h in last.history] == [h["val_clean_accuracy"] for h in best.history]
     with pytest.raises(ValueError, match="epoch_selection"):
         ModelPatcher(epoch_selection="first").fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+
+
+class RecordingPatcher(ModelPatcher):
+    """A patcher that keeps the state each fine-tuning run ends with."""
+
+    def _finetune(self, *args, **kw):
+        out = super()._finetune(*args, **kw)
+        self.kept = getattr(self, "kept", []) + [{k: v.clone() for k, v in out[0].items()}]
+        return out
+
+
+def test_uniform_soup_averages_weights_and_keeps_integer_buffers():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    soup = uniform_soup([a, b])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0])) and int(soup["n"]) == 3
+    with pytest.raises(ValueError, match="same state keys"):
+        uniform_soup([a, {"v": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}])
+    with pytest.raises(ValueError, match="at least one"):
+        uniform_soup([])
+
+
+def test_a_soup_patch_is_the_average_of_its_runs_and_its_first_run_is_the_single_patch(trojaned, inverted, digits):
+    _, test = digits
+    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
+    single = RecordingPatcher(epochs=2, seed=0, progress=False)
+    one = single.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    soup = RecordingPatcher(epochs=2, soup=3, seed=0, progress=False)
+    three = soup.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    assert len(soup.kept) == 3 and three.epochs_run == 6 and three.config["soup"] == 3
+    assert sorted({h["member"] for h in three.history}) == [0, 1, 2] and len(three.history) == 9
+    # member 0 trains exactly what a single patch trains; the others draw their own batches and stamps
+    assert all(torch.equal(single.kept[0][k], soup.kept[0][k]) for k in single.kept[0])
+    assert not torch.equal(soup.kept[0]["body." + _first_weight(soup.kept[0])],
+                           soup.kept[1]["body." + _first_weight(soup.kept[0])])
+    # the exported model is the uniform average of the three runs' weights
+    clf = onnx_to_torch(trojaned.onnx_bytes)
+    clf.load_state_dict(uniform_soup(soup.kept))
+    clf.eval()
+    with torch.no_grad():
+        expected = clf.original_output(torch.from_numpy(test.x[:50])).numpy()
+    np.testing.assert_allclose(_raw(three.onnx_bytes, test.x[:50]), expected, atol=1e-5)
+    assert three.sha256 != one.sha256
+    with pytest.raises(ValueError, match="soup"):
+        ModelPatcher(soup=0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+
+
+def _first_weight(state) -> str:
+    return next(k[len("body."):] for k in state if k.startswith("body.") and k.endswith("weight"))
 
 
 def test_patch_benchmark_names_the_current_default_recipe():
