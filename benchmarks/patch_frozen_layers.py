@@ -49,6 +49,15 @@ def cached(name):
     return d
 
 
+def experiment_model(name):
+    """(lab model, scan, held-out set, evaluation set, true targets, clean accuracy, classes to patch)."""
+    d = cached(name)
+    lab, res, held, ev = d["lab"], d["res"], d["held"], d["ev"]
+    acc0 = _acc(ModelOracle(lab.onnx_bytes), ev.x, ev.y)
+    flagged = res.flagged_classes or EARLIER_FLAGS.get(name, [])
+    return lab, res, held, ev, list(lab.config.targets), acc0, flagged
+
+
 _onnx_to_torch = patching.onnx_to_torch
 
 
@@ -70,11 +79,7 @@ def main():
     seeds = [int(v) for v in sys.argv[2].split(",")]
     models = (sys.argv[3] if len(sys.argv) > 3 else "patch,blend,multi").split(",")
     for name in models:
-        d = cached(name)
-        lab, res, held, ev = d["lab"], d["res"], d["held"], d["ev"]
-        targets = list(lab.config.targets)
-        acc0 = _acc(ModelOracle(lab.onnx_bytes), ev.x, ev.y)
-        flagged = res.flagged_classes or EARLIER_FLAGS.get(name, [])
+        lab, res, held, ev, targets, acc0, flagged = experiment_model(name)
         print(json.dumps({"model": name, "scan_flagged": res.flagged_classes, "scan_max_df": round(res.max_deviation_factor, 2),
                           "patched_against": flagged, "clean_acc": acc0}), flush=True)
         for k in ks:

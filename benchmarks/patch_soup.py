@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import torch
 
-from patch_frozen_layers import EARLIER_FLAGS, cached
+from patch_frozen_layers import experiment_model
 from trojan_gate.gates import patching
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.pipelines.benchmark_patch import _acc, _asr
@@ -38,11 +38,7 @@ def main():
     if mode not in ("across", "within"):
         raise SystemExit("mode must be 'across' or 'within'")
     for name in models:
-        d = cached(name)
-        lab, res, held, ev = d["lab"], d["res"], d["held"], d["ev"]
-        targets = list(lab.config.targets)
-        acc0 = _acc(ModelOracle(lab.onnx_bytes), ev.x, ev.y)
-        flagged = res.flagged_classes or EARLIER_FLAGS.get(name, [])
+        lab, res, held, ev, targets, acc0, flagged = experiment_model(name)
 
         def patch(seed, **options):
             pr = patching.ModelPatcher(seed=seed, progress=False, **options).fit(
