@@ -19,7 +19,7 @@ import numpy as np
 HELP = "patch the lab's trojaned models and compare generator-estimated STRIP FAR with the true FAR"
 
 DEFAULT_RECIPE = ("the defaults (40% stamped, 40 epochs, self-distillation weight 6, trigger jitter 2 px at 28x28, "
-                  "15% background stamps of the unflagged classes, last epoch kept)")
+                  "15% background stamps of the unflagged classes, last epoch kept, a soup of 4 runs)")
 
 ZOO = {
     "patch": dict(trigger="patch", targets=(0,)),

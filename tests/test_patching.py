@@ -118,8 +118,9 @@ def test_patch_removes_true_trigger_and_keeps_accuracy(patched, trojaned, digits
     assert r.accuracy_drop <= 0.03
     assert r.meets(max_activation_rate=0.25, max_accuracy_drop=0.03)
     assert not r.meets(max_activation_rate=r.after["trojan_activation_rate"] - 0.01)
-    assert 1 <= r.best_epoch <= 40 and r.epochs_run == 40
-    assert len(r.history) == 41 and r.history[0]["epoch"] == 0
+    assert 1 <= r.best_epoch <= 40 and r.epochs_run == 4 * 40  # the default soup: four runs of 40 epochs
+    assert len(r.history) == 4 * 41 and r.history[0]["epoch"] == 0
+    assert [h["member"] for h in r.history if h["epoch"] == 0] == [0, 1, 2, 3]
     # re-measure independently on the whole digits test split with ONNX Runtime
     before, after = ModelOracle(trojaned.onnx_bytes), ModelOracle(r.onnx_bytes)
     keep = test.y != 0
@@ -158,7 +159,7 @@ def test_patching_is_deterministic(patched, trojaned, inverted, digits):
 
 def test_without_heldout_measures_on_validation_split(trojaned, inverted, tmp_path):
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    r = ModelPatcher(epochs=2, lr=(1e-3, 3e-3), seed=1, progress=False).fit(
+    r = ModelPatcher(epochs=2, lr=(1e-3, 3e-3), soup=1, seed=1, progress=False).fit(
         trojaned.onnx_bytes, *inverted, stamp, [0])
     assert r.eval_source == "validation" and r.n_eval == r.n_val == 20
     assert r.before["clean_accuracy"] is None and r.accuracy_drop is None
@@ -187,7 +188,7 @@ def test_generator_like_stamp_with_several_targets(trojaned, inverted):
 def test_validation_ties_go_to_the_later_epoch(trojaned, inverted):
     """epoch_selection="best": with a zero learning rate every epoch scores the same; the last one is kept."""
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    r = ModelPatcher(epochs=3, lr=0.0, epoch_selection="best", seed=0, progress=False).fit(
+    r = ModelPatcher(epochs=3, lr=0.0, epoch_selection="best", soup=1, seed=0, progress=False).fit(
         trojaned.onnx_bytes, *inverted, stamp, [0])
     scores = [h["score"] for h in r.history[1:]]
     assert len(set(scores)) == 1
@@ -210,10 +211,11 @@ class ScriptedValidation(ModelPatcher):
 def test_by_default_the_last_epoch_is_kept_and_best_keeps_the_top_validation_score(trojaned, inverted):
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
     script = [0.5, 0.6, 0.9, 0.7, 0.8]  # epochs 0-4: epoch 2 scores best, the last one does not
-    last = ScriptedValidation(script, epochs=4, lr=0.05, seed=0, progress=False).fit(
+    last = ScriptedValidation(script, epochs=4, lr=0.05, soup=1, seed=0, progress=False).fit(
         trojaned.onnx_bytes, *inverted, stamp, [0])
     assert last.best_epoch == 4 and last.config["epoch_selection"] == "last"
-    best = ScriptedValidation(script, epochs=4, lr=0.05, epoch_selection="best", seed=0, progress=False).fit(
+    best = ScriptedValidation(script, epochs=4, lr=0.05, epoch_selection="best", soup=1, seed=0,
+                              progress=False).fit(
         trojaned.onnx_bytes, *inverted, stamp, [0])
     assert [h["score"] for h in best.history] == script
     assert best.best_epoch == 2 and best.sha256 != last.sha256  # the weights of epoch 2, not of epoch 4
@@ -246,7 +248,7 @@ def test_uniform_soup_averages_weights_and_keeps_integer_buffers():
 def test_a_soup_patch_is_the_average_of_its_runs_and_its_first_run_is_the_single_patch(trojaned, inverted, digits):
     _, test = digits
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    single = RecordingPatcher(epochs=2, seed=0, progress=False)
+    single = RecordingPatcher(epochs=2, soup=1, seed=0, progress=False)
     one = single.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
     soup = RecordingPatcher(epochs=2, soup=3, seed=0, progress=False)
     three = soup.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
@@ -279,7 +281,8 @@ def test_patch_benchmark_names_the_current_default_recipe():
     p = ModelPatcher().get_params()
     for words in (f"{p['patch_fraction']:.0%} stamped", f"{p['epochs']} epochs",
                   f"self-distillation weight {p['distill_weight']:g}",
-                  f"{p['background_fraction']:.0%} background stamps", f"{p['epoch_selection']} epoch kept"):
+                  f"{p['background_fraction']:.0%} background stamps", f"{p['epoch_selection']} epoch kept",
+                  f"a soup of {p['soup']} runs"):
         assert words in DEFAULT_RECIPE
 
 
