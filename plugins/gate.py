@@ -423,7 +423,8 @@ def _report(ref, verdict, scan_result, det, selection, patch, fresh, new_ref, er
                       "after": {**patch.after, "max_deviation_factor": fresh.max_deviation_factor if fresh else None},
                       "source_version": ref.version, "new_version": new_ref.version if new_ref else None,
                       "passed": verdict == PATCHED, "accuracy_drop": patch.accuracy_drop,
-                      "max_accuracy_drop": config.max_accuracy_drop}
+                      "max_accuracy_drop": config.max_accuracy_drop,
+                      "fresh_flagged_classes": list(fresh.flagged_classes) if fresh else None}
     meta = {"run_id": run_id, "gate_version": __version__, "seconds": round(seconds, 2), "policy": config.policy,
             "alias": config.alias, "tracking_uri": mlflow.get_tracking_uri()}
     out = workdir / "report"
