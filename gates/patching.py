@@ -596,6 +596,7 @@ class ModelPatcher:
         """One fine-tuning run at learning rate `lr` (soup member `member` draws its own batches,
         stamps and torch randomness); returns (kept state, kept epoch, its score, history)."""
         jitter = self.jitter_for(xt.shape[-2:])
+        tag = {"member": member} if self.soup > 1 else {}  # which run of a soup a history row belongs to
         torch.manual_seed(self.seed + 7919 * member)
         rng = np.random.default_rng([self.seed, 1] + ([member] if member else []))
         opt = torch.optim.Adam(clf.parameters(), lr=lr)
@@ -605,7 +606,7 @@ class ModelPatcher:
             for p in teacher.parameters():
                 p.requires_grad_(False)
         first = self._validate(clf, xv, yv, xv_st, tv)
-        history = [{"lr": lr, "epoch": 0, **first, **({"member": member} if self.soup > 1 else {})}]
+        history = [{"lr": lr, "epoch": 0, **first, **tag}]
         best_state, best_epoch, best_score = None, 0, -np.inf
         n_patch = int(round(self.patch_fraction * len(xt)))
         n_background = int(round(self.background_fraction * len(xt)))
@@ -638,8 +639,7 @@ class ModelPatcher:
                 opt.step()
                 losses.append(loss.item())
             v = self._validate(clf, xv, yv, xv_st, tv)
-            history.append({"lr": lr, "epoch": epoch, "train_loss": float(np.mean(losses)), **v,
-                            **({"member": member} if self.soup > 1 else {})})
+            history.append({"lr": lr, "epoch": epoch, "train_loss": float(np.mean(losses)), **v, **tag})
             keep = v["score"] >= best_score if self.epoch_selection == "best" else epoch == self.epochs
             if keep:
                 best_state = copy.deepcopy(clf.state_dict())

@@ -194,12 +194,12 @@ def _findings(verdict, scan_d, strip_d, patch_d, errors, names) -> list[dict]:
                       "detail": f"The patched model passed the re-scan: {figs}."})
         else:
             flagged_again = patch_d.get("fresh_flagged_classes")
-            drop, bound = _num(patch_d.get("accuracy_drop")), _num(patch_d.get("max_accuracy_drop"))
             reasons = []
             if flagged_again:
                 reasons.append(f"its fresh scan flags {', '.join(_class_name(c, names) for c in flagged_again)} "
                                f"(max deviation factor {_fmt(_num(after.get('max_deviation_factor')), 3)})")
-            if drop is not None and bound is not None and drop > bound + 1e-9:
+            if patch_d.get("accuracy_within_bound") is False:  # the gate's own decision, not re-derived here
+                drop, bound = _num(patch_d.get("accuracy_drop")), _num(patch_d.get("max_accuracy_drop"))
                 reasons.append(f"clean accuracy dropped {100 * drop:.2f} points, over the bound of {100 * bound:g}")
             title = ("Patch removed the trigger but cost too much clean accuracy" if reasons and not flagged_again
                      else "Patching did not remove the trojan")

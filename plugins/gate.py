@@ -295,6 +295,12 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
     return GateOutcome(verdict, ref.uri, final.uri if final else None, run_id, report, report_dir, error)
 
 
+def _accuracy_within_bound(patch, config) -> bool:
+    """The gate's accuracy condition on a patch: no measured drop, or one within `max_accuracy_drop`."""
+    drop = patch.accuracy_drop
+    return drop is None or drop <= config.max_accuracy_drop
+
+
 def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
     from trojan_gate.gates.patching import combine_rounds, patch_in_rounds
 
@@ -313,7 +319,7 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
                         "patch_activation_rate_after": patch.after["trojan_activation_rate"],
                         **({"patch_accuracy_drop": drop} if drop is not None else {})})
     mlflow.log_dict(patch.to_dict(), "patch/patch.json")
-    ok = (not fresh.trojan_suspected) and (drop is None or drop <= config.max_accuracy_drop)
+    ok = (not fresh.trojan_suspected) and _accuracy_within_bound(patch, config)
     if not ok:
         return patch, fresh, None, BLOCKED
     new_ref = intake_onnx(patched_path, ref.name, source=f"patch of {ref.uri}",
@@ -424,6 +430,7 @@ def _report(ref, verdict, scan_result, det, selection, patch, fresh, new_ref, er
                       "source_version": ref.version, "new_version": new_ref.version if new_ref else None,
                       "passed": verdict == PATCHED, "accuracy_drop": patch.accuracy_drop,
                       "max_accuracy_drop": config.max_accuracy_drop,
+                      "accuracy_within_bound": _accuracy_within_bound(patch, config),
                       "fresh_flagged_classes": list(fresh.flagged_classes) if fresh else None}
     meta = {"run_id": run_id, "gate_version": __version__, "seconds": round(seconds, 2), "policy": config.policy,
             "alias": config.alias, "tracking_uri": mlflow.get_tracking_uri()}

@@ -12,8 +12,8 @@ from trojan_gate.gates.errors import InputShapeError
 from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelPatcher, PatchResult,
-                                        combine_rounds, jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx, uniform_soup,
-                                        trojan_activation_rates)
+                                        combine_rounds, jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx,
+                                        trojan_activation_rates, uniform_soup)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +256,8 @@ def test_a_soup_patch_is_the_average_of_its_runs_and_its_first_run_is_the_single
     assert sorted({h["member"] for h in three.history}) == [0, 1, 2] and len(three.history) == 9
     # member 0 trains exactly what a single patch trains; the others draw their own batches and stamps
     assert all(torch.equal(single.kept[0][k], soup.kept[0][k]) for k in single.kept[0])
-    assert not torch.equal(soup.kept[0]["body." + _first_weight(soup.kept[0])],
-                           soup.kept[1]["body." + _first_weight(soup.kept[0])])
+    weight = _first_weight(soup.kept[0])
+    assert not torch.equal(soup.kept[0][weight], soup.kept[1][weight])
     # the exported model is the uniform average of the three runs' weights
     clf = onnx_to_torch(trojaned.onnx_bytes)
     clf.load_state_dict(uniform_soup(soup.kept))
@@ -271,7 +271,8 @@ def test_a_soup_patch_is_the_average_of_its_runs_and_its_first_run_is_the_single
 
 
 def _first_weight(state) -> str:
-    return next(k[len("body."):] for k in state if k.startswith("body.") and k.endswith("weight"))
+    """The state key of the converted model's first weight tensor."""
+    return next(k for k in state if k.startswith("body.") and k.endswith("weight"))
 
 
 def test_patch_benchmark_names_the_current_default_recipe():

@@ -156,14 +156,14 @@ def test_failed_patch_is_high_and_blocked():
 
 def test_failed_patch_finding_names_why_it_failed():
     flagged = {**PATCH, "passed": False, "new_version": None, "fresh_flagged_classes": [5],
-               "accuracy_drop": 0.004, "max_accuracy_drop": 0.01}
+               "accuracy_drop": 0.004, "max_accuracy_drop": 0.01, "accuracy_within_bound": True}
     rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=flagged)
     high = [f for f in rep["findings"] if f["severity"] == "HIGH"]
     assert len(high) == 1 and high[0]["title"] == "Patching did not remove the trojan"
     assert "fresh scan flags 5" in high[0]["detail"] and "points" not in high[0]["detail"].split("Figures")[0]
 
     costly = {**PATCH, "passed": False, "new_version": None, "fresh_flagged_classes": [],
-              "accuracy_drop": 0.011, "max_accuracy_drop": 0.01}
+              "accuracy_drop": 0.011, "max_accuracy_drop": 0.01, "accuracy_within_bound": False}
     rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=costly)
     high = [f for f in rep["findings"] if f["severity"] == "HIGH"]
     assert high[0]["title"] == "Patch removed the trigger but cost too much clean accuracy"
