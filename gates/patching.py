@@ -237,6 +237,9 @@ def measure(onnx_bytes: bytes, x_eval, y_eval, stamp: Stamp, targets, seed: int,
 
 
 # ----------------------------------------------------------------------------- result
+_RATIO_EPS = 1e-9  # tolerance for comparing ratios of counts with a bound
+
+
 @dataclass
 class PatchResult:
     """What a patch produced and what it changed, measured with ONNX Runtime.
@@ -272,14 +275,19 @@ class PatchResult:
         a, b = self.before.get("clean_accuracy"), self.after.get("clean_accuracy")
         return None if a is None or b is None else float(a - b)
 
+    def within_accuracy_drop(self, max_accuracy_drop: float) -> bool:
+        """No measured drop, or one within `max_accuracy_drop`. The one comparison the gate, the
+        patch rounds and `meets` share: accuracies are ratios of counts, so 0.901 - 0.891 (which
+        floating point makes 0.010000000000000009) must count as one point."""
+        drop = self.accuracy_drop
+        return bool(drop is None or drop <= max_accuracy_drop + _RATIO_EPS)
+
     def meets(self, max_activation_rate: float = 0.10, max_accuracy_drop: float = 0.01) -> bool:
         """The issue's target: activation rate <= 10% and clean accuracy drop <= 1 point."""
         if not np.isfinite(self.after["trojan_activation_rate"]):
             return False
-        eps = 1e-9  # accuracies are ratios of counts: 0.901 - 0.891 must count as one point
-        ok = self.after["trojan_activation_rate"] <= max_activation_rate + eps
-        drop = self.accuracy_drop
-        return bool(ok and (drop is None or drop <= max_accuracy_drop + eps))
+        ok = self.after["trojan_activation_rate"] <= max_activation_rate + _RATIO_EPS
+        return bool(ok and self.within_accuracy_drop(max_accuracy_drop))
 
     def to_dict(self) -> dict:
         def clean(d):
@@ -435,9 +443,8 @@ def patch_in_rounds(onnx_bytes: bytes, scan_result, rescan: Callable, heldout, r
             current, current_scan.inverted_x, current_scan.inverted_y, current_scan.generator.stamp,
             current_scan.flagged_classes, heldout=heldout))
         scans.append(rescan(results[-1].onnx_bytes))
-        drop = combine_rounds(results).accuracy_drop
-        if not scans[-1].trojan_suspected or (max_accuracy_drop is not None and drop is not None
-                                              and drop > max_accuracy_drop):
+        if not scans[-1].trojan_suspected or (max_accuracy_drop is not None and
+                                              not combine_rounds(results).within_accuracy_drop(max_accuracy_drop)):
             break
         current, current_scan = results[-1].onnx_bytes, scans[-1]
     return results, scans

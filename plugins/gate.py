@@ -296,9 +296,9 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
 
 
 def _accuracy_within_bound(patch, config) -> bool:
-    """The gate's accuracy condition on a patch: no measured drop, or one within `max_accuracy_drop`."""
-    drop = patch.accuracy_drop
-    return drop is None or drop <= config.max_accuracy_drop
+    """The gate's accuracy condition on a patch (`PatchResult.within_accuracy_drop`, the comparison
+    the patch rounds use too)."""
+    return patch.within_accuracy_drop(config.max_accuracy_drop)
 
 
 def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):

@@ -378,3 +378,50 @@ def test_combined_rounds_report_the_total_drop_and_every_round(patched):
     assert combine_rounds([patched]) is patched
     with pytest.raises(ValueError):
         combine_rounds([])
+
+
+def test_one_comparison_decides_the_accuracy_bound_everywhere(patched):
+    """0.901 - 0.891 is 0.010000000000000009 in floating point; it must count as one point for
+    `meets`, for the patch rounds and for the gate alike."""
+    from dataclasses import replace
+
+    from trojan_gate.plugins.gate import GateConfig, _accuracy_within_bound
+
+    edge = replace(patched, before={**patched.before, "clean_accuracy": 0.901},
+                   after={**patched.after, "clean_accuracy": 0.891, "trojan_activation_rate": 0.0})
+    assert edge.accuracy_drop > 0.01  # the floating-point edge this test is about
+    assert edge.within_accuracy_drop(0.01) and edge.meets(max_accuracy_drop=0.01)
+    assert _accuracy_within_bound(edge, GateConfig(policy="patch", max_accuracy_drop=0.01))
+    over = replace(edge, after={**edge.after, "clean_accuracy": 0.890})
+    assert not over.within_accuracy_drop(0.01) and not over.meets(max_accuracy_drop=0.01)
+    assert not _accuracy_within_bound(over, GateConfig(policy="patch", max_accuracy_drop=0.01))
+    unmeasured = replace(edge, before={**edge.before, "clean_accuracy": None})
+    assert unmeasured.within_accuracy_drop(0.0)
+
+
+def test_patch_rounds_stop_at_the_accuracy_bound_with_the_shared_comparison(patched, monkeypatch):
+    """A fresh scan that still flags asks for another round, unless the drop is over the bound;
+    a drop of exactly one point (0.901 -> 0.891) is within it, so the second round runs."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from trojan_gate.gates import patching
+
+    calls = []
+
+    class FakePatcher:  # records the rounds; the real fine-tuning is pinned by the tests above
+        def __init__(self, **options):
+            pass
+
+        def fit(self, onnx_bytes, *args, **kwargs):
+            calls.append(onnx_bytes)
+            acc = 0.891 if len(calls) == 1 else 0.880
+            return replace(patched, before={**patched.before, "clean_accuracy": 0.901 if len(calls) == 1 else 0.891},
+                           after={**patched.after, "clean_accuracy": acc}, onnx_bytes=b"round%d" % len(calls))
+
+    still_flagged = SimpleNamespace(trojan_suspected=True, inverted_x=None, inverted_y=None,
+                                    generator=SimpleNamespace(stamp=None), flagged_classes=[0])
+    monkeypatch.setattr(patching, "ModelPatcher", FakePatcher)
+    results, scans = patching.patch_in_rounds(b"source", still_flagged, lambda b: still_flagged, None,
+                                              rounds=3, max_accuracy_drop=0.01)
+    assert calls == [b"source", b"round1"] and len(results) == len(scans) == 2  # stopped after 2.1 points
