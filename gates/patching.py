@@ -223,17 +223,37 @@ def _pooled_rate(rates: dict, y: np.ndarray) -> float:
 
 
 def measure(onnx_bytes: bytes, x_eval, y_eval, stamp: Stamp, targets, seed: int,
-            x_clean=None, y_clean=None, phase: str = "patch-eval") -> dict:
-    """Clean accuracy and trojan activation rate of an ONNX model, queried through ModelOracle."""
+            x_clean=None, y_clean=None, phase: str = "patch-eval", return_correct: bool = False):
+    """Clean accuracy and trojan activation rate of an ONNX model, queried through ModelOracle.
+    With `return_correct` also the per-image correctness on the clean images (None without them)."""
     oracle = ModelOracle(onnx_bytes)
     with oracle.phase(phase):
         predict = oracle.predict
         rates = trojan_activation_rates(predict, x_eval, y_eval, stamp, targets, seed)
-        acc = None
+        acc = correct = None
         if x_clean is not None and len(x_clean):
-            acc = float((predict(x_clean) == y_clean).mean())
-    return {"clean_accuracy": acc, "trojan_activation_rate": _pooled_rate(rates, y_eval),
-            "trojan_activation_rates": rates, "queries": int(oracle.queries)}
+            correct = predict(x_clean) == np.asarray(y_clean)
+            acc = float(correct.mean())
+    out = {"clean_accuracy": acc, "trojan_activation_rate": _pooled_rate(rates, y_eval),
+           "trojan_activation_rates": rates, "queries": int(oracle.queries)}
+    return (out, correct) if return_correct else out
+
+
+def paired_drop_standard_error(correct_before, correct_after) -> float | None:
+    """Standard error of the accuracy drop acc_before - acc_after measured on the same n images.
+
+    With d_i = correct_before_i - correct_after_i in {-1, 0, 1}, b images right only before and
+    c right only after: Var(d) = (b + c)/n - ((b - c)/n)^2 and SE = sqrt(Var(d) / n). Only the
+    images on which the two models disagree carry noise (McNemar's pairing); None without data.
+    """
+    if correct_before is None or correct_after is None:
+        return None
+    cb, ca = np.asarray(correct_before, bool), np.asarray(correct_after, bool)
+    if cb.shape != ca.shape or not cb.size:
+        return None
+    n = cb.size
+    b, c = float((cb & ~ca).sum()), float((ca & ~cb).sum())
+    return float(np.sqrt(max((b + c) / n - ((b - c) / n) ** 2, 0.0) / n))
 
 
 # ----------------------------------------------------------------------------- result
@@ -269,11 +289,21 @@ class PatchResult:
     config: dict
     seconds: float
     rounds: list = field(default_factory=list)  # per-round figures when several rounds were combined
+    # per-image correctness on the clean evaluation images, before and after (None without them)
+    correct_before: np.ndarray | None = field(default=None, repr=False)
+    correct_after: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def accuracy_drop(self) -> float | None:
         a, b = self.before.get("clean_accuracy"), self.after.get("clean_accuracy")
         return None if a is None or b is None else float(a - b)
+
+    @property
+    def accuracy_drop_se(self) -> float | None:
+        """Paired standard error of `accuracy_drop` (`paired_drop_standard_error`): how much of
+        the measured drop the evaluation images' draw alone could move. Reported, not used in
+        the bound, which stays on the measured drop (the gate fails closed)."""
+        return paired_drop_standard_error(self.correct_before, self.correct_after)
 
     def within_accuracy_drop(self, max_accuracy_drop: float) -> bool:
         """No measured drop, or one within `max_accuracy_drop`. The one comparison the gate, the
@@ -296,7 +326,8 @@ class PatchResult:
         return {"sha256": self.sha256, "source_sha256": self.source_sha256,
                 "flagged_classes": [int(c) for c in self.flagged_classes],
                 "before": clean(self.before), "after": clean(self.after),
-                "accuracy_drop": self.accuracy_drop, "output_kind": self.output_kind,
+                "accuracy_drop": self.accuracy_drop, "accuracy_drop_se": self.accuracy_drop_se,
+                "output_kind": self.output_kind,
                 "best_epoch": int(self.best_epoch), "best_lr": float(self.best_lr),
                 "epochs_run": int(self.epochs_run), "history": self.history,
                 "n_train": self.n_train, "n_patch": self.n_patch, "n_val": self.n_val, "n_eval": self.n_eval,
@@ -423,6 +454,7 @@ def combine_rounds(results: Sequence["PatchResult"]) -> "PatchResult":
     rounds = [{"flagged_classes": [int(c) for c in r.flagged_classes], "before": r.before, "after": r.after,
                "accuracy_drop": r.accuracy_drop, "sha256": r.sha256} for r in results]
     return replace(last, source_sha256=first.source_sha256, flagged_classes=flagged, before=first.before,
+                   correct_before=first.correct_before,
                    history=[h for r in results for h in r.history],
                    epochs_run=sum(r.epochs_run for r in results), seconds=sum(r.seconds for r in results),
                    config={**last.config, "rounds": len(results)}, rounds=rounds)
@@ -701,7 +733,7 @@ class ModelPatcher:
         eval_source = "heldout" if x_eval is not None else "validation"
         ex, ey = (x_eval, y_eval) if x_eval is not None else (xv, yv)
         eval_seed = self.seed + 20_000  # triggers never seen in fine-tuning or validation
-        before = measure(data, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval)
+        before, correct_before = measure(data, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval, return_correct=True)
 
         lrs = [float(v) for v in np.atleast_1d(self.lr)]
         n_members = int(self.soup)
@@ -726,7 +758,8 @@ class ModelPatcher:
         new_bytes = torch_to_onnx(clf, metadata={"trojan_gate.patched_from": info.sha256,
                                                  "trojan_gate.patched_classes": ",".join(map(str, flagged.tolist()))})
         self._check_export(new_bytes, clf, info, xv)
-        after = measure(new_bytes, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval)
+        after, correct_after = measure(new_bytes, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval,
+                                       return_correct=True)
         return PatchResult(
             onnx_bytes=new_bytes, sha256=sha256_bytes(new_bytes), source_sha256=info.sha256,
             flagged_classes=flagged.tolist(), before=before, after=after, output_kind=clf.output_kind,
@@ -734,7 +767,7 @@ class ModelPatcher:
             history=history, n_train=int(len(yt)), n_patch=int(round(self.patch_fraction * len(yt))),
             n_val=int(len(yv)), n_eval=int(len(ey)), eval_source=eval_source,
             config={**self.get_params(), "trigger_jitter": self.jitter_for(shape[-2:])},
-            seconds=time.perf_counter() - t0)
+            seconds=time.perf_counter() - t0, correct_before=correct_before, correct_after=correct_after)
 
     @staticmethod
     def _check_export(new_bytes: bytes, clf: ConvertedClassifier, info, x_probe: np.ndarray):

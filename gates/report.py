@@ -200,7 +200,10 @@ def _findings(verdict, scan_d, strip_d, patch_d, errors, names) -> list[dict]:
                                f"(max deviation factor {_fmt(_num(after.get('max_deviation_factor')), 3)})")
             if patch_d.get("accuracy_within_bound") is False:  # the gate's own decision, not re-derived here
                 drop, bound = _num(patch_d.get("accuracy_drop")), _num(patch_d.get("max_accuracy_drop"))
-                reasons.append(f"clean accuracy dropped {100 * drop:.2f} points, over the bound of {100 * bound:g}")
+                se = _num(patch_d.get("accuracy_drop_se"))
+                noise = (f" (± {100 * se:.2f}, one paired standard error over {patch_d.get('n_eval')} held-out images)"
+                         if se is not None else "")
+                reasons.append(f"clean accuracy dropped {100 * drop:.2f} points{noise}, over the bound of {100 * bound:g}")
             title = ("Patch removed the trigger but cost too much clean accuracy" if reasons and not flagged_again
                      else "Patching did not remove the trojan")
             because = "; ".join(reasons) if reasons else "it failed its targets"
@@ -601,6 +604,8 @@ def _section_patch(rep) -> str:
             f'source version {_e(d.get("source_version"))} &rarr; new version {_e(d.get("new_version"))}</p>')
     extra = {k: d[k] for k in ("sha256", "best_epoch", "epochs_run", "seconds", "n_train", "n_eval", "eval_source")
              if k in d}
+    if _num(d.get("accuracy_drop_se")) is not None:
+        extra["accuracy drop, paired standard error"] = f"{100 * _num(d['accuracy_drop_se']):.2f} pt"
     tail = _table(("", ""), [(f"<b>{_e(k)}</b>", _e(v)) for k, v in extra.items()]) if extra else ""
     return head + _table(("", "before", "after", "change"), rows) + tail
 

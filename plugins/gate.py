@@ -317,7 +317,9 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
     drop = patch.accuracy_drop
     mlflow.log_metrics({"patch_activation_rate_before": patch.before["trojan_activation_rate"],
                         "patch_activation_rate_after": patch.after["trojan_activation_rate"],
-                        **({"patch_accuracy_drop": drop} if drop is not None else {})})
+                        **({"patch_accuracy_drop": drop} if drop is not None else {}),
+                        **({"patch_accuracy_drop_se": patch.accuracy_drop_se}
+                           if patch.accuracy_drop_se is not None else {})})
     mlflow.log_dict(patch.to_dict(), "patch/patch.json")
     ok = (not fresh.trojan_suspected) and _accuracy_within_bound(patch, config)
     if not ok:
@@ -328,6 +330,8 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
                                       "patch.activation_rate_before": f"{patch.before['trojan_activation_rate']:.4f}",
                                       "patch.activation_rate_after": f"{patch.after['trojan_activation_rate']:.4f}",
                                       "patch.accuracy_drop": "" if drop is None else f"{drop:.4f}",
+                                      "patch.accuracy_drop_se": ("" if patch.accuracy_drop_se is None
+                                                                 else f"{patch.accuracy_drop_se:.4f}"),
                                       "patch.source_max_deviation_factor": f"{scan_result.max_deviation_factor:.4f}",
                                       "patch.fresh_max_deviation_factor": f"{fresh.max_deviation_factor:.4f}",
                                       "patch.rounds": str(max(1, len(patch.rounds)))})
@@ -429,6 +433,7 @@ def _report(ref, verdict, scan_result, det, selection, patch, fresh, new_ref, er
                       "after": {**patch.after, "max_deviation_factor": fresh.max_deviation_factor if fresh else None},
                       "source_version": ref.version, "new_version": new_ref.version if new_ref else None,
                       "passed": verdict == PATCHED, "accuracy_drop": patch.accuracy_drop,
+                      "accuracy_drop_se": patch.accuracy_drop_se, "n_eval": patch.n_eval,
                       "max_accuracy_drop": config.max_accuracy_drop,
                       "accuracy_within_bound": _accuracy_within_bound(patch, config),
                       "fresh_flagged_classes": list(fresh.flagged_classes) if fresh else None}

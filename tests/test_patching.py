@@ -425,3 +425,26 @@ def test_patch_rounds_stop_at_the_accuracy_bound_with_the_shared_comparison(patc
     results, scans = patching.patch_in_rounds(b"source", still_flagged, lambda b: still_flagged, None,
                                               rounds=3, max_accuracy_drop=0.01)
     assert calls == [b"source", b"round1"] and len(results) == len(scans) == 2  # stopped after 2.1 points
+
+
+def test_paired_standard_error_of_the_accuracy_drop_by_hand():
+    from trojan_gate.gates.patching import paired_drop_standard_error
+
+    before = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 0], bool)
+    after = np.array([1, 0, 0, 1, 0, 1, 1, 1, 1, 0], bool)
+    # b = 2 right only before, c = 1 right only after, n = 10: Var(d) = 3/10 - (1/10)^2 = 0.29
+    assert paired_drop_standard_error(before, after) == pytest.approx(np.sqrt(0.29 / 10))
+    assert paired_drop_standard_error(before, before) == 0.0  # the same answers: no noise in the drop
+    assert paired_drop_standard_error(None, after) is None
+    assert paired_drop_standard_error(before, after[:5]) is None
+
+
+def test_patch_result_reports_the_paired_error_of_its_measured_drop(patched):
+    from trojan_gate.gates.patching import paired_drop_standard_error
+
+    assert patched.correct_before.shape == patched.correct_after.shape == (patched.n_eval,)
+    assert patched.correct_before.mean() == pytest.approx(patched.before["clean_accuracy"])
+    assert patched.correct_after.mean() == pytest.approx(patched.after["clean_accuracy"])
+    se = patched.accuracy_drop_se
+    assert se == paired_drop_standard_error(patched.correct_before, patched.correct_after)
+    assert patched.to_dict()["accuracy_drop_se"] == se

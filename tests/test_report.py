@@ -169,6 +169,12 @@ def test_failed_patch_finding_names_why_it_failed():
     assert high[0]["title"] == "Patch removed the trigger but cost too much clean accuracy"
     assert "dropped 1.10 points, over the bound of 1" in high[0]["detail"]
 
+    measured = {**costly, "accuracy_drop_se": 0.0042, "n_eval": 1000}
+    rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=measured)
+    detail = [f for f in rep["findings"] if f["severity"] == "HIGH"][0]["detail"]
+    assert "dropped 1.10 points (± 0.42, one paired standard error over 1000 held-out images)" in detail
+    assert "paired standard error</b></td><td>0.42 pt" in render_html(rep, scan=_scan()).replace("\n", "")
+
 
 def test_many_classes_and_rgb_grid():
     scan = _scan(flagged=(7, 30), k=43, shape=(3, 8, 8))
