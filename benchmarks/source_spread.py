@@ -13,13 +13,11 @@ Usage: python benchmarks/source_spread.py [SEED] [MODELS] [TARGET]
 """
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from trojan_gate.gates.oracle import ModelOracle
-from trojan_gate.gates.scan import scan
+from trigger_robustness import zoo_scans
 from trojan_gate.gates.statistic import _smallest_scale, draw_seed
 from trojan_gate.pipelines.benchmark_deepinspect import ZOO, clean_subset
 
@@ -32,12 +30,7 @@ def main():
     names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else [e.name for e in ZOO]
     target = float(sys.argv[3]) if len(sys.argv) > 3 else 0.9
     held = clean_subset(120, seed=0)
-    for e in ZOO:
-        if e.name not in names:
-            continue
-        t0 = time.time()
-        orc = ModelOracle(str(Path("runs/zoo") / f"{e.name}.onnx"))
-        res = scan(orc, heldout=held, seed=seed, reference_models=0, progress=False)
+    for e, orc, res, t0 in zoo_scans(names, held, seed):
         x, y, gen = res.inverted_x, res.inverted_y, res.generator
         spread, rows = [], []
         for t in range(10):

@@ -35,6 +35,17 @@ from trojan_gate.pipelines.benchmark_deepinspect import ZOO, clean_subset
 MAX_SCALE = 16.0
 
 
+def zoo_scans(names, held, seed):
+    """(zoo entry, oracle, scan, start time) for each named zoo model: a scan with the held-out
+    substitute set and no reference models."""
+    for e in ZOO:
+        if e.name not in names:
+            continue
+        t0 = time.time()
+        orc = ModelOracle(str(Path("runs/zoo") / f"{e.name}.onnx"))
+        yield e, orc, scan(orc, heldout=held, seed=seed, reference_models=0, progress=False), t0
+
+
 def main():
     torch.set_num_threads(2)
     mode = sys.argv[1]
@@ -53,12 +64,7 @@ def main():
             out[i] = np.roll(d[i], (dy, dx), axis=(-2, -1))
         return out
 
-    for e in ZOO:
-        if e.name not in names:
-            continue
-        t0 = time.time()
-        orc = ModelOracle(str(Path("runs/zoo") / f"{e.name}.onnx"))
-        res = scan(orc, heldout=held, seed=seed, reference_models=0, progress=False)
+    for e, orc, res, t0 in zoo_scans(names, held, seed):
         x, y, gen = res.inverted_x, res.inverted_y, res.generator
         rng = np.random.default_rng(seed + 77)
         plain, probed = np.array(res.statistics), []
