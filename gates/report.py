@@ -65,6 +65,21 @@ def _jsonable(v):
     return str(v)
 
 
+def _borderline_accuracy(patch_d: dict):
+    """A MEDIUM finding when the patch's accuracy drop lies within one paired standard error of
+    the bound: the verdict on accuracy then depends on which held-out images were kept to check it."""
+    drop, bound = _num(patch_d.get("accuracy_drop")), _num(patch_d.get("max_accuracy_drop"))
+    se = _num(patch_d.get("accuracy_drop_se"))
+    if drop is None or bound is None or not se or abs(drop - bound) > se:
+        return None
+    side = "within" if patch_d.get("accuracy_within_bound") else "over"
+    return {"severity": "MEDIUM", "title": "Patch accuracy check is borderline",
+            "detail": f"The clean-accuracy drop of {100 * drop:.2f} points is {side} the bound of {100 * bound:g} "
+                      f"by less than its paired standard error ({100 * se:.2f} points over "
+                      f"{patch_d.get('n_eval')} held-out images); another draw of evaluation images could "
+                      "decide the other way. More held-out data narrows it."}
+
+
 def _num(v):
     try:
         v = float(v)
@@ -209,6 +224,9 @@ def _findings(verdict, scan_d, strip_d, patch_d, errors, names) -> list[dict]:
             because = "; ".join(reasons) if reasons else "it failed its targets"
             f.append({"severity": "HIGH", "title": title,
                       "detail": f"The patched model is not promoted: {because}. Figures: {figs}."})
+        borderline = _borderline_accuracy(patch_d)
+        if borderline is not None:
+            f.append(borderline)
     if strip_d is None:
         if verdict in ("passed", "patched"):
             f.append({"severity": "LOW", "title": "No STRIP boundary",

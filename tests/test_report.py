@@ -176,6 +176,23 @@ def test_failed_patch_finding_names_why_it_failed():
     assert "paired standard error</b></td><td>0.42 pt" in render_html(rep, scan=_scan()).replace("\n", "")
 
 
+def test_a_drop_within_one_standard_error_of_the_bound_is_called_borderline():
+    def medium(patch):
+        rep = build_report(model_name="m", version="2", verdict="patched" if patch["passed"] else "blocked",
+                           scan=_scan(), patch=patch)
+        return [f for f in rep["findings"] if f["title"] == "Patch accuracy check is borderline"]
+
+    near = {**PATCH, "passed": False, "new_version": None, "fresh_flagged_classes": [], "accuracy_drop": 0.011,
+            "max_accuracy_drop": 0.01, "accuracy_within_bound": False, "accuracy_drop_se": 0.0057, "n_eval": 1000}
+    found = medium(near)
+    assert len(found) == 1 and found[0]["severity"] == "MEDIUM"
+    assert "1.10 points is over the bound of 1 by less than its paired standard error (0.57" in found[0]["detail"]
+    passed_near = {**near, "passed": True, "new_version": "4", "accuracy_drop": 0.006, "accuracy_within_bound": True}
+    assert "is within the bound" in medium(passed_near)[0]["detail"]
+    assert medium({**near, "accuracy_drop": 0.02}) == []  # 1.8 standard errors over: not borderline
+    assert medium({**near, "accuracy_drop_se": None}) == [] and medium(PATCH) == []
+
+
 def test_many_classes_and_rgb_grid():
     scan = _scan(flagged=(7, 30), k=43, shape=(3, 8, 8))
     assert {7, 30} <= set(scan.flagged_classes)
