@@ -53,7 +53,11 @@ def add_arguments(p):
 
 
 def _acc(oracle, x, y) -> float:
-    return float((oracle.predict(x) == y).mean())
+    return float(_correct(oracle, x, y).mean())
+
+
+def _correct(oracle, x, y) -> np.ndarray:
+    return oracle.predict(x) == y
 
 
 def _asr(oracle, lab, x, y, targets) -> float:
@@ -61,12 +65,16 @@ def _asr(oracle, lab, x, y, targets) -> float:
     return float(np.isin(oracle.predict(lab.stamp(x[keep])), targets).mean())
 
 
+def _se(se) -> str:
+    return "" if se is None else f" (± {100 * se:.2f} pt)"
+
+
 def run(args) -> int:
     from trojan_gate.gates.data import load_fashion_mnist
     from trojan_gate.gates.far_estimate import estimate_far, hijacking_inputs
     from trojan_gate.gates.lab import LabConfig, train_lab_model
     from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.patching import ModelPatcher, patch_in_rounds
+    from trojan_gate.gates.patching import ModelPatcher, paired_drop_standard_error, patch_in_rounds
     from trojan_gate.gates.scan import scan
     from trojan_gate.gates.strip import BLEND_RULES, StripDetector
 
@@ -93,8 +101,9 @@ def run(args) -> int:
         scan_held = None if args.scan_without_heldout else held
         result = scan(oracle, heldout=scan_held, seed=args.seed)
         scan_s = time.perf_counter() - t0
+        correct_before = _correct(oracle, ev.x, ev.y)
         row = {"model": name, "targets": targets, "flagged": result.flagged_classes,
-               "df_before": result.max_deviation_factor, "acc_before": _acc(oracle, ev.x, ev.y),
+               "df_before": result.max_deviation_factor, "acc_before": float(correct_before.mean()),
                "asr_before": _asr(oracle, lab, ev.x, ev.y, targets), "scan_s": scan_s}
         if result.trojan_suspected:
             t1 = time.perf_counter()
@@ -104,9 +113,11 @@ def run(args) -> int:
             rounds = []
             for pr, fresh in zip(results, scans):
                 patched = ModelOracle(pr.onnx_bytes)
-                rounds.append({"asr": _asr(patched, lab, ev.x, ev.y, targets), "acc": _acc(patched, ev.x, ev.y),
+                correct_after = _correct(patched, ev.x, ev.y)
+                rounds.append({"asr": _asr(patched, lab, ev.x, ev.y, targets), "acc": float(correct_after.mean()),
                                "df": fresh.max_deviation_factor, "flagged": fresh.flagged_classes})
             row.update(acc_after=rounds[-1]["acc"], asr_after=rounds[-1]["asr"],
+                       acc_drop_se=paired_drop_standard_error(correct_before, correct_after),
                        df_after=scans[-1].max_deviation_factor, fresh_verdict=scans[-1].verdict,
                        rounds=rounds, patch_s=time.perf_counter() - t1)
             spread = [{"seed": args.seed, "acc": rounds[0]["acc"], "asr": rounds[0]["asr"]}]
@@ -147,11 +158,13 @@ def run(args) -> int:
              f"{'model inversion alone' if args.scan_without_heldout else 'held-out substitute set + 3 reference models'}."
              f" Patch options: {patch_options or DEFAULT_RECIPE}."
              f" Patch rounds: at most {args.patch_rounds}.", "",
-             "| model | targets | flagged | max df before → after | clean acc before → after | true-trigger ASR before → after | fresh scan | scan s | patch s |",
+             "| model | targets | flagged | max df before → after | clean acc before → after (± paired SE of the "
+             f"change, {len(ev.y)} images) | true-trigger ASR before → after | fresh scan | scan s | patch s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in patch_rows:
         lines.append(f"| {r['model']} | {r['targets']} | {r['flagged']} | {f(r['df_before'])} → {f(r.get('df_after'))} | "
-                     f"{f(r['acc_before'], True)} → {f(r.get('acc_after'), True)} | {f(r['asr_before'], True)} → "
+                     f"{f(r['acc_before'], True)} → {f(r.get('acc_after'), True)}{_se(r.get('acc_drop_se'))} | "
+                     f"{f(r['asr_before'], True)} → "
                      f"{f(r.get('asr_after'), True)} | {r.get('fresh_verdict', 'not patched')} | {r['scan_s']:.0f} | "
                      f"{r.get('patch_s', 0):.0f} |")
     lines += ["", f"STRIP at preset FRR {args.frr:.0%}, N=10, on the unpatched trojaned models:", "",
