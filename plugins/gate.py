@@ -314,12 +314,11 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
     patch = combine_rounds(results)
     patched_path = patch.save(workdir / "patched" / "model.onnx")
     _log_scan(fresh, "patched_", workdir)
-    drop = patch.accuracy_drop
+    drop, drop_se = patch.accuracy_drop, patch.accuracy_drop_se
     mlflow.log_metrics({"patch_activation_rate_before": patch.before["trojan_activation_rate"],
                         "patch_activation_rate_after": patch.after["trojan_activation_rate"],
                         **({"patch_accuracy_drop": drop} if drop is not None else {}),
-                        **({"patch_accuracy_drop_se": patch.accuracy_drop_se}
-                           if patch.accuracy_drop_se is not None else {})})
+                        **({"patch_accuracy_drop_se": drop_se} if drop_se is not None else {})})
     mlflow.log_dict(patch.to_dict(), "patch/patch.json")
     ok = (not fresh.trojan_suspected) and _accuracy_within_bound(patch, config)
     if not ok:
@@ -330,8 +329,7 @@ def _patch(ref, oracle, scan_result, heldout, config, scan_fn, workdir, client):
                                       "patch.activation_rate_before": f"{patch.before['trojan_activation_rate']:.4f}",
                                       "patch.activation_rate_after": f"{patch.after['trojan_activation_rate']:.4f}",
                                       "patch.accuracy_drop": "" if drop is None else f"{drop:.4f}",
-                                      "patch.accuracy_drop_se": ("" if patch.accuracy_drop_se is None
-                                                                 else f"{patch.accuracy_drop_se:.4f}"),
+                                      "patch.accuracy_drop_se": "" if drop_se is None else f"{drop_se:.4f}",
                                       "patch.source_max_deviation_factor": f"{scan_result.max_deviation_factor:.4f}",
                                       "patch.fresh_max_deviation_factor": f"{fresh.max_deviation_factor:.4f}",
                                       "patch.rounds": str(max(1, len(patch.rounds)))})
