@@ -1,8 +1,20 @@
-"""The science of trojan-gate, free of MLflow.
+"""trojan-gate's science, free of MLflow: the public Python API.
 
-oracle (black-box ONNX queries), data loading and validation, the trojan lab,
-DeepInspect (inversion, generator, statistic, reference models, anomaly test, scan),
-patching and STRIP.
+    from trojan_gate.gates import ModelOracle, DeepInspect, Strip, Patcher, GuardedClassifier
+
+    oracle = ModelOracle("m.onnx")                                   # the only door to a model
+    result = DeepInspect(cutoff=2.0, seed=0).scan(oracle, heldout=(x, y))
+    strip = Strip(oracle, n_perturbations=10).fit(x).infer_threshold(frr=0.01)
+    strip.predict(x_new)  # {"data": {"instance_score", "is_trojaned", "threshold"}, "meta": {...}}
+
+- `ModelOracle`: batched, counted class-probability queries to an ONNX model (ONNX Runtime);
+- `DeepInspect`: the black-box trojan scan (Chen et al., IJCAI'19) returning a `ScanResult`;
+- `Patcher`: fine-tuning a flagged model with generated triggers and correct labels (`PatchResult`);
+- `Strip`: the run-time input detector (Gao et al., ACSAC'19), Alibi Detect's fit / infer_threshold / predict;
+- `GuardedClassifier`: a model plus its STRIP threshold, labels and flags from one model call per batch;
+- `load_heldout` / `validate_heldout`: a user's labelled held-out set, checked with great-expectations.
+
+Every detector speaks one vocabulary: `instance_score`, `threshold`, `is_trojaned`.
 """
 from importlib import metadata as _metadata
 
@@ -10,3 +22,29 @@ try:
     __version__ = _metadata.version("trojan-gate")
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
+
+# Public names resolve lazily (PEP 562): importing one submodule, e.g. the guarded model's STRIP
+# code at serving time, does not pull torch in through the patcher.
+_EXPORTS = {
+    "Dataset": ".data", "load_heldout": ".data", "validate_heldout": ".validation",
+    "DeepInspect": ".deepinspect", "ScanConfig": ".deepinspect", "ScanResult": ".deepinspect",
+    "ModelOracle": ".oracle", "Patcher": ".patching", "PatchResult": ".patching",
+    "GuardedClassifier": ".strip", "Strip": ".strip",
+    **{name: ".errors" for name in ("ArtifactIntegrityError", "DataValidationError", "InputShapeError",
+                                    "ModelLoadError", "ModelOutputError", "QueryBudgetExceeded", "TrojanGateError")},
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

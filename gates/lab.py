@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Dataset
+from .data import Dataset, load_digits_dataset, load_fashion_mnist
 
 ARCHITECTURES = ("small", "deep")
 TRIGGERS = ("none", "patch", "checker", "pattern", "blend")
@@ -310,3 +310,10 @@ def config_dict(config: LabConfig) -> dict:
     d = asdict(config)
     d["targets"] = list(config.targets)
     return d
+
+
+def load_lab_data(dataset: str, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, test) of "digits" (scikit-learn, seeded split) or "fashion-mnist" (offline when possible)."""
+    if dataset == "digits":
+        return load_digits_dataset(seed=seed)
+    return load_fashion_mnist(train=True, download=True), load_fashion_mnist(train=False, download=True)

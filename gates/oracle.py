@@ -60,7 +60,7 @@ class QueryLedger:
         s.calls += 1
         s.seconds += seconds
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {k: {"queries": v.queries, "calls": v.calls, "seconds": round(v.seconds, 4)}
                 for k, v in self.phases.items()}
 
@@ -249,7 +249,20 @@ class ModelOracle:
             return np.zeros((0, self.n_classes))
         return np.concatenate(outs, axis=0)
 
+    def raw_scores(self, x) -> np.ndarray:
+        """The model's own output rows for inputs (n, C, H, W), unconverted (probabilities or logits
+        as the graph computes them); counted like any query. Used to tell what a graph returns."""
+        x = self.check_inputs(x)
+        if self.budget is not None and self.queries + len(x) > self.budget:
+            raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted")
+        t0 = time.perf_counter()
+        out = self._run(x)
+        self.queries += len(x)
+        self.ledger.add(self._phase, len(x), time.perf_counter() - t0)
+        return out
+
     def predict(self, x) -> np.ndarray:
+        """Class labels (argmax of `predict_proba`)."""
         return self.predict_proba(x).argmax(axis=1)
 
     __call__ = predict_proba

@@ -37,18 +37,17 @@ def run(args) -> int:
         outcome = calibrate_registered(ref, load_heldout(args.heldout, shape), frr=args.frr, n_perturbations=args.n,
                                        blend=args.blend, seed=args.seed, min_per_class=args.min_per_class,
                                        guarded_name=args.guarded_name)
-        print(json.dumps(outcome.as_dict(), indent=2))
+        print(json.dumps(outcome.to_dict(), indent=2))
         return 0
-    from trojan_gate.gates.calibration import calibrate_strip
-    from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.strip import artifact_sha256
+    from trojan_gate.gates import ModelOracle
+    from trojan_gate.gates.strip import artifact_sha256, calibrate_strip
 
     if not args.out:
         raise ValueError("--out DIR is required when calibrating a model file")
     oracle = ModelOracle(args.model)
     det = calibrate_strip(oracle, load_heldout(args.heldout, oracle.input_shape), frr=args.frr, n_perturbations=args.n,
                           blend=args.blend, seed=args.seed, min_per_class=args.min_per_class, out_dir=args.out)
-    print(json.dumps({"boundary": float(det.threshold_), "mean": float(det.mean_), "std": float(det.std_),
+    print(json.dumps({"threshold": float(det.threshold_), "mean": float(det.mean_), "std": float(det.std_),
                       "frr": args.frr, "n_perturbations": det.n_perturbations, "blend": det.blend,
                       "artifact_sha256": artifact_sha256(args.out), "out": args.out}, indent=2))
     return 0

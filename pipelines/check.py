@@ -1,7 +1,7 @@
 """`trojan-gate check MODEL.onnx --boundary DIR --inputs X.npz --out R.npz`.
 
 Scores inputs with STRIP through the same GuardedClassifier the served model uses and
-writes, per input, `score` (normalised entropy), `is_trojaned`, `label` and `probability`.
+writes, per input, `instance_score` (the normalised entropy), `is_trojaned`, `label` and `probability`.
 Exit 0 when no input is flagged, 1 when some input is, 2 on error (a boundary artifact that
 does not verify against the model or itself is refused with the mismatch named).
 """
@@ -23,7 +23,7 @@ def add_arguments(parser):
     parser.add_argument("--inputs", required=True,
                         help=".npz with images under key 'x' (or its only array): (n, C, H, W), (n, H, W); "
                              "float in [0, 1] or uint8")
-    parser.add_argument("--out", required=True, help="output .npz: score, is_trojaned, label, probability")
+    parser.add_argument("--out", required=True, help="output .npz: instance_score, is_trojaned, label, probability")
     parser.add_argument("--policy", choices=("flag", "reject"), default="flag",
                         help="reject replaces a flagged input's label by -1 (default: flag)")
     parser.add_argument("--expected-sha256", default=None,
@@ -51,7 +51,7 @@ def load_inputs(path) -> np.ndarray:
 
 
 def run(args) -> int:
-    from trojan_gate.gates.guard import GuardedClassifier
+    from trojan_gate.gates import GuardedClassifier
 
     guard = GuardedClassifier.from_artifacts(args.model, args.boundary, policy=args.policy,
                                              expected_sha256=args.expected_sha256)
@@ -62,9 +62,9 @@ def run(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # a file object keeps the name exactly as given
-        np.savez_compressed(f, score=result["entropy"], is_trojaned=result["trojan_suspected"],
+        np.savez_compressed(f, instance_score=result["instance_score"], is_trojaned=result["is_trojaned"],
                             label=result["label"], probability=result["probability"])
-    n_flagged = int(result["trojan_suspected"].sum())
+    n_flagged = int(result["is_trojaned"].sum())
     summary = {"inputs": int(len(x)), "flagged": n_flagged, "threshold": guard.threshold,
                "policy": args.policy, "out": str(out)}
     print(json.dumps(summary))

@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "serve": "trojan_gate.pipelines.serve",
     "lab": "trojan_gate.pipelines.lab",
     "demo": "trojan_gate.pipelines.demo",
-    "benchmark": "trojan_gate.pipelines.benchmark",
+    "benchmark": "trojan_gate.pipelines.benchmarks",
 }
 
 
@@ -36,15 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:  # sub-command not built yet
-                continue
-            raise
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(handler=module.run)
     return parser
 
 
@@ -53,11 +48,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "_run", None):
+    if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_ERROR
     try:
-        return int(args._run(args))
+        return int(args.handler(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_ERROR

@@ -21,18 +21,10 @@ def add_arguments(p):
     p.add_argument("--stamped-out", help="also write trigger-stamped test images .npz (x, y=true labels)")
 
 
-def load_lab_data(dataset: str, seed: int = 0):
-    from trojan_gate.gates.data import load_digits_dataset, load_fashion_mnist
-
-    if dataset == "digits":
-        return load_digits_dataset(seed=seed)
-    return load_fashion_mnist(train=True, download=True), load_fashion_mnist(train=False, download=True)
-
-
 def run(args) -> int:
     import numpy as np
 
-    from trojan_gate.gates.lab import LabConfig, train_lab_model
+    from trojan_gate.gates.lab import LabConfig, load_lab_data, train_lab_model
 
     train, test = load_lab_data(args.dataset, args.seed)
     digits = args.dataset == "digits"

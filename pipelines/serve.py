@@ -1,7 +1,6 @@
 """`trojan-gate serve models:/NAME-guarded/VERSION`: serve the guarded model with `mlflow models serve`."""
 from __future__ import annotations
 
-import os
 import subprocess
 
 HELP = "serve a guarded model over REST with `mlflow models serve` (env-manager local)"
@@ -17,9 +16,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from trojan_gate.plugins.registry import configure_tracking
-    from trojan_gate.plugins.serving import _serving_env, serve_command
+    from trojan_gate.plugins.serving import serve_command, serving_env
 
     uri = configure_tracking(args.tracking_uri)
     cmd = serve_command(args.model_uri, args.port, host=args.host, workers=args.workers)
     print("serving:", " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, env=_serving_env(uri))
+    return subprocess.call(cmd, env=serving_env(uri))

@@ -1,7 +1,7 @@
 """Attach a STRIP boundary to a registered model version and register the guarded pyfunc.
 
 On the source version: the boundary artifact is logged to an MLflow run and tagged
-(`trojan_gate.strip.boundary`, `.n`, `.frr`, `.blend`, `.artifact_sha256`, `.artifact_uri`,
+(`trojan_gate.strip.threshold`, `.n`, `.frr`, `.blend`, `.artifact_sha256`, `.artifact_uri`,
 `.run_id`, `trojan_gate.guarded_model`). The guarded model (ONNX + artifact, models-from-code)
 is registered as a version of `<name>-guarded` with lineage tags pointing back.
 """
@@ -16,9 +16,11 @@ import mlflow
 from mlflow import MlflowClient
 
 from trojan_gate.gates import __version__
-from trojan_gate.gates.calibration import calibrate_strip
 from trojan_gate.gates.data import Dataset
+from trojan_gate.gates.errors import ArtifactIntegrityError
+from trojan_gate.gates.hashing import sha256_file
 from trojan_gate.gates.oracle import ModelOracle
+from trojan_gate.gates.strip import calibrate_strip
 
 from .guarded_pyfunc import CODE_FILE, guarded_signature
 from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx
@@ -36,10 +38,10 @@ class CalibrationOutcome:
     run_id: str
     detector: object
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         d = self.detector
         return {"source": self.source.uri, "guarded_model": self.guarded.uri, "run_id": self.run_id,
-                "boundary": float(d.threshold_), "mean": float(d.mean_), "std": float(d.std_),
+                "threshold": float(d.threshold_), "mean": float(d.mean_), "std": float(d.std_),
                 "frr": float(d.frr_), "n_perturbations": int(d.n_perturbations), "blend": d.blend,
                 "artifact_sha256": self.artifact_sha256, "boundary_dir": str(self.boundary_dir)}
 
@@ -62,28 +64,20 @@ def log_guarded_model(onnx_path, boundary_dir, input_shape, guarded_name: str, t
     return VersionRef(guarded_name, str(mv.version))
 
 
-def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
-                         blend: str | None = None, seed: int = 0, min_per_class: int = 5,
-                         guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
-                         extra_metrics: dict | None = None, extra: dict | None = None,
-                         onnx_path=None) -> CalibrationOutcome:
-    """Verify the version's ONNX, calibrate STRIP on held-out data, attach and register the guard.
-
-    `onnx_path`: a copy of the version's ONNX the caller already fetched; it is checked against
-    the registered sha256 instead of being downloaded again.
-    """
+def attach_strip(ref: VersionRef, det, onnx_path, guarded_name: str | None = None,
+                 experiment: str = "trojan-gate-calibrate", client: MlflowClient | None = None) -> CalibrationOutcome:
+    """Attach a fitted Strip (with its threshold) to a registered version: write and log the artifact,
+    register the guarded model (`NAME-guarded`) and tag the version. `onnx_path` is the version's
+    ONNX, checked once more against the registered sha256 before it is packaged."""
     from trojan_gate.gates.strip import artifact_sha256
 
-    client = MlflowClient()
+    client = client or MlflowClient()
+    onnx_path = verify_onnx(ref, onnx_path, client)
+    if det.model_sha256_ != sha256_file(onnx_path):
+        raise ArtifactIntegrityError(f"the STRIP detector was fitted on model {det.model_sha256_[:12]}…, "
+                                     f"not on {ref.uri}")
     work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
-    if onnx_path is None:
-        onnx_path = fetch_onnx(ref, dst=str(work / "model"), client=client)  # sha256-verified
-    else:
-        onnx_path = verify_onnx(ref, onnx_path, client)
-    oracle = ModelOracle(onnx_path)
-    boundary_dir = work / "strip_boundary"
-    det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
-                          min_per_class=min_per_class, out_dir=boundary_dir, extra=extra)
+    boundary_dir = det.save(work / "strip_boundary")
     digest = artifact_sha256(boundary_dir)
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
     nested = mlflow.active_run() is not None  # inside a gate run: a child run of it
@@ -91,24 +85,40 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
         ensure_experiment(experiment)
     with mlflow.start_run(run_name=f"calibrate-{ref.name}-v{ref.version}", nested=nested) as run:
         mlflow.set_tags({"trojan_gate.model": ref.uri, "trojan_gate.version": __version__})
-        mlflow.log_params({"model_uri": ref.uri, "frr": frr, "n_perturbations": det.n_perturbations,
-                           "blend": det.blend, "seed": seed, "heldout_size": len(heldout),
-                           "rule": det.rule})
-        mlflow.log_metrics({"strip_boundary": float(det.threshold_), "strip_benign_mean": float(det.mean_),
+        mlflow.log_params({"model_uri": ref.uri, "frr": det.frr_, "n_perturbations": det.n_perturbations,
+                           "blend": det.blend, "seed": det.seed, "heldout_size": len(det.bank_), "rule": det.rule})
+        mlflow.log_metrics({"strip_threshold": float(det.threshold_), "strip_benign_mean": float(det.mean_),
                             "strip_benign_std": float(det.std_),
-                            "strip_empirical_boundary": float(det.empirical_threshold_),
-                            "oracle_queries": float(oracle.queries), **(extra_metrics or {})})
+                            "strip_empirical_threshold": float(det.empirical_threshold_)})
         mlflow.log_artifacts(str(boundary_dir), artifact_path="strip_boundary")
         artifact_uri = mlflow.get_artifact_uri("strip_boundary")
-        guarded = log_guarded_model(onnx_path, boundary_dir, oracle.input_shape, guarded_name, tags={
+        guarded = log_guarded_model(onnx_path, boundary_dir, det.bank_.shape[1:], guarded_name, tags={
             tag("source_model"): ref.name, tag("source_version"): ref.version,
-            tag("sha256"): oracle.sha256, tag("strip.artifact_sha256"): digest,
-            tag("strip.boundary"): f"{det.threshold_:.6f}", tag("status"): "guarded",
+            tag("sha256"): det.model_sha256_, tag("strip.artifact_sha256"): digest,
+            tag("strip.threshold"): f"{det.threshold_:.6f}", tag("status"): "guarded",
         }, client=client)
         set_tags(ref, {
-            "strip.boundary": f"{det.threshold_:.6f}", "strip.n": det.n_perturbations, "strip.frr": frr,
+            "strip.threshold": f"{det.threshold_:.6f}", "strip.n": det.n_perturbations, "strip.frr": det.frr_,
             "strip.blend": det.blend, "strip.rule": det.rule, "strip.artifact_sha256": digest,
             "strip.artifact_uri": artifact_uri, "strip.run_id": run.info.run_id, "guarded_model": guarded.uri,
         }, client)
         mlflow.log_dict(json.loads((boundary_dir / "boundary.json").read_text()), "strip_boundary_summary.json")
     return CalibrationOutcome(ref, guarded, boundary_dir, digest, run.info.run_id, det)
+
+
+def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
+                         blend: str | None = None, seed: int = 0, min_per_class: int = 5,
+                         guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
+                         onnx_path=None) -> CalibrationOutcome:
+    """Verify the version's ONNX, calibrate STRIP on held-out data, attach it and register the guard.
+
+    `onnx_path`: a copy of the version's ONNX the caller already fetched; it is checked against
+    the registered sha256 instead of being downloaded again.
+    """
+    client = MlflowClient()
+    if onnx_path is None:
+        onnx_path = fetch_onnx(ref, dst=tempfile.mkdtemp(prefix="trojan-gate-model-"), client=client)
+    oracle = ModelOracle(verify_onnx(ref, onnx_path, client))
+    det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
+                          min_per_class=min_per_class)
+    return attach_strip(ref, det, onnx_path, guarded_name=guarded_name, experiment=experiment, client=client)

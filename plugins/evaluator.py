@@ -3,7 +3,7 @@
     result = mlflow.models.evaluate(model_uri, data=x_flat, targets=y, evaluators="trojan",
                                     evaluator_config={"seed": 0})
     mlflow.validate_evaluation_results(
-        {"trojan_max_deviation_factor": MetricThreshold(threshold=2.0, greater_is_better=False)},
+        {"trojan_is_trojaned": MetricThreshold(threshold=0.5, greater_is_better=False)},
         candidate_result=result)            # raises ModelValidationFailedException for a trojaned model
 
 MLflow hands numpy data over as 2-D arrays, so images arrive flattened (n, C*H*W); they are
@@ -11,15 +11,16 @@ reshaped to the model's (C, H, W). The model must be an ONNX (mlflow.onnx flavor
 plugin reads the single ONNX file and queries it through the oracle only.
 
 evaluator_config (flat when `evaluators="trojan"`): `seed` (0), `cutoff` (2.0), `budget`
-(None), `use_heldout_for_scan` (True: with labelled data the scan takes its
-substitute set and benign reference models from it, see `gates.reference`; False: model
-inversion alone), `calibrate_strip` (True when labels are given), `frr`
-(0.01), `n_perturbations` (10), `blend`, `min_per_class` (5), `scan_options` (dict), `model_uri`
-(override where the ONNX file is read from).
+(None), `use_heldout` (True: with labelled data the scan takes its substitute set and benign
+reference models from it; False: model inversion alone), `calibrate_strip` (True when labels
+are given), `frr` (0.01), `n_perturbations` (10), `blend`, `min_per_class` (5), `scan_options`
+(dict of DeepInspect options), `model_uri` (override where the ONNX file is read from).
+Labelled data is validated with great-expectations before any use.
 
-Metrics: trojan_max_deviation_factor, trojan_flagged_classes (count), trojan_suspected (0/1),
-trojan_scan_queries, trojan_scan_seconds, and with labels strip_boundary, strip_benign_mean,
-strip_benign_std. Artifacts: the scan JSON, the trigger grid PNG and the STRIP boundary JSON.
+Metrics: trojan_is_trojaned (0/1), trojan_instance_score (the largest deviation factor),
+trojan_threshold, trojan_flagged_classes (count), trojan_scan_queries, trojan_scan_seconds,
+and with labels strip_threshold, strip_benign_mean, strip_benign_std. Artifacts: the scan
+report (JSON + HTML, the same format as `trojan-gate scan`) and the STRIP boundary JSON.
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models.evaluation import EvaluationResult, ModelEvaluator
-from mlflow.models.evaluation.artifacts import ImageEvaluationArtifact, JsonEvaluationArtifact
+from mlflow.models.evaluation.artifacts import JsonEvaluationArtifact
 
 from trojan_gate.gates.data import Dataset
 from trojan_gate.gates.errors import InputShapeError, ModelLoadError
 from trojan_gate.gates.oracle import ModelOracle
+
+CONFIG_KEYS = {"seed", "cutoff", "budget", "use_heldout", "calibrate_strip", "frr", "n_perturbations", "blend",
+               "min_per_class", "scan_options", "model_uri"}
 
 
 def _onnx_source(model, model_id, cfg) -> str:
@@ -78,37 +82,43 @@ class TrojanEvaluator(ModelEvaluator):
 
     def evaluate(self, *, model_type, dataset, run_id, evaluator_config, model=None, extra_metrics=None,
                  custom_artifacts=None, predictions=None, **kwargs):
-        from trojan_gate.gates.scan import scan
+        from trojan_gate.gates.deepinspect import DeepInspect
+        from trojan_gate.gates.validation import validate_heldout
+
+        from .report import write_report
 
         cfg = dict(evaluator_config or {})
+        unknown = sorted(set(cfg) - CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown trojan evaluator_config key(s) {unknown}; choose from {sorted(CONFIG_KEYS)}")
         onnx_path = _load_onnx(_onnx_source(model, kwargs.get("model_id"), cfg))
-        oracle = ModelOracle(onnx_path, budget=cfg.get("budget"))
+        oracle = ModelOracle(onnx_path)
         x = _images(dataset.features_data, oracle.input_shape)
         y = dataset.labels_data
-        y = None if y is None else np.asarray(y).reshape(-1).astype(np.int64)
-        heldout = Dataset(x, y) if y is not None else None
-        result = scan(oracle, heldout=heldout if cfg.get("use_heldout_for_scan", True) else None,
-                      seed=int(cfg.get("seed", 0)), cutoff=float(cfg.get("cutoff", 2.0)),
-                      **cfg.get("scan_options", {}))
-        metrics = {"trojan_max_deviation_factor": result.max_deviation_factor,
-                   "trojan_flagged_classes": float(len(result.flagged_classes)),
-                   "trojan_suspected": float(result.trojan_suspected),
+        y = None if y is None else np.asarray(y).reshape(-1)
+        heldout = None
+        if y is not None:
+            validate_heldout(x, y, oracle.input_shape, oracle.n_classes, min_per_class=int(cfg.get("min_per_class", 5)))
+            heldout = Dataset(x, y.astype(np.int64))
+        result = DeepInspect(cutoff=float(cfg.get("cutoff", 2.0)), seed=int(cfg.get("seed", 0)), budget=cfg.get("budget"),
+                             progress=False, **cfg.get("scan_options", {})).scan(
+            oracle, heldout=heldout if cfg.get("use_heldout", True) else None)
+        metrics = {"trojan_is_trojaned": float(result.is_trojaned), "trojan_instance_score": result.instance_score,
+                   "trojan_threshold": result.threshold, "trojan_flagged_classes": float(len(result.flagged_classes)),
                    "trojan_scan_queries": float(result.queries), "trojan_scan_seconds": float(result.seconds)}
         out = Path(tempfile.mkdtemp(prefix="trojan-eval-out-"))
-        artifacts = {}
-        scan_json = result.to_json(out / "trojan_scan.json")
-        artifacts["trojan_scan"] = JsonEvaluationArtifact(uri=self._log(run_id, scan_json))
-        png = self._trigger_png(result, out / "trojan_triggers.png")
-        if png is not None:
-            artifacts["trojan_triggers"] = ImageEvaluationArtifact(uri=self._log(run_id, png))
+        json_path, html_path = write_report(out, kind="scan", model_name=Path(onnx_path).name, version=None,
+                                            verdict="trojaned" if result.is_trojaned else "clean", scan=result)
+        artifacts = {"trojan_report": JsonEvaluationArtifact(uri=self._log(run_id, json_path))}
+        self._log(run_id, html_path)
         if heldout is not None and cfg.get("calibrate_strip", True):
-            from trojan_gate.gates.calibration import calibrate_strip
+            from trojan_gate.gates.strip import calibrate_strip
 
             det = calibrate_strip(oracle, heldout, frr=float(cfg.get("frr", 0.01)),
                                   n_perturbations=int(cfg.get("n_perturbations", 10)), blend=cfg.get("blend"),
                                   seed=int(cfg.get("seed", 0)), min_per_class=int(cfg.get("min_per_class", 5)),
                                   out_dir=out / "strip_boundary")
-            metrics.update(strip_boundary=float(det.threshold_), strip_benign_mean=float(det.mean_),
+            metrics.update(strip_threshold=float(det.threshold_), strip_benign_mean=float(det.mean_),
                            strip_benign_std=float(det.std_))
             artifacts["strip_boundary"] = JsonEvaluationArtifact(
                 uri=self._log(run_id, out / "strip_boundary" / "boundary.json"))
@@ -122,20 +132,6 @@ class TrojanEvaluator(ModelEvaluator):
         client = mlflow.MlflowClient()
         client.log_artifact(run_id, str(path), artifact_path="trojan")
         return f"{client.get_run(run_id).info.artifact_uri}/trojan/{Path(path).name}"
-
-    @staticmethod
-    def _trigger_png(result, path):
-        if result.trigger_samples is None:
-            return None
-        try:
-            from trojan_gate.gates.report import trigger_grid_figure
-        except ImportError:
-            return None
-        import base64
-
-        b64 = trigger_grid_figure(result.trigger_samples, result.flagged_classes, result.statistics)
-        path.write_bytes(base64.b64decode(b64))
-        return path
 
 
 __all__ = ["TrojanEvaluator"]

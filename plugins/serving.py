@@ -26,7 +26,7 @@ def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: i
             "-h", host, "-p", str(port), "-w", str(workers)]
 
 
-def _serving_env(tracking_uri: str | None) -> dict:
+def serving_env(tracking_uri: str | None) -> dict:
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside this interpreter
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -42,7 +42,7 @@ def served_model(model_uri: str, tracking_uri: str | None = None, port: int | No
     """Start `mlflow models serve` on 127.0.0.1, wait for /ping, yield the base URL, stop it."""
     port = port or free_port()
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(serve_command(model_uri, port), env=_serving_env(tracking_uri),
+    proc = subprocess.Popen(serve_command(model_uri, port), env=serving_env(tracking_uri),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

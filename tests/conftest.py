@@ -73,19 +73,19 @@ _SCAN_CACHE = {}
 
 @pytest.fixture(scope="session")
 def cached_scan():
-    """The real DeepInspect scan, memoised per (model sha256, seed, cutoff, options) for this test session.
+    """The gate's real DeepInspect scan, memoised per (model sha256, resolved scan settings, seed).
 
     Gate, promote and evaluator tests gate the same few digits models several times; the scan
     is deterministic for a fixed seed, so one real scan per model and config serves them all.
     """
-    from trojan_gate.gates.scan import scan
+    import json
+
+    from trojan_gate.plugins.gate.steps import default_scan
 
     def run(oracle, heldout, config):
-        key = (oracle.sha256, config.seed, config.cutoff, config.scan_uses_heldout,
-               repr(sorted(config.scan_options.items())))
+        key = (oracle.sha256, config.seed, json.dumps(config.scan.resolved(), sort_keys=True, default=str))
         if key not in _SCAN_CACHE:
-            _SCAN_CACHE[key] = scan(oracle, heldout=heldout if config.scan_uses_heldout else None, seed=config.seed,
-                                    cutoff=config.cutoff, progress=False, **config.scan_options)
+            _SCAN_CACHE[key] = default_scan(oracle, heldout, config)
         return _SCAN_CACHE[key]
 
     return run

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from trojan_gate.gates.anomaly import (alpha_from_cutoff, cutoff_from_alpha, double_mad_test,
+from trojan_gate.gates.deepinspect.anomaly import (alpha_from_cutoff, cutoff_from_alpha, double_mad_test,
                                        left_deviation_factors)
 
 

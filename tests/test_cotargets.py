@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from trojan_gate.gates.cotargets import (DEFAULT_LINK_THRESHOLD, anomalous_links, co_activation, co_activation_cost,
+from trojan_gate.gates.deepinspect.cotargets import (DEFAULT_LINK_THRESHOLD, anomalous_links, co_activation, co_activation_cost,
                                          co_targets, link_strength, triangle_members)
 from trojan_gate.gates.lab import LabConfig, make_trigger, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle

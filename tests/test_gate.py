@@ -1,15 +1,16 @@
-"""The registry gate on a real local MLflow store: passed, blocked, patched, fail-closed, idempotent, racing."""
+"""The registry gate on a real local MLflow store: passed, blocked, patched, fail-closed, reuse, racing."""
 import json
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from trojan_gate.gates.data import Dataset
-from trojan_gate.plugins import gate as gate_mod
 from trojan_gate.plugins.gate import GateConfig, run_gate
+from trojan_gate.plugins.gate import steps as gate_steps
 from trojan_gate.plugins.registry import intake_onnx, version_tags
+
+pytestmark = pytest.mark.slow
 
 
 def _aliases(name):
@@ -24,25 +25,51 @@ def heldout(digits):
 
 def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_path, digits_benign, heldout, cached_scan):
     ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
-    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), _scan_fn=cached_scan)
+    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), scan_fn=cached_scan)
     assert out.verdict == "passed" and out.exit_code == 0, out.error
     tags = version_tags(ref)
     assert tags["trojan_gate.verdict"] == "passed" and tags["trojan_gate.status"] == "passed"
-    for key in ("max_deviation_factor", "flagged_classes", "queries", "seconds", "strip.boundary",
-                "strip.artifact_sha256", "report", "gate.version", "gate.run_id"):
+    assert tags["trojan_gate.gate.state"] == "done" and tags["trojan_gate.gate.fingerprint"]
+    for key in ("scan.is_trojaned", "scan.instance_score", "scan.threshold", "scan.flagged_classes", "scan.queries",
+                "scan.seconds", "strip.threshold", "strip.artifact_sha256", "report", "gate.version", "gate.run_id"):
         assert f"trojan_gate.{key}" in tags, key
-    assert float(tags["trojan_gate.max_deviation_factor"]) <= 2.0
+    assert tags["trojan_gate.scan.is_trojaned"] == "false" and float(tags["trojan_gate.scan.instance_score"]) <= 2.0
     assert _aliases("clf") == {"candidate": ref.version}
     run = MlflowClient().get_run(out.run_id)
-    assert run.data.metrics["max_deviation_factor"] <= 2.0 and "strip_boundary" in run.data.metrics
+    assert run.data.metrics["instance_score"] <= 2.0 and "strip_threshold" in run.data.metrics
     files = {f.path for f in MlflowClient().list_artifacts(out.run_id, "report")}
     assert {"report/trojan_report.html", "report/trojan_report.json"} <= files
     boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.strip.artifact_uri"] + "/boundary.json"))
-    assert "estimated_far" in boundary["extra"] and boundary["n_perturbations"] in (5, 10, 20)
+    # the measured best (rule max, N = 10); the estimated FAR is reported, never used to pick
+    assert (boundary["blend"], boundary["n_perturbations"]) == ("max", 10)
+    assert "estimated_far" in boundary["extra"]
+    resolved = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_config.json"))
+    assert resolved["patch"]["soup"] == 4 and resolved["scan"]["generator_steps"] == 300  # defaults filled in
 
-    again = run_gate(ref.uri, heldout, GateConfig(policy="block"), _scan_fn=cached_scan)
+    again = run_gate(ref.uri, heldout, GateConfig(policy="block"), scan_fn=cached_scan)
     assert again.reused and again.verdict == "passed"
     assert len(MlflowClient().search_model_versions("name='clf'")) == 1
+
+
+def test_a_record_is_reused_only_when_the_aliases_agree(mlflow_store, tmp_path, digits_benign, heldout, cached_scan):
+    ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
+    first = run_gate(ref.uri, heldout, GateConfig(), scan_fn=cached_scan)
+    MlflowClient().delete_registered_model_alias("clf", "candidate")  # the registry no longer agrees
+    second = run_gate(ref.uri, heldout, GateConfig(), scan_fn=cached_scan)
+    assert not second.reused and second.verdict == "passed" and second.run_id != first.run_id
+    assert _aliases("clf") == {"candidate": ref.version}
+    # a changed recipe, even one the gate never reaches here, does not reuse the record
+    third = run_gate(ref.uri, heldout, GateConfig(patch={"soup": 2}), scan_fn=cached_scan)
+    assert not third.reused
+
+
+def test_the_fingerprint_hashes_the_resolved_configuration():
+    base = GateConfig().fingerprint("ab" * 32)
+    assert GateConfig(patch={"soup": 4}, strip={"n_perturbations": 10}).fingerprint("ab" * 32) == base  # defaults
+    assert GateConfig(patch={"soup": 2}).fingerprint("ab" * 32) != base
+    assert GateConfig(scan={"options": {"generator_steps": 100}}).fingerprint("ab" * 32) != base
+    assert GateConfig(timeout_s=10).fingerprint("ab" * 32) == base  # how long it may take decides nothing
+    assert GateConfig().fingerprint("cd" * 32) != base
 
 
 def test_a_passing_version_is_downloaded_once(mlflow_store, tmp_path, digits_benign, heldout, cached_scan,
@@ -56,14 +83,14 @@ def test_a_passing_version_is_downloaded_once(mlflow_store, tmp_path, digits_ben
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
-    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), _scan_fn=cached_scan)
+    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), scan_fn=cached_scan)
     assert out.verdict == "passed", out.error
     assert fetched.count(ref.uri) == 1, fetched
 
 
 def test_a_file_changed_after_download_is_refused_at_calibration(mlflow_store, tmp_path, digits_benign, heldout):
-    from trojan_gate.plugins.calibration import calibrate_registered
     from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.plugins.calibration import calibrate_registered
     from trojan_gate.plugins.registry import fetch_onnx
 
     ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
@@ -76,76 +103,71 @@ def test_a_file_changed_after_download_is_refused_at_calibration(mlflow_store, t
 def test_trojaned_version_is_blocked_and_loses_its_alias(mlflow_store, trojan_onnx, heldout, cached_scan):
     ref = intake_onnx(trojan_onnx, "clf")
     MlflowClient().set_registered_model_alias("clf", "candidate", ref.version)
-    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), _scan_fn=cached_scan)
+    out = run_gate(ref.uri, heldout, GateConfig(policy="block"), scan_fn=cached_scan)
     assert out.verdict == "blocked" and out.exit_code == 1 and out.final is None
     tags = version_tags(ref)
-    assert tags["trojan_gate.verdict"] == "blocked"
-    assert "3" in tags["trojan_gate.flagged_classes"].split(",")
+    assert tags["trojan_gate.verdict"] == "blocked" and tags["trojan_gate.gate.state"] == "done"
+    assert "3" in tags["trojan_gate.scan.flagged_classes"].split(",")
     assert _aliases("clf") == {}
-    assert "trojan_gate.strip.boundary" not in tags
+    assert "trojan_gate.strip.threshold" not in tags
+    again = run_gate(ref.uri, heldout, GateConfig(policy="block"), scan_fn=cached_scan)
+    assert again.reused and again.verdict == "blocked" and again.exit_code == 1
 
 
 def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, trojan_onnx, heldout, cached_scan):
     ref = intake_onnx(trojan_onnx, "clf")
-    # the default recipe (40% stamped, 40 epochs; the paper's 15% and 10 epochs leave ~22%
-    # true-trigger activation on this tiny model)
-    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), _scan_fn=cached_scan)
+    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), scan_fn=cached_scan)
     assert out.verdict == "patched", (out.error, out.report.get("summary"))
     versions = {str(v.version): v for v in MlflowClient().search_model_versions("name='clf'")}
     assert set(versions) == {"1", "2"}
     new = versions["2"].tags
     assert new["trojan_gate.verdict"] == "patched" and new["trojan_gate.patched_from"] == "1"
-    assert float(new["trojan_gate.max_deviation_factor"]) <= 2.0
+    assert new["trojan_gate.gate.state"] == "done"
+    assert float(new["trojan_gate.scan.instance_score"]) <= 2.0 and new["trojan_gate.patch.accuracy_drop"]
     src = version_tags(ref)
     assert src["trojan_gate.status"] == "superseded" and src["trojan_gate.superseded_by"] == "models:/clf/2"
+    assert src["trojan_gate.verdict"] == "blocked"  # the source itself is never served
     assert _aliases("clf") == {"candidate": "2"}
+    again = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), scan_fn=cached_scan)
+    assert again.reused and again.verdict == "patched" and again.final == "models:/clf/2" and again.exit_code == 0
 
 
-def test_patch_rounds_patch_again_while_the_fresh_scan_flags(mlflow_store, trojan_onnx, heldout, cached_scan):
-    """A fresh scan that still flags sends the patched model into another round, against its own triggers."""
-    from dataclasses import replace
-
-    calls = []
-
-    def scan_fn(oracle, data, config):
-        result = cached_scan(oracle, data, config)
-        calls.append(oracle.sha256)
-        if len(calls) == 2:  # the first fresh scan: report the residue it would flag on a harder model
-            return replace(result, verdict="trojan_suspected", flagged_classes=[3])
-        return result
-
-    ref = intake_onnx(trojan_onnx, "clf")
-    # a light recipe, so that the round-2 model is clean and the rounds stop there
-    light = {"patch_fraction": 0.15, "epochs": 10, "distill_weight": 3.0}
-    config = GateConfig(policy="patch", max_accuracy_drop=0.03, patch_rounds=3, patch_options=light)
-    out = run_gate(ref.uri, heldout, config, _scan_fn=scan_fn)
-    assert out.verdict == "patched", (out.error, out.report.get("summary"))
-    assert len(calls) == 3 and len(set(calls)) == 3  # source, round-1 model, round-2 model
-    tags = {str(v.version): v.tags for v in MlflowClient().search_model_versions("name='clf'")}["2"]
-    assert tags["trojan_gate.patch.rounds"] == "2"
-    with pytest.raises(ValueError, match="patch_rounds"):
-        GateConfig(patch_rounds=0)
-
-
-def test_forced_failure_mid_gate_leaves_aliases_untouched(mlflow_store, tmp_path, digits_benign, heldout,
-                                                          cached_scan, monkeypatch):
+def test_the_claim_comes_first_no_alias_while_the_gate_runs(mlflow_store, tmp_path, digits_benign, heldout,
+                                                            cached_scan):
     ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
-    assert run_gate(ref.uri, heldout, GateConfig(), _scan_fn=cached_scan).verdict == "passed"
+    MlflowClient().set_registered_model_alias("clf", "production", ref.version)
+    seen = {}
+
+    def observing_scan(oracle, data, config):
+        seen.update(version_tags(ref), aliases=_aliases("clf"))
+        return cached_scan(oracle, data, config)
+
+    out = run_gate(ref.uri, heldout, GateConfig(), scan_fn=observing_scan)
+    assert out.verdict == "passed"
+    assert seen["aliases"] == {} and seen["trojan_gate.verdict"] == "pending"
+    assert seen["trojan_gate.gate.state"] == "running" and seen["trojan_gate.gate.run_id"] == out.run_id
+    assert _aliases("clf") == {"candidate": ref.version}  # the gate gives back only the alias it was asked for
+
+
+def test_a_failure_mid_gate_fails_closed(mlflow_store, tmp_path, digits_benign, heldout, cached_scan, monkeypatch):
+    ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
+    assert run_gate(ref.uri, heldout, GateConfig(), scan_fn=cached_scan).verdict == "passed"
 
     def broken(*args, **kwargs):
         raise RuntimeError("artifact store unavailable")
 
-    monkeypatch.setattr(gate_mod, "calibrate_registered", broken)
-    out = run_gate(ref.uri, heldout, GateConfig(), force=True, _scan_fn=cached_scan)
+    monkeypatch.setattr(gate_steps, "attach_strip", broken)
+    out = run_gate(ref.uri, heldout, GateConfig(), force=True, scan_fn=cached_scan)
     assert out.verdict == "error" and out.exit_code == 2 and "artifact store unavailable" in out.error
-    assert _aliases("clf") == {"candidate": ref.version}
+    assert _aliases("clf") == {}  # the claim took the alias; an unverified version never gets it back
     tags = version_tags(ref)
     assert tags["trojan_gate.verdict"] == "error" and "artifact store unavailable" in tags["trojan_gate.verdict.error"]
+    assert tags["trojan_gate.gate.state"] == "done" and tags["trojan_gate.gate.fingerprint"] == ""
 
 
 def test_budget_stop_fails_closed(mlflow_store, trojan_onnx, heldout):
     ref = intake_onnx(trojan_onnx, "clf")
-    out = run_gate(ref.uri, heldout, GateConfig(budget=2000))
+    out = run_gate(ref.uri, heldout, GateConfig(scan={"budget": 2000}))
     assert out.verdict == "error" and "QueryBudgetExceeded" in out.error
     assert version_tags(ref)["trojan_gate.verdict"] == "error" and _aliases("clf") == {}
 
@@ -157,7 +179,8 @@ def test_invalid_heldout_fails_closed(mlflow_store, trojan_onnx, heldout):
     assert out.verdict == "error" and "pixel values <= 1.0" in out.error
 
 
-def test_racing_gate_that_lost_its_claim_writes_no_verdict(mlflow_store, tmp_path, digits_benign, heldout, cached_scan):
+def test_racing_gate_that_lost_its_claim_registers_and_decides_nothing(mlflow_store, tmp_path, digits_benign,
+                                                                       heldout, cached_scan):
     ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
 
     def scan_then_lose_claim(oracle, data, config):
@@ -165,20 +188,22 @@ def test_racing_gate_that_lost_its_claim_writes_no_verdict(mlflow_store, tmp_pat
         MlflowClient().set_model_version_tag("clf", ref.version, "trojan_gate.gate.run_id", "a-newer-gate")
         return result
 
-    out = run_gate(ref.uri, heldout, GateConfig(), _scan_fn=scan_then_lose_claim)
+    out = run_gate(ref.uri, heldout, GateConfig(), scan_fn=scan_then_lose_claim)
     assert out.verdict == "error" and "another gate" in out.error
     tags = version_tags(ref)
-    assert "trojan_gate.verdict" not in tags and tags["trojan_gate.gate.run_id"] == "a-newer-gate"
+    assert tags["trojan_gate.verdict"] == "pending" and tags["trojan_gate.gate.run_id"] == "a-newer-gate"
+    assert not any(k.startswith("trojan_gate.strip.") for k in tags)  # no STRIP tags, no guarded model
+    assert MlflowClient().search_registered_models("name='clf-guarded'") == []
     assert _aliases("clf") == {}
 
 
 def test_gate_cli_exit_codes(mlflow_store, trojan_onnx, heldout_npz, tmp_path, monkeypatch, cached_scan):
     from trojan_gate.pipelines.cli import main
 
-    monkeypatch.setattr(gate_mod, "_scan", cached_scan)
+    monkeypatch.setattr(gate_steps, "default_scan", cached_scan)
     ref = intake_onnx(trojan_onnx, "clf")
     report = tmp_path / "gate.json"
     assert main(["gate", ref.uri, "--heldout", str(heldout_npz), "--report", str(report)]) == 1
     doc = json.loads(report.read_text())
-    assert doc["summary"]["verdict"] == "blocked"
+    assert doc["summary"]["verdict"] == "blocked" and doc["kind"] == "gate"
     assert main(["gate", "models:/clf/99", "--heldout", str(heldout_npz)]) == 2

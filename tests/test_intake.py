@@ -1,7 +1,6 @@
 """Intake registers third-party ONNX as a pending model version, or leaves the registry as it was."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 from mlflow import MlflowClient

@@ -28,7 +28,7 @@ def test_counts_queries_and_ledger_per_phase(onnx_bytes):
             o.predict(x[:3])
         o.predict_proba(x[:2])
     assert o.queries == 30
-    ledger = o.ledger.as_dict()
+    ledger = o.ledger.to_dict()
     assert ledger["default"]["queries"] == 20
     assert ledger["inversion"] == {"queries": 7, "calls": 2, "seconds": ledger["inversion"]["seconds"]}
     assert ledger["generator"]["queries"] == 3

@@ -64,3 +64,51 @@ def test_every_command_help_renders():
 
     progs = list(walk(build_parser()))
     assert "trojan-gate benchmark patch" in progs and "trojan-gate gate" in progs
+
+
+def test_the_public_api_imports_from_one_place():
+    from trojan_gate.gates import DeepInspect, GuardedClassifier, ModelOracle, Patcher, Strip  # noqa: F401
+    import trojan_gate.gates as api
+
+    for name in api.__all__:
+        assert getattr(api, name) is not None, name
+
+
+PRODUCT = ("gates", "plugins", "pipelines")
+
+
+def _modules():
+    for folder in PRODUCT:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def test_no_module_reaches_into_another_objects_private_names():
+    """`x._name` is only for `self` and `cls`; `from m import _name` never."""
+    import ast
+
+    found = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
+
+
+def test_the_package_holds_no_experiment_script():
+    """One-off experiment scripts live in git history (docs/experiments.md), not in the product."""
+    tomllib = pytest.importorskip("tomllib")
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert all(p.startswith("trojan_gate.") for p in packages)
+    assert not list((ROOT / "benchmarks").glob("*.py")), "benchmark tables only; scripts belong in git history"
+    for folder in PRODUCT:  # every package on disk ships, and nothing else does
+        for init in (ROOT / folder).rglob("__init__.py"):
+            assert "trojan_gate." + ".".join(init.parent.relative_to(ROOT).parts) in packages, init

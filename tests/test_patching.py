@@ -11,9 +11,10 @@ from torch import nn
 from trojan_gate.gates.errors import InputShapeError
 from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
-from trojan_gate.gates.patching import (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, ModelPatcher, PatchResult,
-                                        combine_rounds, jitter_stamps, onnx_to_torch, shift_image, torch_to_onnx,
-                                        trojan_activation_rates, uniform_soup)
+from trojan_gate.gates.patching import (Patcher, PatchResult, onnx_to_torch, torch_to_onnx, trojan_activation_rates,
+                                        uniform_soup)
+from trojan_gate.gates.patching.convert import OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from trojan_gate.gates.patching.stamps import jitter_stamps, shift_image
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def inverted(digits):
 def patched(trojaned, inverted, digits):
     _, test = digits
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731  the lab's true trigger
-    return ModelPatcher(seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    return Patcher(seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test).result_
 
 
 def _export(module, in_shape, output_name="scores") -> bytes:
@@ -118,7 +119,7 @@ def test_patch_removes_true_trigger_and_keeps_accuracy(patched, trojaned, digits
     assert r.accuracy_drop <= 0.03
     assert r.meets(max_activation_rate=0.25, max_accuracy_drop=0.03)
     assert not r.meets(max_activation_rate=r.after["trojan_activation_rate"] - 0.01)
-    assert 1 <= r.best_epoch <= 40 and r.epochs_run == 4 * 40  # the default soup: four runs of 40 epochs
+    assert r.epochs_run == 4 * 40  # the default soup: four runs of 40 epochs
     assert len(r.history) == 4 * 41 and r.history[0]["epoch"] == 0
     assert [h["member"] for h in r.history if h["epoch"] == 0] == [0, 1, 2, 3]
     # re-measure independently on the whole digits test split with ONNX Runtime
@@ -152,18 +153,17 @@ def test_patched_model_interface_and_output_kind(patched, trojaned, digits):
 def test_patching_is_deterministic(patched, trojaned, inverted, digits):
     _, test = digits
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    again = ModelPatcher(seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    again = Patcher(seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test).result_
     assert again.sha256 == patched.sha256
     assert again.after == patched.after
 
 
 def test_without_heldout_measures_on_validation_split(trojaned, inverted, tmp_path):
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    r = ModelPatcher(epochs=2, lr=(1e-3, 3e-3), soup=1, seed=1, progress=False).fit(
-        trojaned.onnx_bytes, *inverted, stamp, [0])
+    r = Patcher(epochs=2, soup=1, seed=1, progress=False).fit(trojaned.onnx_bytes, *inverted, stamp, [0]).result_
     assert r.eval_source == "validation" and r.n_eval == r.n_val == 20
     assert r.before["clean_accuracy"] is None and r.accuracy_drop is None
-    assert r.best_lr in (1e-3, 3e-3) and r.epochs_run == 4 and len(r.history) == 6
+    assert r.epochs_run == 2 and len(r.history) == 3
     path = r.save(tmp_path / "patched.onnx")
     assert ModelOracle(path).sha256 == r.sha256
     assert (tmp_path / "patched.onnx.json").is_file()
@@ -178,54 +178,14 @@ def test_generator_like_stamp_with_several_targets(trojaned, inverted):
         noise = np.random.default_rng(seed).uniform(0, 0.2, size=x.shape[1:]).astype(np.float32)
         return np.clip(x + noise * (1 + t % 2), 0, 1)
 
-    r = ModelPatcher(epochs=1, background_fraction=0.0, seed=0, progress=False).fit(
-        trojaned.onnx_bytes, *inverted, stamp, [2, 5])
+    r = Patcher(epochs=1, background_fraction=0.0, seed=0, progress=False).fit(
+        trojaned.onnx_bytes, *inverted, stamp, [2, 5]).result_
     assert {t for t, _, _ in calls} == {2, 5}
     assert set(r.before["trojan_activation_rates"]) == {2, 5}
     assert 0.0 <= r.after["trojan_activation_rate"] <= 1.0
 
 
-def test_validation_ties_go_to_the_later_epoch(trojaned, inverted):
-    """epoch_selection="best": with a zero learning rate every epoch scores the same; the last one is kept."""
-    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    r = ModelPatcher(epochs=3, lr=0.0, epoch_selection="best", soup=1, seed=0, progress=False).fit(
-        trojaned.onnx_bytes, *inverted, stamp, [0])
-    scores = [h["score"] for h in r.history[1:]]
-    assert len(set(scores)) == 1
-    assert r.best_epoch == 3
-
-
-class ScriptedValidation(ModelPatcher):
-    """A patcher whose validation scores follow a script (epoch 0 first), so which epoch is best
-    does not hang on how training happens to go on this machine."""
-
-    def __init__(self, scores, **kw):
-        super().__init__(**kw)
-        self.scores = list(scores)
-
-    def _validate(self, *args):
-        v = super()._validate(*args)
-        return {**v, "score": self.scores.pop(0)}
-
-
-def test_by_default_the_last_epoch_is_kept_and_best_keeps_the_top_validation_score(trojaned, inverted):
-    stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
-    script = [0.5, 0.6, 0.9, 0.7, 0.8]  # epochs 0-4: epoch 2 scores best, the last one does not
-    last = ScriptedValidation(script, epochs=4, lr=0.05, soup=1, seed=0, progress=False).fit(
-        trojaned.onnx_bytes, *inverted, stamp, [0])
-    assert last.best_epoch == 4 and last.config["epoch_selection"] == "last"
-    best = ScriptedValidation(script, epochs=4, lr=0.05, epoch_selection="best", soup=1, seed=0,
-                              progress=False).fit(
-        trojaned.onnx_bytes, *inverted, stamp, [0])
-    assert [h["score"] for h in best.history] == script
-    assert best.best_epoch == 2 and best.sha256 != last.sha256  # the weights of epoch 2, not of epoch 4
-    # the same seed trains the same trajectory; only the kept epoch differs
-    assert [h["val_clean_accuracy"] for h in last.history] == [h["val_clean_accuracy"] for h in best.history]
-    with pytest.raises(ValueError, match="epoch_selection"):
-        ModelPatcher(epoch_selection="first").fit(trojaned.onnx_bytes, *inverted, stamp, [0])
-
-
-class RecordingPatcher(ModelPatcher):
+class RecordingPatcher(Patcher):
     """A patcher that keeps the state each fine-tuning run ends with."""
 
     def _finetune(self, *args, **kw):
@@ -249,9 +209,9 @@ def test_a_soup_patch_is_the_average_of_its_runs_and_its_first_run_is_the_single
     _, test = digits
     stamp = lambda x, t, seed: trojaned.trigger.apply(x)  # noqa: E731
     single = RecordingPatcher(epochs=2, soup=1, seed=0, progress=False)
-    one = single.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    one = single.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test).result_
     soup = RecordingPatcher(epochs=2, soup=3, seed=0, progress=False)
-    three = soup.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test)
+    three = soup.fit(trojaned.onnx_bytes, *inverted, stamp, [0], heldout=test).result_
     assert len(soup.kept) == 3 and three.epochs_run == 6 and three.config["soup"] == 3
     assert sorted({h["member"] for h in three.history}) == [0, 1, 2] and len(three.history) == 9
     # member 0 trains exactly what a single patch trains; the others draw their own batches and stamps
@@ -267,24 +227,12 @@ def test_a_soup_patch_is_the_average_of_its_runs_and_its_first_run_is_the_single
     np.testing.assert_allclose(_raw(three.onnx_bytes, test.x[:50]), expected, atol=1e-5)
     assert three.sha256 != one.sha256
     with pytest.raises(ValueError, match="soup"):
-        ModelPatcher(soup=0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+        Patcher(soup=0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
 
 
 def _first_weight(state) -> str:
     """The state key of the converted model's first weight tensor."""
     return next(k for k in state if k.startswith("body.") and k.endswith("weight"))
-
-
-def test_patch_benchmark_names_the_current_default_recipe():
-    """The benchmark's help and tables state the recipe in words; it must follow ModelPatcher's defaults."""
-    from trojan_gate.pipelines.benchmark_patch import DEFAULT_RECIPE
-
-    p = ModelPatcher().get_params()
-    for words in (f"{p['patch_fraction']:.0%} stamped", f"{p['epochs']} epochs",
-                  f"self-distillation weight {p['distill_weight']:g}",
-                  f"{p['background_fraction']:.0%} background stamps", f"{p['epoch_selection']} epoch kept",
-                  f"a soup of {p['soup']} runs"):
-        assert words in DEFAULT_RECIPE
 
 
 def test_background_stamps_cover_unflagged_classes_never_an_image_own_class(trojaned, inverted):
@@ -297,7 +245,7 @@ def test_background_stamps_cover_unflagged_classes_never_an_image_own_class(troj
         calls.append((int(t), [label_of.get(row.tobytes()) for row in x]))
         return x
 
-    ModelPatcher(epochs=2, background_fraction=0.3, trigger_jitter=0, seed=0, progress=False).fit(
+    Patcher(epochs=2, background_fraction=0.3, trigger_jitter=0, seed=0, progress=False).fit(
         trojaned.onnx_bytes, x_inv, y_inv, stamp, [0])
     targets = {t for t, _ in calls}
     assert 0 in targets and len(targets - {0}) >= 5
@@ -305,7 +253,7 @@ def test_background_stamps_cover_unflagged_classes_never_an_image_own_class(troj
     assert all(label != t for t, labels in background for label in labels if label is not None)
 
     only_flagged = []
-    ModelPatcher(epochs=1, background_fraction=0.0, seed=0, progress=False).fit(
+    Patcher(epochs=1, background_fraction=0.0, seed=0, progress=False).fit(
         trojaned.onnx_bytes, x_inv, y_inv, lambda x, t, s: only_flagged.append(int(t)) or x, [0])
     assert set(only_flagged) == {0}
 
@@ -319,7 +267,7 @@ def test_trojan_activation_rates_excludes_target_class():
 
 def test_bad_inputs_are_rejected(trojaned, inverted):
     stamp = lambda x, t, seed: x  # noqa: E731
-    p = ModelPatcher(epochs=1, progress=False)
+    p = Patcher(epochs=1, progress=False)
     with pytest.raises(ValueError, match="no flagged"):
         p.fit(trojaned.onnx_bytes, *inverted, stamp, [])
     with pytest.raises(ValueError, match="outside"):
@@ -331,9 +279,9 @@ def test_bad_inputs_are_rejected(trojaned, inverted):
     with pytest.raises(InputShapeError, match="stamp returned"):
         p.fit(trojaned.onnx_bytes, *inverted, lambda x, t, s: x[:, :, :4], [0])
     with pytest.raises(ValueError, match="val_fraction"):
-        ModelPatcher(val_fraction=0.0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+        Patcher(val_fraction=0.0).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
     with pytest.raises(ValueError, match="background_fraction"):
-        ModelPatcher(background_fraction=1.5).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
+        Patcher(background_fraction=1.5).fit(trojaned.onnx_bytes, *inverted, stamp, [0])
 
 
 def test_shift_image_moves_without_wrapping():
@@ -361,70 +309,22 @@ def test_jitter_moves_the_effective_trigger_and_keeps_the_image():
     assert 30 < sum(moved) < 50  # 8 of 9 offsets move it
     assert jitter_stamps(x, stamped, 0, rng) is stamped
     with pytest.raises(ValueError, match="trigger_jitter"):
-        ModelPatcher(trigger_jitter=-1)._check()
+        Patcher(trigger_jitter=-1)._check()
 
 
-def test_combined_rounds_report_the_total_drop_and_every_round(patched):
-    from dataclasses import replace
-
-    second = replace(patched, before=patched.after, after={**patched.after, "clean_accuracy": 0.5},
-                     sha256="b" * 64, flagged_classes=[0, 2], epochs_run=10, seconds=1.0)
-    both = combine_rounds([patched, second])
-    assert both.before == patched.before and both.after["clean_accuracy"] == 0.5
-    assert both.accuracy_drop == pytest.approx(patched.before["clean_accuracy"] - 0.5)
-    assert both.source_sha256 == patched.source_sha256 and both.sha256 == "b" * 64
-    assert both.flagged_classes == [0, 2] and both.epochs_run == patched.epochs_run + 10
-    assert [r["sha256"] for r in both.to_dict()["rounds"]] == [patched.sha256, "b" * 64]
-    assert combine_rounds([patched]) is patched
-    with pytest.raises(ValueError):
-        combine_rounds([])
-
-
-def test_one_comparison_decides_the_accuracy_bound_everywhere(patched):
+def test_one_comparison_decides_the_accuracy_bound(patched):
     """0.901 - 0.891 is 0.010000000000000009 in floating point; it must count as one point for
-    `meets`, for the patch rounds and for the gate alike."""
+    `meets` and for the gate (which calls `within_accuracy_drop`) alike."""
     from dataclasses import replace
-
-    from trojan_gate.plugins.gate import GateConfig, _accuracy_within_bound
 
     edge = replace(patched, before={**patched.before, "clean_accuracy": 0.901},
                    after={**patched.after, "clean_accuracy": 0.891, "trojan_activation_rate": 0.0})
     assert edge.accuracy_drop > 0.01  # the floating-point edge this test is about
     assert edge.within_accuracy_drop(0.01) and edge.meets(max_accuracy_drop=0.01)
-    assert _accuracy_within_bound(edge, GateConfig(policy="patch", max_accuracy_drop=0.01))
     over = replace(edge, after={**edge.after, "clean_accuracy": 0.890})
     assert not over.within_accuracy_drop(0.01) and not over.meets(max_accuracy_drop=0.01)
-    assert not _accuracy_within_bound(over, GateConfig(policy="patch", max_accuracy_drop=0.01))
     unmeasured = replace(edge, before={**edge.before, "clean_accuracy": None})
     assert unmeasured.within_accuracy_drop(0.0)
-
-
-def test_patch_rounds_stop_at_the_accuracy_bound_with_the_shared_comparison(patched, monkeypatch):
-    """A fresh scan that still flags asks for another round, unless the drop is over the bound;
-    a drop of exactly one point (0.901 -> 0.891) is within it, so the second round runs."""
-    from dataclasses import replace
-    from types import SimpleNamespace
-
-    from trojan_gate.gates import patching
-
-    calls = []
-
-    class FakePatcher:  # records the rounds; the real fine-tuning is pinned by the tests above
-        def __init__(self, **options):
-            pass
-
-        def fit(self, onnx_bytes, *args, **kwargs):
-            calls.append(onnx_bytes)
-            acc = 0.891 if len(calls) == 1 else 0.880
-            return replace(patched, before={**patched.before, "clean_accuracy": 0.901 if len(calls) == 1 else 0.891},
-                           after={**patched.after, "clean_accuracy": acc}, onnx_bytes=b"round%d" % len(calls))
-
-    still_flagged = SimpleNamespace(trojan_suspected=True, inverted_x=None, inverted_y=None,
-                                    generator=SimpleNamespace(stamp=None), flagged_classes=[0])
-    monkeypatch.setattr(patching, "ModelPatcher", FakePatcher)
-    results, scans = patching.patch_in_rounds(b"source", still_flagged, lambda b: still_flagged, None,
-                                              rounds=3, max_accuracy_drop=0.01)
-    assert calls == [b"source", b"round1"] and len(results) == len(scans) == 2  # stopped after 2.1 points
 
 
 def test_paired_standard_error_of_the_accuracy_drop_by_hand():

@@ -1,4 +1,4 @@
-"""The gate's JSON + HTML report, built from a hand-made ScanResult and STRIP/patch dicts."""
+"""The scan and gate report (JSON + HTML), built from a hand-made ScanResult and STRIP/patch dicts."""
 import base64
 import json
 import re
@@ -6,12 +6,12 @@ import re
 import numpy as np
 import pytest
 
-from trojan_gate.gates.report import (SEVERITIES, VERDICTS, build_report, render_html, strip_summary,
-                                      write_report)
-from trojan_gate.gates.scan_result import VERDICT_CLEAN, VERDICT_TROJANED, ScanResult
+from trojan_gate.gates.deepinspect.result import ScanResult
+from trojan_gate.plugins.report import VERDICTS, build_report, render_html, write_report
+from trojan_gate.plugins.report.findings import SEVERITIES
 
 REQUIRED_SECTIONS = ("Verdict", "Findings", "DeepInspect deviation factors", "Recovered triggers",
-                     "STRIP boundary", "Patch before/after", "Errors")
+                     "STRIP threshold", "Patch before/after", "Errors")
 
 
 def _scan(flagged=(3,), k=10, shape=(1, 8, 8), seed=0, with_arrays=True):
@@ -32,9 +32,9 @@ def _scan(flagged=(3,), k=10, shape=(1, 8, 8), seed=0, with_arrays=True):
     inv_x = rng.random((k * 5,) + shape).astype(np.float32)
     inv_y = np.repeat(np.arange(k), 5)
     return ScanResult(
-        verdict=VERDICT_TROJANED if flagged else VERDICT_CLEAN, flagged_classes=flagged,
+        is_trojaned=bool(flagged), flagged_classes=flagged,
         statistics=stats.tolist(), deviation_factors=df.tolist(), success_rates=rng.uniform(0.9, 1.0, k).tolist(),
-        cutoff=2.0, alpha=0.05, n_classes=k, input_shape=shape, model_sha256="ab" * 32, queries=123456,
+        threshold=2.0, alpha=0.05, n_classes=k, input_shape=shape, model_sha256="ab" * 32, queries=123456,
         seconds=42.5, phases={"inversion": {"queries": 23456, "calls": 10, "seconds": 1.5},
                               "generator": {"queries": 100000, "calls": 600, "seconds": 30.0}},
         seed=seed, config={"steps": 600}, versions={"onnxruntime": "x"},
@@ -53,8 +53,8 @@ def _strip(seed=0, trojan=True):
     return d
 
 
-PATCH = {"before": {"clean_accuracy": 0.951, "trojan_activation_rate": 0.98, "max_deviation_factor": 9.4},
-         "after": {"clean_accuracy": 0.947, "trojan_activation_rate": 0.06, "max_deviation_factor": 1.3},
+PATCH = {"before": {"clean_accuracy": 0.951, "trojan_activation_rate": 0.98, "instance_score": 9.4},
+         "after": {"clean_accuracy": 0.947, "trojan_activation_rate": 0.06, "instance_score": 1.3},
          "source_version": "3", "new_version": "4", "passed": True}
 
 
@@ -63,15 +63,16 @@ def _pngs(page):
 
 
 def test_full_report_json(tmp_path):
-    rep = build_report(model_name="fmnist", version="3", verdict="patched", scan=_scan(), strip=_strip(),
+    rep = build_report(kind="gate", model_name="fmnist", version="3", verdict="patched", scan=_scan(), strip=_strip(),
                        patch=PATCH, errors=(), meta={"class_names": [f"c{i}" for i in range(10)], "run_id": "r1"})
     text = json.dumps(rep, allow_nan=False)  # strict JSON, no arrays of scores
     assert len(text) < 20_000
     assert set(rep) >= {"summary", "findings", "errors", "meta", "scan", "strip", "patch"}
     s = rep["summary"]
     assert s["verdict"] == "patched" and s["model"] == {"name": "fmnist", "version": "3", "sha256": "ab" * 32}
-    assert s["flagged_classes"] == [3] and s["max_deviation_factor"] > 2.0
-    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["strip_boundary"] == pytest.approx(0.364)
+    assert s["flagged_classes"] == [3] and s["instance_score"] > 2.0 and s["is_trojaned"] is True
+    assert s["threshold"] == 2.0
+    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["strip_threshold"] == pytest.approx(0.364)
     assert s["patched"] is True and s["new_version"] == "4"
     assert set(s["total_issues_by_severity"]) == set(SEVERITIES)
     sev = [f["severity"] for f in rep["findings"]]
@@ -89,7 +90,7 @@ def test_full_report_json(tmp_path):
 
 def test_full_report_html_has_all_figures():
     scan, strip = _scan(), _strip()
-    rep = build_report(model_name="fmnist", version="3", verdict="patched", scan=scan, strip=strip, patch=PATCH)
+    rep = build_report(kind="gate", model_name="fmnist", version="3", verdict="patched", scan=scan, strip=strip, patch=PATCH)
     page = render_html(rep, scan=scan, strip=strip)
     assert page.startswith("<!DOCTYPE html>") and page.count("<img") == 3
     pngs = _pngs(page)
@@ -108,16 +109,16 @@ def test_full_report_html_has_all_figures():
 
 
 def test_render_with_missing_parts_uses_placeholders(tmp_path):
-    rep = build_report(model_name="m", version=None, verdict="error", scan=None,
+    rep = build_report(kind="gate", model_name="m", version=None, verdict="error", scan=None,
                        errors=[RuntimeError("oracle <budget> exhausted"), "second problem"])
     page = render_html(rep)
     assert "<img" not in page
     assert page.count('class="placeholder"') == 4  # deviation, triggers, STRIP, patch
-    assert "scan did not complete" in page and "No STRIP boundary" in page and "No patch" in page
+    assert "scan did not complete" in page and "No STRIP threshold" in page and "No patch" in page
     assert "oracle &lt;budget&gt; exhausted" in page and "<budget>" not in page
     assert 'class="badge verdict-error"' in page
     assert [e["type"] for e in rep["errors"]] == ["RuntimeError", "Error"]
-    assert rep["summary"]["scan_completed"] is False and rep["summary"]["max_deviation_factor"] is None
+    assert rep["summary"]["scan_completed"] is False and rep["summary"]["instance_score"] is None
     sev = {f["severity"] for f in rep["findings"]}
     assert "HIGH" in sev and "CRITICAL" not in sev
 
@@ -125,7 +126,7 @@ def test_render_with_missing_parts_uses_placeholders(tmp_path):
 def test_scan_without_arrays_and_strip_without_scores():
     scan = _scan(flagged=(), with_arrays=False)
     strip = {k: v for k, v in _strip(trojan=False).items() if k != "benign_scores"}
-    rep = build_report(model_name="m", version="1", verdict="passed", scan=scan, strip=strip)
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="passed", scan=scan, strip=strip)
     page = render_html(rep, scan=scan, strip=strip)
     assert page.count("<img") == 1  # only the deviation chart (drawn from the JSON)
     assert page.count('class="placeholder"') == 3  # triggers, STRIP histogram, patch
@@ -138,7 +139,7 @@ def test_scan_without_arrays_and_strip_without_scores():
 
 def test_deviation_chart_drawn_from_json_alone():
     scan = _scan()
-    rep = json.loads(json.dumps(build_report(model_name="m", version="1", verdict="blocked", scan=scan)))
+    rep = json.loads(json.dumps(build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan)))
     page = render_html(rep)  # no ScanResult: chart yes, trigger grid placeholder
     assert page.count("<img") == 1
     assert "No recovered triggers to show: the scan result (with its trigger samples) was not passed" in page
@@ -148,7 +149,7 @@ def test_deviation_chart_drawn_from_json_alone():
 def test_failed_patch_is_high_and_blocked():
     bad = {**PATCH, "after": {"clean_accuracy": 0.90, "trojan_activation_rate": 0.6}, "passed": False,
            "new_version": None}
-    rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=bad)
+    rep = build_report(kind="gate", model_name="m", version="2", verdict="blocked", scan=_scan(), patch=bad)
     assert rep["summary"]["patched"] is False
     assert any(f["severity"] == "HIGH" and "did not remove" in f["title"] for f in rep["findings"])
     assert rep["summary"]["total_issues_by_severity"]["CRITICAL"] == 1
@@ -157,20 +158,20 @@ def test_failed_patch_is_high_and_blocked():
 def test_failed_patch_finding_names_why_it_failed():
     flagged = {**PATCH, "passed": False, "new_version": None, "fresh_flagged_classes": [5],
                "accuracy_drop": 0.004, "max_accuracy_drop": 0.01, "accuracy_within_bound": True}
-    rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=flagged)
+    rep = build_report(kind="gate", model_name="m", version="2", verdict="blocked", scan=_scan(), patch=flagged)
     high = [f for f in rep["findings"] if f["severity"] == "HIGH"]
     assert len(high) == 1 and high[0]["title"] == "Patching did not remove the trojan"
     assert "fresh scan flags 5" in high[0]["detail"] and "points" not in high[0]["detail"].split("Figures")[0]
 
     costly = {**PATCH, "passed": False, "new_version": None, "fresh_flagged_classes": [],
               "accuracy_drop": 0.011, "max_accuracy_drop": 0.01, "accuracy_within_bound": False}
-    rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=costly)
+    rep = build_report(kind="gate", model_name="m", version="2", verdict="blocked", scan=_scan(), patch=costly)
     high = [f for f in rep["findings"] if f["severity"] == "HIGH"]
     assert high[0]["title"] == "Patch removed the trigger but cost too much clean accuracy"
     assert "dropped 1.10 points, over the bound of 1" in high[0]["detail"]
 
     measured = {**costly, "accuracy_drop_se": 0.0042, "n_eval": 1000}
-    rep = build_report(model_name="m", version="2", verdict="blocked", scan=_scan(), patch=measured)
+    rep = build_report(kind="gate", model_name="m", version="2", verdict="blocked", scan=_scan(), patch=measured)
     detail = [f for f in rep["findings"] if f["severity"] == "HIGH"][0]["detail"]
     assert "dropped 1.10 points (± 0.42, one paired standard error over 1000 held-out images)" in detail
     assert "paired standard error</b></td><td>0.42 pt" in render_html(rep, scan=_scan()).replace("\n", "")
@@ -178,7 +179,7 @@ def test_failed_patch_finding_names_why_it_failed():
 
 def test_a_drop_within_one_standard_error_of_the_bound_is_called_borderline():
     def medium(patch):
-        rep = build_report(model_name="m", version="2", verdict="patched" if patch["passed"] else "blocked",
+        rep = build_report(kind="gate", model_name="m", version="2", verdict="patched" if patch["passed"] else "blocked",
                            scan=_scan(), patch=patch)
         return [f for f in rep["findings"] if f["title"] == "Patch accuracy check is borderline"]
 
@@ -196,7 +197,7 @@ def test_a_drop_within_one_standard_error_of_the_bound_is_called_borderline():
 def test_many_classes_and_rgb_grid():
     scan = _scan(flagged=(7, 30), k=43, shape=(3, 8, 8))
     assert {7, 30} <= set(scan.flagged_classes)
-    rep = build_report(model_name="gtsrb", version="1", verdict="blocked", scan=scan)
+    rep = build_report(kind="gate", model_name="gtsrb", version="1", verdict="blocked", scan=scan)
     page = render_html(rep, scan=scan)
     assert page.count("<img") == 2 and "Showing 20 of 43 classes" in page
     critical = [f["class"] for f in rep["findings"] if f["severity"] == "CRITICAL"]
@@ -206,27 +207,33 @@ def test_many_classes_and_rgb_grid():
 def test_nan_statistics_and_unknown_verdict():
     scan = _scan()
     scan.statistics[5] = float("inf")
-    rep = build_report(model_name="m", version="1", verdict="blocked", scan=scan)
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan)
     json.dumps(rep, allow_nan=False)
     assert rep["scan"]["statistics"][5] is None
     render_html(rep, scan=scan)
+    with pytest.raises(ValueError, match="verdict"):  # clean is a scan's verdict, not a gate's
+        build_report(kind="gate", model_name="m", version="1", verdict="clean", scan=scan)
+    with pytest.raises(ValueError, match="kind"):
+        build_report(kind="audit", model_name="m", version="1", verdict="clean", scan=scan)
+
+
+def test_a_scan_report_has_the_same_format_without_gate_sections():
+    scan = _scan()
+    rep = build_report(kind="scan", model_name="m.onnx", version=None, verdict="trojaned", scan=scan)
+    assert rep["format"] == "trojan-gate/report" and rep["kind"] == "scan"
+    assert rep["summary"]["verdict"] == "trojaned" and rep["summary"]["is_trojaned"] is True
+    assert rep["strip"] is None and rep["patch"] is None
+    assert not any("STRIP" in f["title"] for f in rep["findings"])  # a scan attaches no threshold
+    page = render_html(rep, scan=scan)
+    assert "trojan-gate scan report: m.onnx" in page and "STRIP threshold</h2>" not in page
+    assert "Patch before/after" not in page and len(_pngs(page)) == 2
     with pytest.raises(ValueError, match="verdict"):
-        build_report(model_name="m", version="1", verdict="clean", scan=scan)
-
-
-def test_strip_summary_accepts_artifact_keys():
-    """The STRIP artifact's own names (boundary, empirical_boundary) are understood too."""
-    s = _strip(trojan=False)
-    s["boundary"] = s.pop("threshold")
-    s["empirical_boundary"] = s.pop("empirical_threshold")
-    d = strip_summary(s)
-    assert d["threshold"] == pytest.approx(0.364) and d["empirical_threshold"] == pytest.approx(0.37)
-    assert "benign_scores" not in d and "boundary" not in d
+        build_report(kind="scan", model_name="m", version=None, verdict="passed", scan=scan)
 
 
 def test_write_report(tmp_path):
     scan, strip = _scan(), _strip()
-    jp, hp = write_report(tmp_path / "out", model_name="m", version="7", verdict="blocked", scan=scan, strip=strip,
+    jp, hp = write_report(tmp_path / "out", kind="gate", model_name="m", version="7", verdict="blocked", scan=scan, strip=strip,
                           errors=[{"type": "QueryBudgetExceeded", "message": "budget", "phase": "generator"}])
     rep = json.loads(jp.read_text())
     assert rep["summary"]["verdict"] == "blocked" and rep["errors"][0]["phase"] == "generator"
@@ -236,10 +243,10 @@ def test_write_report(tmp_path):
 
 def test_scan_table_shows_the_reference_models_when_the_test_used_them():
     scan = _scan()
-    plain = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
+    plain = render_html(build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
     assert "reference models" not in plain
     scan.reference_statistics = [[2.0] * 10, [8.0] * 10]  # geometric mean 4
-    page = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
+    page = render_html(build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
     assert "reference models (geometric mean)" in page and "over 2 benign reference models" in page
     assert page.count("<td>4</td>") - plain.count("<td>4</td>") == 10  # one reference cell per class
 
@@ -252,11 +259,11 @@ def test_a_co_target_finding_names_its_link_not_a_deviation_factor():
     a[3, 5], a[5, 3] = 0.09, 0.04  # link sqrt(0.09 * 0.04) = 0.06
     scan = replace(scan, flagged_classes=[3, 5], co_targets=[5], co_activation=a.tolist(),
                    config={"link_threshold": 0.035})
-    rep = build_report(model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
     by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
     assert set(by_class) == {3, 5}
     assert "co-target" in by_class[5]["title"] and by_class[5]["linked_to"] == 3
-    assert "0.060 >= 0.035" in by_class[5]["detail"] and "under the cutoff" in by_class[5]["detail"]
+    assert "0.060 >= 0.035" in by_class[5]["detail"] and "under the threshold" in by_class[5]["detail"]
     assert "co-target" not in by_class[3]["title"]
     assert rep["summary"]["flagged_classes"] == [3, 5]
 
@@ -269,28 +276,9 @@ def test_a_link_flagged_on_its_own_reports_both_classes_and_the_natural_level():
     a[2, 9], a[9, 2] = 0.08, 0.05
     refs = np.zeros((10, 10))
     refs[2, 9] = refs[9, 2] = 0.004
-    scan = replace(scan, verdict=VERDICT_TROJANED, flagged_classes=[2, 9], co_targets=[2, 9],
+    scan = replace(scan, is_trojaned=True, flagged_classes=[2, 9], co_targets=[2, 9],
                    co_activation=a.tolist(), reference_links=refs.tolist(), config={"link_threshold": 0.035})
-    rep = build_report(model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
     by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
     assert by_class[2]["linked_to"] == 9 and by_class[9]["linked_to"] == 2
     assert "0.004 on the benign reference models" in by_class[2]["detail"]
-
-
-def test_a_class_dropped_as_transferable_is_a_medium_finding_and_the_table_shows_transfer():
-    from dataclasses import replace
-
-    scan = _scan(flagged=(3,))
-    plain = render_html(build_report(model_name="m", version="1", verdict="blocked", scan=scan), scan=scan)
-    assert "transfer to references" not in plain
-    tau = [0.6] * 10
-    tau[3] = 0.5  # moves the references like a natural class feature
-    scan = replace(scan, verdict="clean", flagged_classes=[], transferable_classes=[3], transfer_rates=tau)
-    rep = build_report(model_name="m", version="1", verdict="passed", scan=scan)
-    medium = [f for f in rep["findings"] if f.get("class") == 3]
-    assert len(medium) == 1 and medium[0]["severity"] == "MEDIUM"
-    assert "past the cutoff, not flagged" in medium[0]["title"]
-    assert "50.0% of stamped inputs" in medium[0]["detail"] and "median class 60.0%" in medium[0]["detail"]
-    assert not any(f["severity"] == "CRITICAL" for f in rep["findings"])
-    page = render_html(rep, scan=scan)
-    assert "transfer to references" in page and page.count("<td>60.0%</td>") >= 9

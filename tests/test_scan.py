@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from trojan_gate.gates.errors import QueryBudgetExceeded
-from trojan_gate.gates.inversion import ModelInversion
+from trojan_gate.gates.deepinspect.inversion import ModelInversion
 from trojan_gate.gates.oracle import ModelOracle
-from trojan_gate.gates.scan import scan
+from helpers import scan
 from trojan_gate.pipelines.cli import main
 
 
@@ -23,16 +23,16 @@ def benign_scan(digits_benign):
 
 def test_flags_the_trojan_target(trojan_scan, digits_trojan):
     assert digits_trojan.attack_success_rate > 0.9
-    assert trojan_scan.trojan_suspected
+    assert trojan_scan.is_trojaned
     assert 3 in trojan_scan.flagged_classes
-    assert trojan_scan.deviation_factors[3] > trojan_scan.cutoff
+    assert trojan_scan.deviation_factors[3] > trojan_scan.threshold
     assert int(np.argmin(trojan_scan.statistics)) == 3
 
 
 def test_does_not_flag_the_benign_model(benign_scan):
-    assert benign_scan.verdict == "clean"
+    assert not benign_scan.is_trojaned
     assert benign_scan.flagged_classes == []
-    assert benign_scan.max_deviation_factor <= benign_scan.cutoff
+    assert benign_scan.instance_score <= benign_scan.threshold
     assert "co-targets" not in benign_scan.phases and benign_scan.co_activation is None  # links never start a flag
 
 
@@ -52,12 +52,15 @@ def test_result_contract(trojan_scan):
     assert r.phases["co-targets"]["queries"] == sum(int((r.inverted_y != t).sum()) for t in range(k)) == (k - 1) * n
     assert np.asarray(r.co_activation).shape == (k, k) and r.co_targets == []  # a single-target trojan
     assert r.seconds > 0 and all(p["seconds"] >= 0 for p in r.phases.values())
-    assert r.config["gradient"] == "nes" and r.config["generator_steps_run"] > 0
+    assert r.config["generator_steps_run"] > 0
     assert {"numpy", "torch", "onnxruntime"} <= set(r.versions)
     d = json.loads(json.dumps(r.to_dict()))
-    for key in ("verdict", "flagged_classes", "deviation_factors", "queries", "seconds", "phases", "config",
-                "co_targets", "co_activation"):
+    for key in ("is_trojaned", "instance_score", "threshold", "flagged_classes", "deviation_factors", "queries",
+                "seconds", "phases", "config", "co_targets", "co_activation"):
         assert key in d
+    assert d["instance_score"] == pytest.approx(max(d["deviation_factors"]), abs=1e-6)
+    out = r.to_detector_output()  # Alibi Detect's shape, one vocabulary
+    assert out["data"] == {"instance_score": r.instance_score, "is_trojaned": True, "threshold": r.threshold}
     # the generator used by patching: deterministic samples, stamps clipped to [0, 1]
     g = r.generator
     a, b = g.sample(3, 5, seed=7), g.sample(3, 5, seed=7)
@@ -97,25 +100,15 @@ def test_budget(digits_trojan):
     assert 0 < r.config["generator_steps_run"] < r.config["generator_steps"]
 
 
-def test_surrogate_gradient_runs_and_spends_fewer_queries(digits_trojan):
-    nes = scan(digits_trojan.onnx_bytes, progress=False, **SMALL)
-    sur = scan(digits_trojan.onnx_bytes, progress=False, gradient="surrogate", **SMALL)
-    assert sur.config["gradient"] == "surrogate"
-    assert sur.phases["generator"]["queries"] < nes.phases["generator"]["queries"]
-    assert len(sur.statistics) == 10 and sur.trigger_samples.shape[:1] == (10,)
-
-
-def test_heldout_replaces_or_seeds_inversion(digits, digits_trojan):
+def test_heldout_is_the_substitute_set(digits, digits_trojan):
     _, test = digits
     oracle = ModelOracle(digits_trojan.onnx_bytes)
-    inv = ModelInversion(n_per_class=4, mode="replace", progress=False).fit(oracle, test)
+    inv = ModelInversion(n_per_class=4, progress=False).fit(oracle, test)
     assert inv.queries_ == 40 and inv.steps_run_ == 0
     for cls in range(10):  # every substitute image is a held-out image of its class
         rows = test.x[test.y == cls].reshape(-1, 64)
         for img in inv.x_[inv.y_ == cls]:
             assert (np.abs(rows - img.reshape(1, 64)).sum(1) == 0).any()
-    seeded = ModelInversion(n_per_class=4, steps=5, mode="seed", progress=False).fit(oracle, test)
-    assert seeded.steps_run_ >= 1 and seeded.x_.shape == (40, 1, 8, 8)
 
 
 def test_cli_exit_codes(tmp_path, digits_trojan, digits_benign):
@@ -123,21 +116,25 @@ def test_cli_exit_codes(tmp_path, digits_trojan, digits_benign):
     benign = digits_benign.save(tmp_path / "benign.onnx")
     report = tmp_path / "out" / "trojan.json"
     assert main(["scan", str(trojan), "--report", str(report), "--no-progress"]) == 1
-    d = json.loads(report.read_text())
-    assert d["verdict"] == "trojan_suspected" and 3 in d["flagged_classes"]
-    assert {"deviation_factors", "queries", "seconds", "phases"} <= set(d)
-    assert (tmp_path / "out" / "trojan_triggers.png").stat().st_size > 0
+    d = json.loads(report.read_text())  # the gate's report format, kind "scan"
+    assert d["format"] == "trojan-gate/report" and d["kind"] == "scan"
+    assert d["summary"]["verdict"] == "trojaned" and d["summary"]["is_trojaned"] is True
+    assert 3 in d["summary"]["flagged_classes"] and d["findings"][0]["severity"] == "CRITICAL"
+    assert {"deviation_factors", "queries", "seconds", "phases"} <= set(d["scan"])
+    html = (tmp_path / "out" / "trojan.html").read_text()
+    assert "TROJANED" in html and "data:image/png;base64," in html  # deviation chart and trigger grid inline
     assert main(["scan", str(benign), "--report", str(tmp_path / "benign.json"), "--alpha", "0.0455",
                  "--no-progress"]) == 0
-    assert json.loads((tmp_path / "benign.json").read_text())["cutoff"] == pytest.approx(2.0, abs=1e-4)
+    assert json.loads((tmp_path / "benign.json").read_text())["summary"]["threshold"] == pytest.approx(2.0, abs=1e-4)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     assert main(["scan", str(bad), "--report", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()
 
 
-@pytest.mark.parametrize("option", [{"gradient": "adjoint"}, {"success_rule": "vote"}, {"test_scale": "sqrt"}])
+@pytest.mark.parametrize("option", [{"gradient": "surrogate"}, {"success_rule": "outrank"}, {"heldout_mode": "seed"}])
 def test_unknown_options_are_refused_before_any_query(digits_trojan, option):
+    """Options the benchmarks rejected left the product: naming one is an error, not a silent default."""
     oracle = ModelOracle(digits_trojan.onnx_bytes)
     with pytest.raises(ValueError, match=next(iter(option))):
         scan(oracle, progress=False, **option)

@@ -1,10 +1,7 @@
-"""The per-class trigger statistic: support ladder, success rules, pruning of a planted trigger."""
+"""The per-class trigger statistic: support ladder, query cost, pruning of a planted trigger."""
 import numpy as np
-import pytest
-
 from trojan_gate.gates.oracle import ModelOracle
-from trojan_gate.gates.statistic import (stamped_success, statistics_cost, support_ladder,
-                                         trigger_statistics)
+from trojan_gate.gates.deepinspect.statistic import statistics_cost, support_ladder, trigger_statistics
 
 
 def test_support_ladder_stops_below_the_input_and_ends_with_it():
@@ -15,17 +12,6 @@ def test_support_ladder_stops_below_the_input_and_ends_with_it():
 
 def test_statistics_cost_counts_every_pass():
     assert statistics_cost(10, 90, 10, 5) == 10 * 5 * 12 * 90
-
-
-def test_argmax_and_outrank_success():
-    proba = np.array([[0.1, 0.6, 0.3],    # source 0, target 2: not argmax, but outranks the source
-                      [0.05, 0.35, 0.6],  # source 1, target 2: argmax
-                      [0.5, 0.3, 0.2]])   # source 0, target 2: neither
-    y_source = np.array([0, 1, 0])
-    np.testing.assert_array_equal(stamped_success(proba, 2, y_source, "argmax"), [False, True, False])
-    np.testing.assert_array_equal(stamped_success(proba, 2, y_source, "outrank"), [True, True, False])
-    with pytest.raises(ValueError, match="success_rule"):
-        stamped_success(proba, 2, y_source, "vote")
 
 
 class PlantedGenerator:

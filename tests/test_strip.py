@@ -1,21 +1,20 @@
-"""STRIP detector, boundary artifact and guarded classifier (fast: digits lab models)."""
+"""STRIP detector, its threshold artifact and the guarded classifier (fast: digits lab models)."""
 import json
 import math
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 from scipy import stats
 
-from trojan_gate.gates.boundary import BANK_FILE, BOUNDARY_FILE
+from trojan_gate.gates.strip.artifact import BANK_FILE, BOUNDARY_FILE
 from trojan_gate.gates.data import load_digits_dataset
 from trojan_gate.gates.errors import ArtifactIntegrityError
-from trojan_gate.gates.guard import GuardedClassifier
+from trojan_gate.gates.strip.guard import GuardedClassifier
 from trojan_gate.gates.lab import LabConfig, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
-from trojan_gate.gates.strip import (BLEND_RULES, StripDetector, artifact_sha256, choose_n, draw_indices,
-                                     superimpose)
+from trojan_gate.gates.strip import BLEND_RULES, Strip, artifact_sha256, superimpose
+from trojan_gate.gates.strip.detector import draw_indices
 
 
 # ----------------------------------------------------------------------------- a model with known answers
@@ -56,19 +55,19 @@ def ratio_oracle():
 def test_entropy_equation_hand_computed(ratio_oracle, rule, combine):
     # bank of 3, N = 2: fit scores each bank image against the other two (never itself)
     bank = np.stack([img(0.6, 0.2, 0, 0), img(0, 0, 1, 1), img(0.5, 0.5, 0.5, 0)])
-    det = StripDetector(ratio_oracle, n_perturbations=2, blend=rule, seed=3).fit(bank)
+    det = Strip(ratio_oracle, n_perturbations=2, blend=rule, seed=3).fit(bank)
     for i in range(3):
         others = [j for j in range(3) if j != i]
         want = np.mean([h2(combine(bank[i], bank[j]).ravel()) for j in others])
         assert det.benign_scores_[i] == pytest.approx(want, abs=1e-6)
     # an incoming input is blended with N = 2 distinct bank images; with N = 3 it sees all three
     x = img(0.6, 0, 0, 0)
-    det3 = StripDetector(ratio_oracle, n_perturbations=3, blend=rule, seed=3)
+    det3 = Strip(ratio_oracle, n_perturbations=3, blend=rule, seed=3)
     det3.bank_ = bank
     want = np.mean([h2(combine(x[0], b).ravel()) for b in bank])
     assert det3.score(x[None])[0] == pytest.approx(want, abs=1e-6)
     # x = (1, 0, 0, 0) against (0, 1, 0, 0) and (0, 0, 1, 1) under "average": (1 + log2 3) / 2 exactly
-    det2 = StripDetector(ratio_oracle, n_perturbations=2, blend="average")
+    det2 = Strip(ratio_oracle, n_perturbations=2, blend="average")
     det2.bank_ = np.stack([img(0, 1, 0, 0), img(0, 0, 1, 1)])
     assert det2.score(img(1, 0, 0, 0)[None])[0] == pytest.approx((1 + math.log2(3)) / 2, abs=1e-6)
 
@@ -134,7 +133,7 @@ def split(digits):
 @pytest.fixture()
 def fitted(oracle, split):
     held, _ = split
-    return StripDetector(oracle, n_perturbations=10, seed=0, progress=False).fit(held).infer_threshold(0.05)
+    return Strip(oracle, n_perturbations=10, seed=0, progress=False).fit(held).infer_threshold(0.05)
 
 
 def test_boundary_rules_normal_and_empirical(fitted):
@@ -166,9 +165,9 @@ def test_detects_patch_trojan_and_respects_frr_on_unseen_clean(trojaned, fitted,
 def test_one_oracle_call_per_batch(oracle, fitted, split):
     _, ev = split
     x = ev.x[:64]
-    before = oracle.ledger.as_dict().get("strip-score", {"calls": 0, "queries": 0})
+    before = oracle.ledger.to_dict().get("strip-score", {"calls": 0, "queries": 0})
     fitted.score(x)
-    after = oracle.ledger.as_dict()["strip-score"]
+    after = oracle.ledger.to_dict()["strip-score"]
     assert after["calls"] - before["calls"] == 1
     assert after["queries"] - before["queries"] == 64 * 10
 
@@ -185,7 +184,7 @@ def test_predict_contract(fitted, split):
     for key in ("name", "n_perturbations", "blend", "rule", "frr", "model_sha256"):
         assert key in out["meta"]
     with pytest.raises(RuntimeError):
-        StripDetector(fitted.model).score(ev.x[:2])
+        Strip(fitted.model).score(ev.x[:2])
 
 
 def test_save_load_round_trip(tmp_path, oracle, fitted, split):
@@ -193,11 +192,11 @@ def test_save_load_round_trip(tmp_path, oracle, fitted, split):
     fitted.extra["estimated_far"] = 0.0123
     fitted.save(tmp_path)
     doc = json.loads((tmp_path / BOUNDARY_FILE).read_text())
-    for key in ("n_perturbations", "blend", "mean", "std", "boundary", "frr", "rule", "normal_boundary",
-                "empirical_boundary", "seed", "created_at", "model_sha256", "bank_sha256", "versions", "extra"):
+    for key in ("n_perturbations", "blend", "mean", "std", "threshold", "frr", "rule", "normal_threshold",
+                "empirical_threshold", "seed", "created_at", "model_sha256", "bank_sha256", "versions", "extra"):
         assert key in doc, key
     assert set(doc["versions"]) == {"trojan-gate", "numpy", "onnxruntime"}
-    loaded = StripDetector.load(tmp_path, oracle, expected_sha256=artifact_sha256(tmp_path))
+    loaded = Strip.load(tmp_path, oracle, expected_sha256=artifact_sha256(tmp_path))
     for attr in ("threshold_", "mean_", "std_", "frr_", "normal_threshold_", "empirical_threshold_",
                  "n_perturbations", "blend", "seed", "rule", "model_sha256_"):
         assert getattr(loaded, attr) == getattr(fitted, attr), attr
@@ -217,67 +216,51 @@ def test_tampered_bank_is_refused(tmp_path, oracle, fitted):
     np.save(tmp_path / BANK_FILE, bank)
     assert artifact_sha256(tmp_path) != sha
     with pytest.raises(ArtifactIntegrityError, match="bank.npy sha256 mismatch"):
-        StripDetector.load(tmp_path, oracle)
+        Strip.load(tmp_path, oracle)
 
 
 def test_tampered_json_is_refused(tmp_path, oracle, fitted):
     fitted.save(tmp_path)
     path = tmp_path / BOUNDARY_FILE
     doc = json.loads(path.read_text())
-    doc["boundary"] = -1.0  # an attacker lowering the boundary to let everything through
+    doc["threshold"] = -1.0  # an attacker lowering the threshold to let everything through
     path.write_text(json.dumps(doc))
     with pytest.raises(ArtifactIntegrityError, match="content sha256 mismatch"):
-        StripDetector.load(tmp_path, oracle)
+        Strip.load(tmp_path, oracle)
 
 
 def test_wrong_model_and_pins_are_refused(tmp_path, benign, oracle, fitted):
     fitted.save(tmp_path)
     other = ModelOracle(benign.onnx_bytes)
     with pytest.raises(ArtifactIntegrityError, match="model sha256 mismatch"):
-        StripDetector.load(tmp_path, other)
+        Strip.load(tmp_path, other)
     with pytest.raises(ArtifactIntegrityError, match="artifact sha256 mismatch"):
-        StripDetector.load(tmp_path, oracle, expected_sha256="0" * 64)
+        Strip.load(tmp_path, oracle, expected_sha256="0" * 64)
     with pytest.raises(ArtifactIntegrityError, match="model sha256 mismatch"):
         GuardedClassifier(other, fitted)
     (tmp_path / BANK_FILE).unlink()
     with pytest.raises(ArtifactIntegrityError, match="missing bank.npy"):
-        StripDetector.load(tmp_path, oracle)
+        Strip.load(tmp_path, oracle)
 
 
 def test_guarded_classifier_flag_and_reject(trojaned, oracle, fitted, split):
     _, ev = split
     x = np.concatenate([ev.x[:40], trojaned.stamp(ev.x[ev.y != 0][:40])])
     plain = oracle.predict(x)
-    before = oracle.ledger.as_dict().get("guard", {"calls": 0, "queries": 0})
+    before = oracle.ledger.to_dict().get("guard", {"calls": 0, "queries": 0})
     flag = GuardedClassifier(oracle, fitted, policy="flag").predict(x)
-    after = oracle.ledger.as_dict()["guard"]
+    after = oracle.ledger.to_dict()["guard"]
     assert after["calls"] - before["calls"] == 1  # inputs and their N perturbations in one call
     assert after["queries"] - before["queries"] == len(x) * 11
-    assert set(flag) == {"label", "probability", "entropy", "trojan_suspected"}
-    assert flag["label"].dtype == np.int64 and flag["trojan_suspected"].dtype == bool
+    assert set(flag) == {"label", "probability", "instance_score", "is_trojaned"}
+    assert flag["label"].dtype == np.int64 and flag["is_trojaned"].dtype == bool
     np.testing.assert_array_equal(flag["label"], plain)
-    np.testing.assert_array_equal(flag["trojan_suspected"], flag["entropy"] <= fitted.threshold_)
-    assert flag["trojan_suspected"][40:].mean() > flag["trojan_suspected"][:40].mean()
+    np.testing.assert_array_equal(flag["is_trojaned"], flag["instance_score"] <= fitted.threshold_)
+    assert flag["is_trojaned"][40:].mean() > flag["is_trojaned"][:40].mean()
     rej = GuardedClassifier(oracle, fitted, policy="reject").predict(x)
-    s = rej["trojan_suspected"]
+    s = rej["is_trojaned"]
     assert s.any()
     assert (rej["label"][s] == -1).all() and (rej["probability"][s] == 0.0).all()
     np.testing.assert_array_equal(rej["label"][~s], plain[~s])
     with pytest.raises(ValueError):
         GuardedClassifier(oracle, fitted, policy="drop")
-
-
-def test_choose_n_follows_std_curve(oracle, split):
-    held, _ = split
-    n, curve = choose_n(oracle, held, candidates=(2, 5, 10, 20, 40), tol=0.02, n_samples=200)
-    assert n in curve and sorted(curve) == [2, 5, 10, 20, 40]
-    assert curve[2] > curve[40]  # averaging more perturbations narrows the benign entropies
-    cands = sorted(curve)
-    i = cands.index(n)
-    if i + 1 < len(cands):  # the chosen step is the first that no longer pays
-        a, b = cands[i], cands[i + 1]
-        assert (curve[a] - curve[b]) / curve[a] / (b - a) < 0.02
-    for a, b in zip(cands[:i], cands[1:i + 1]):
-        assert (curve[a] - curve[b]) / curve[a] / (b - a) >= 0.02
-    strict, _ = choose_n(oracle, held, candidates=(2, 5, 10, 20, 40), tol=1.0, n_samples=200)
-    assert strict == 2

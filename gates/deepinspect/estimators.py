@@ -1,4 +1,4 @@
-"""Query-only gradient estimators: antithetic NES and SPSA, batched over many points at once.
+"""Query-only gradient estimation: antithetic NES, batched over many points at once.
 
 For a batch of points v (B, *shape) and a scalar loss per point that can only be evaluated
 through a black box, the estimators send every probe of every point in ONE call of
@@ -7,8 +7,7 @@ losses L(v), the estimate is
 
     g(v) = 1 / (2 sigma n) * sum_i (L(v + sigma u_i) - L(v - sigma u_i)) u_i
 
-(Ilyas et al. 2018, NES with antithetic sampling; SPSA of Spall 1992 is the same formula with
-Rademacher +/-1 directions, for which 1/u_i = u_i). Noise may be drawn on a coarser grid
+(Ilyas et al. 2018, NES with antithetic sampling and Gaussian directions u_i). Noise may be drawn on a coarser grid
 (`tile`) and repeated up to the full resolution: the estimate then lives in the span of
 piecewise-constant directions, which cuts its variance on images at the price of detail.
 """
@@ -34,27 +33,22 @@ class GradientEstimate:
     queries: int  # inputs sent to forward
 
 
-class QueryGradientEstimator:
-    """Antithetic finite-difference gradient estimator over random directions.
+class NESEstimator:
+    """Antithetic NES gradient estimator over random Gaussian directions (Ilyas et al. 2018).
 
     Parameters
     ----------
     n_pairs : antithetic pairs per point (2 * n_pairs + 1 queries per point and call)
     sigma : probe radius
-    distribution : "gaussian" (NES) or "rademacher" (SPSA)
     tile : draw noise on a grid coarser by this factor along the last two axes (1 = full)
     seed : seed of the direction generator
     """
 
-    def __init__(self, n_pairs: int = 10, sigma: float = 0.05, distribution: str = "gaussian",
-                 tile: int = 1, seed: int = 0):
-        if distribution not in ("gaussian", "rademacher"):
-            raise ValueError(f"distribution must be gaussian or rademacher, not {distribution!r}")
+    def __init__(self, n_pairs: int = 10, sigma: float = 0.05, tile: int = 1, seed: int = 0):
         if n_pairs < 1 or sigma <= 0:
             raise ValueError("n_pairs must be >= 1 and sigma > 0")
         self.n_pairs = int(n_pairs)
         self.sigma = float(sigma)
-        self.distribution = distribution
         self.tile = int(tile)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
@@ -70,11 +64,7 @@ class QueryGradientEstimator:
             coarse = shape[:-2] + (int(ri[-1]) + 1, int(ci[-1]) + 1)
         else:
             coarse = shape
-        size = (batch, self.n_pairs) + coarse
-        if self.distribution == "gaussian":
-            u = self._rng.standard_normal(size, dtype=np.float32)
-        else:
-            u = self._rng.integers(0, 2, size=size).astype(np.float32) * 2.0 - 1.0
+        u = self._rng.standard_normal((batch, self.n_pairs) + coarse, dtype=np.float32)
         if coarse != shape:
             u = u[..., ri, :][..., ci]
         return u
@@ -100,25 +90,3 @@ class QueryGradientEstimator:
         diff = losses[:, 1:1 + n] - losses[:, 1 + n:]  # (B, n)
         grad = np.einsum("bn,bn...->b...", diff, u.astype(np.float64)) / (2.0 * self.sigma * n)
         return GradientEstimate(grad=grad, outputs=out[:, 0], loss=losses[:, 0], queries=b * r)
-
-
-class NESEstimator(QueryGradientEstimator):
-    """Antithetic NES with Gaussian directions (Ilyas et al. 2018)."""
-
-    def __init__(self, n_pairs: int = 10, sigma: float = 0.05, tile: int = 1, seed: int = 0):
-        super().__init__(n_pairs=n_pairs, sigma=sigma, distribution="gaussian", tile=tile, seed=seed)
-
-
-class SPSAEstimator(QueryGradientEstimator):
-    """SPSA with Rademacher directions (Spall 1992), antithetic and averaged over n_pairs."""
-
-    def __init__(self, n_pairs: int = 10, sigma: float = 0.05, tile: int = 1, seed: int = 0):
-        super().__init__(n_pairs=n_pairs, sigma=sigma, distribution="rademacher", tile=tile, seed=seed)
-
-
-def make_estimator(kind: str, **kwargs) -> QueryGradientEstimator:
-    """Build an estimator by name: "nes" or "spsa"."""
-    kinds = {"nes": NESEstimator, "spsa": SPSAEstimator}
-    if kind not in kinds:
-        raise ValueError(f"unknown estimator {kind!r}; choose from {sorted(kinds)}")
-    return kinds[kind](**kwargs)

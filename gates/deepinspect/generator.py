@@ -8,10 +8,9 @@ discriminator D. G minimises Eq. 6,
 
 over inverted images x of the other classes (a trigger must move *other* classes to t).
 Nothing is differentiated through the model: the gradient of the first two terms with
-respect to Delta is estimated from queries (antithetic NES/SPSA, every probe of the batch in
+respect to Delta is estimated from queries (antithetic NES, every probe of the batch in
 one oracle call) and pushed through G with `delta.backward(grad_estimate)`; the hinge term
-is differentiated exactly. With `gradient="surrogate"` the first two terms are instead
-differentiated through a local surrogate distilled from oracle answers (see `surrogate`).
+is differentiated exactly.
 
 Rule for the hyper-parameters (the paper asks for gamma1, gamma2 such that triggers reach at
 least 95% attack success; the scan aims at `success_target` = 0.99 by default, which on the
@@ -35,8 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .estimators import make_estimator
-from .statistic import stamped_success
+from .estimators import NESEstimator
 
 
 def default_device() -> str:
@@ -148,10 +146,9 @@ class GeneratorTrainer:
     gamma1 : weight of the mse term (Eq. 4)
     gamma2 : initial weight of the L1 hinge (Eq. 5), adapted per class (see module doc)
     thresh_fraction : hinge threshold as a fraction of the input size
-    success_target, adapt_every, adapt_factor, gamma2_bounds : the gamma2 thermostat
-    success_rule : what counts as a success for the thermostat ("argmax" or "outrank", see
-        `statistic.stamped_success`)
-    estimator, n_pairs, sigma, tile : query gradient estimator
+    success_target, adapt_every, adapt_factor, gamma2_bounds : the gamma2 thermostat (a success is
+        a stamped input the oracle labels t)
+    n_pairs, sigma, tile : the NES query gradient estimator
     z_dim, hidden, variation : generator size and the amplitude of its z-driven variation
     anneal : cosine-anneal the learning rates over `steps`
     device : torch device for G ("cuda" when available by default)
@@ -162,12 +159,11 @@ class GeneratorTrainer:
                  gamma1: float = 1.0,
                  gamma2: float = 1e-3, thresh_fraction: float = 0.01, success_target: float = 0.95,
                  adapt_every: int = 10, adapt_factor: float = 1.3, gamma2_bounds=(1e-5, 10.0),
-                 estimator: str = "nes", n_pairs: int = 10, sigma: float = 0.05, tile: int = 1,
+                 n_pairs: int = 10, sigma: float = 0.05, tile: int = 1,
                  z_dim: int = 16, hidden: int = 128, variation: float = 0.1, device: str | None = None, seed: int = 0,
-                 anneal: bool = True, success_rule: str = "argmax", progress: bool = True):
+                 anneal: bool = True, progress: bool = True):
         self.steps = steps
         self.anneal = anneal
-        self.success_rule = success_rule
         self.batch_per_class = batch_per_class
         self.lr = lr
         self.lr_variation = lr_variation
@@ -178,7 +174,6 @@ class GeneratorTrainer:
         self.adapt_every = adapt_every
         self.adapt_factor = adapt_factor
         self.gamma2_bounds = tuple(gamma2_bounds)
-        self.estimator = estimator
         self.n_pairs = n_pairs
         self.sigma = sigma
         self.tile = tile
@@ -201,18 +196,6 @@ class GeneratorTrainer:
             tgt.append(np.full(self.batch_per_class, t))
         return np.concatenate(src), np.concatenate(tgt)
 
-    # -- gradient source: query estimates here, a distilled surrogate in `surrogate` -------
-    def _setup(self, oracle, x, y, rng, device):
-        self._est = make_estimator(self.estimator, n_pairs=self.n_pairs, sigma=self.sigma, tile=self.tile,
-                                   seed=int(rng.integers(2**31)))
-
-    def _delta_grad(self, oracle, xs, tgt, delta: np.ndarray, step: int):
-        """Gradient of the model-dependent part of Eq. 6 w.r.t. each Delta (summed loss), and the
-        oracle's probabilities at x' = clip(x + Delta) (None when the oracle was not asked)."""
-        g = self._est.estimate(lambda q: oracle.predict_proba(np.clip(_stamp_probes(xs, q), 0.0, 1.0)),
-                               lambda out: target_loss(out, tgt, self.gamma1), delta)
-        return g.grad, g.outputs
-
     def fit(self, oracle, x: np.ndarray, y: np.ndarray, reserve: int = 0) -> "GeneratorTrainer":
         """Train against `oracle` on the substitute set (x, y); sets generator_, gamma2_, history_.
 
@@ -228,7 +211,7 @@ class GeneratorTrainer:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps), eta_min=0.0)
         x = np.asarray(x, np.float32)
         q0 = oracle.queries
-        self._setup(oracle, x, y, rng, device)
+        est = NESEstimator(n_pairs=self.n_pairs, sigma=self.sigma, tile=self.tile, seed=int(rng.integers(2**31)))
         thresh = self.thresh_fraction * float(np.prod(shape))
         gamma2 = np.full(k, float(self.gamma2))
         hits, seen = np.zeros(k), np.zeros(k)
@@ -242,8 +225,10 @@ class GeneratorTrainer:
             src, tgt = self._batch(x, y, k, rng)
             z = torch.from_numpy(rng.standard_normal((len(src), self.z_dim), dtype=np.float32)).to(device)
             delta = gen(z, torch.from_numpy(tgt).to(device))
-            grad, outputs = self._delta_grad(oracle, x[src], tgt, delta.detach().cpu().numpy(), step)
-            grad = torch.from_numpy((grad / len(src)).astype(np.float32)).to(device)
+            xs = x[src]
+            g = est.estimate(lambda q: oracle.predict_proba(np.clip(_stamp_probes(xs, q), 0.0, 1.0)),
+                             lambda out: target_loss(out, tgt, self.gamma1), delta.detach().cpu().numpy())
+            grad = torch.from_numpy((g.grad / len(src)).astype(np.float32)).to(device)
             l1 = delta.abs().flatten(1).sum(1)
             g2 = torch.from_numpy(gamma2[tgt].astype(np.float32)).to(device)
             pert = (g2 * torch.relu(l1 - thresh)).mean()
@@ -253,9 +238,8 @@ class GeneratorTrainer:
             if self.anneal:
                 sched.step()
             steps_run = step + 1
-            if outputs is not None:
-                np.add.at(hits, tgt, stamped_success(outputs, tgt, y[src], self.success_rule))
-                np.add.at(seen, tgt, 1)
+            np.add.at(hits, tgt, g.outputs.argmax(1) == tgt)
+            np.add.at(seen, tgt, 1)
             if steps_run % self.adapt_every == 0 and seen.min() > 0:
                 rate = hits / seen
                 gamma2 = np.where(rate >= self.success_target, gamma2 * self.adapt_factor,

@@ -12,9 +12,8 @@ its class at least `target_confidence`. Images start dark (coarse uniform noise 
 100% (Fashion-MNIST) and 99% (digits) of the substitute images to the target, against 73% and
 88% when inversion starts from uniform [0, 1] noise.
 
-With a user's held-out set the substitute set can be replaced by it (`mode="replace"`: no
-inversion queries) or inversion can start from it (`mode="seed"`), the paper's clean-data
-variant.
+With a user's labelled held-out set the substitute set *is* those images (no inversion
+queries): the paper's clean-data variant.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .estimators import make_estimator
+from .estimators import NESEstimator
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -49,31 +48,27 @@ class ModelInversion:
     lr : Adam step size in pixel units
     tv_weight, l2_weight : weights of the auxiliary prior (per image, pixel sums)
     target_confidence : an image is done once the oracle gives its class this probability
-    estimator, n_pairs, sigma, tile : the query gradient estimator (see `estimators`)
+    n_pairs, sigma, tile : the NES query gradient estimator (see `estimators`)
     init_tile : initial images are uniform noise on a grid this much coarser
-    mode : "invert" (from noise), "seed" (start from held-out images), "replace" (use them)
+    init_range : value range of the initial noise (dark images invert better, see the module doc)
     seed : seed of initial images and probe directions
     """
 
     def __init__(self, n_per_class: int = 20, steps: int = 150, lr: float = 0.05, tv_weight: float = 0.01,
-                 l2_weight: float = 0.0, target_confidence: float = 0.99, estimator: str = "nes",
+                 l2_weight: float = 0.0, target_confidence: float = 0.99,
                  n_pairs: int = 10, sigma: float = 0.1, tile: int = 2, init_tile: int = 4,
-                 init_range=(0.0, 0.2), mode: str = "invert", seed: int = 0, progress: bool = True):
-        if mode not in ("invert", "seed", "replace"):
-            raise ValueError(f"mode must be invert, seed or replace, not {mode!r}")
+                 init_range=(0.0, 0.2), seed: int = 0, progress: bool = True):
         self.n_per_class = n_per_class
         self.steps = steps
         self.lr = lr
         self.tv_weight = tv_weight
         self.l2_weight = l2_weight
         self.target_confidence = target_confidence
-        self.estimator = estimator
         self.n_pairs = n_pairs
         self.sigma = sigma
         self.tile = tile
         self.init_tile = init_tile
         self.init_range = tuple(init_range)
-        self.mode = mode
         self.seed = seed
         self.progress = progress
 
@@ -83,7 +78,7 @@ class ModelInversion:
     def _initial(self, oracle, heldout, rng) -> tuple[np.ndarray, np.ndarray]:
         k, shape = oracle.n_classes, tuple(oracle.input_shape)
         y = np.repeat(np.arange(k), self.n_per_class)
-        if self.mode == "invert" or heldout is None:
+        if heldout is None:
             c, h, w = shape
             t = max(1, self.init_tile)
             lo, hi = self.init_range
@@ -108,14 +103,13 @@ class ModelInversion:
         rng = np.random.default_rng(self.seed)
         q0 = oracle.queries
         x, y = self._initial(oracle, heldout, rng)
-        if self.mode == "replace" and heldout is not None:
+        if heldout is not None:  # the clean-data variant: the held-out images are the substitute set
             proba = oracle.predict_proba(x)
             self.x_, self.y_ = x, y
             self.confidence_ = proba[np.arange(len(y)), y]
             self.steps_run_, self.queries_ = 0, oracle.queries - q0
             return self
-        est = make_estimator(self.estimator, n_pairs=self.n_pairs, sigma=self.sigma, tile=self.tile,
-                             seed=int(rng.integers(2**31)))
+        est = NESEstimator(n_pairs=self.n_pairs, sigma=self.sigma, tile=self.tile, seed=int(rng.integers(2**31)))
         m = np.zeros_like(x, dtype=np.float64)
         v = np.zeros_like(x, dtype=np.float64)
         b1, b2, eps = 0.9, 0.999, 1e-8

@@ -25,8 +25,8 @@ import warnings
 
 import numpy as np
 
-from .data import Dataset
-from .lab import LabConfig, train_lab_model
+from ..data import Dataset
+from ..lab import LabConfig, train_lab_model
 
 
 def split_heldout(heldout: Dataset, n_per_class: int, n_classes: int, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -7,60 +7,72 @@ from pathlib import Path
 
 import numpy as np
 
-VERDICT_CLEAN = "clean"
-VERDICT_TROJANED = "trojan_suspected"
+
+def _rounded(values, digits: int = 6):
+    return None if values is None else [round(float(v), digits) for v in values]
+
+
+def _rounded_matrix(rows, digits: int = 6):
+    return None if rows is None else [[round(float(v), digits) for v in row] for row in rows]
 
 
 @dataclass
 class ScanResult:
     """Everything a DeepInspect scan measured, all of it from the oracle's answers.
 
-    statistics[k]          perturbation level (L1) of class k's smallest recovered trigger that
-                           reaches the success target on the oracle (the test statistic)
-    deviation_factors[k]   left-tail double-MAD deviation factor of statistics[k] on `test_scale`
-                           (log by default; 0 right of the median)
-    success_rates[k]       oracle-measured share of stamped inverted images predicted as k (G's raw output)
-    trigger_scales[k]      smallest rescaling of G(z, k) that reached the success target on the oracle
-    reached[k]             whether that target was reached at all (False: statistic is an upper end)
-    trigger_supports[k]    pixels kept in class k's winning trigger (the support ladder's choice)
-    dense_statistics[k]    the same level without support pruning (full image)
-    reference_statistics   (n_models, K) the same statistic measured on benign reference models
-                           trained on held-out data (None without them); the test then runs on
-                           log statistics[k] - mean_j log reference_statistics[j][k]
-    median, mad            of the tested values (log levels when test_scale is "log")
-    trigger_masks          (K, C, H, W) float32 0/1 winning supports (not serialised)
-    flagged_classes        classes with deviation factor > cutoff (less those dropped as
-                           transferable), plus their co-targets
-    transfer_rates[k]      mean success on the reference models of class k's measured trigger
-                           (None without references; see `transfer`)
-    transferable_classes   classes past the cutoff whose trigger transfers to the references
-                           more than `transfer_factor` x the median class's: reported, not flagged
-    co_targets             flagged classes added by co-activation links, not by their own
-                           deviation factor (multi-target trojans; see `cotargets`)
-    co_activation          (K, K) A[t][u]: mean probability of u on images stamped with t's
-                           trigger (None when nothing was flagged or links are off)
-    reference_links        (K, K) mean link strength W on the reference models: each link's
-                           natural level (None without references)
-    trigger_samples        (K, m, C, H, W) float32 measured triggers s_k * M_k * G(z, k)
-                           (x' = clip(x + delta, 0, 1))
-    inverted_x/inverted_y  the substitute data set recovered by model inversion
-    generator              the trained conditional generator, refined to the measured supports and
-                           scales (not serialised; used by patching and the FAR estimate)
+    The model-level decision uses the project's one vocabulary: ``is_trojaned``,
+    ``instance_score`` (the largest per-class deviation factor) and ``threshold`` (the
+    deviation-factor cutoff c of Eq. 7).
+
+    Attributes
+    ----------
+    is_trojaned : bool
+        Some class is flagged (deviation factor > threshold, or a co-target of a flagged class).
+    flagged_classes : list of int
+        Suspected attack targets.
+    statistics : list of float
+        Per class, the perturbation level (L1) of the smallest recovered trigger that reaches
+        the success target on the oracle (the test statistic).
+    deviation_factors : list of float
+        Left-tail double-MAD deviation factor of each class's log level (0 right of the median).
+    threshold : float
+        The cutoff c on the deviation factor; ``alpha`` is its two-sided normal significance.
+    success_rates : list of float
+        Oracle-measured share of stamped substitute images predicted as k (G's raw output).
+    trigger_scales, trigger_supports, reached, dense_statistics : list
+        The winning scale and support size of each class's trigger, whether the success target
+        was reached at all, and the level without support pruning.
+    reference_statistics : list of list or None
+        (n_models, K) the same statistic on benign reference models trained on held-out data;
+        the test then reads log statistics[k] - mean_j log reference_statistics[j][k].
+    median, mad : float
+        Of the tested log levels.
+    co_targets : list of int
+        Flagged classes added by co-activation links (multi-target trojans; see `cotargets`).
+    co_activation, reference_links : (K, K) lists or None
+        A[t][u] on the scanned model, and each link's natural level on the reference models.
+    trigger_samples : ndarray (K, m, C, H, W)
+        Measured triggers s_k * M_k * G(z, k); a stamped input is clip(x + delta, 0, 1).
+    inverted_x, inverted_y : ndarray
+        The substitute data set.
+    generator : TriggerGenerator
+        The trained conditional generator refined to the measured supports and scales (used by
+        patching and the FAR estimate; not serialised).
     """
 
-    verdict: str
+    is_trojaned: bool
     flagged_classes: list
     statistics: list
     deviation_factors: list
     success_rates: list
-    cutoff: float
+    threshold: float
     alpha: float
     n_classes: int
     input_shape: tuple
     model_sha256: str
     queries: int
     seconds: float
-    phases: dict  # phase -> {"queries", "seconds"}
+    phases: dict
     seed: int
     config: dict
     versions: dict = field(default_factory=dict)
@@ -70,55 +82,41 @@ class ScanResult:
     mad: float = 0.0
     trigger_supports: list = field(default_factory=list)
     dense_statistics: list = field(default_factory=list)
-    test_scale: str = "log"
+    reference_statistics: list | None = None
+    co_targets: list = field(default_factory=list)
+    co_activation: list | None = None
+    reference_links: list | None = None
     trigger_masks: np.ndarray | None = field(default=None, repr=False)
     trigger_samples: np.ndarray | None = field(default=None, repr=False)
     inverted_x: np.ndarray | None = field(default=None, repr=False)
     inverted_y: np.ndarray | None = field(default=None, repr=False)
     generator: object = field(default=None, repr=False)
-    reference_statistics: list | None = None
-    co_targets: list = field(default_factory=list)
-    co_activation: list | None = None
-    reference_links: list | None = None
-    transfer_rates: list | None = None
-    transferable_classes: list = field(default_factory=list)
 
     @property
-    def trojan_suspected(self) -> bool:
-        return self.verdict == VERDICT_TROJANED
-
-    @property
-    def max_deviation_factor(self) -> float:
+    def instance_score(self) -> float:
+        """The largest per-class deviation factor: the model's score against `threshold`."""
         return float(max(self.deviation_factors)) if self.deviation_factors else 0.0
 
     def to_dict(self) -> dict:
         return {
-            "verdict": self.verdict,
-            "trojan_suspected": self.trojan_suspected,
+            "is_trojaned": bool(self.is_trojaned),
+            "instance_score": round(self.instance_score, 6),
+            "threshold": float(self.threshold),
+            "alpha": float(self.alpha),
             "flagged_classes": [int(c) for c in self.flagged_classes],
-            "max_deviation_factor": round(self.max_deviation_factor, 6),
-            "deviation_factors": [round(float(v), 6) for v in self.deviation_factors],
-            "statistics": [round(float(v), 6) for v in self.statistics],
-            "success_rates": [round(float(v), 6) for v in self.success_rates],
-            "trigger_scales": [round(float(v), 6) for v in self.trigger_scales],
+            "co_targets": [int(c) for c in self.co_targets],
+            "deviation_factors": _rounded(self.deviation_factors),
+            "statistics": _rounded(self.statistics),
+            "success_rates": _rounded(self.success_rates),
+            "trigger_scales": _rounded(self.trigger_scales),
             "reached": [bool(v) for v in self.reached],
             "trigger_supports": [int(v) for v in self.trigger_supports],
-            "dense_statistics": [round(float(v), 6) for v in self.dense_statistics],
-            "test_scale": self.test_scale,
-            "reference_statistics": None if self.reference_statistics is None else
-            [[round(float(v), 6) for v in row] for row in self.reference_statistics],
-            "co_targets": [int(c) for c in self.co_targets],
-            "co_activation": None if self.co_activation is None else
-            [[round(float(v), 6) for v in row] for row in self.co_activation],
-            "reference_links": None if self.reference_links is None else
-            [[round(float(v), 6) for v in row] for row in self.reference_links],
-            "transfer_rates": None if self.transfer_rates is None else
-            [round(float(v), 6) for v in self.transfer_rates],
-            "transferable_classes": [int(c) for c in self.transferable_classes],
+            "dense_statistics": _rounded(self.dense_statistics),
+            "reference_statistics": _rounded_matrix(self.reference_statistics),
+            "co_activation": _rounded_matrix(self.co_activation),
+            "reference_links": _rounded_matrix(self.reference_links),
             "median": round(float(self.median), 6),
             "mad": round(float(self.mad), 6),
-            "cutoff": float(self.cutoff),
-            "alpha": float(self.alpha),
             "n_classes": int(self.n_classes),
             "input_shape": [int(v) for v in self.input_shape],
             "model_sha256": self.model_sha256,
@@ -129,6 +127,14 @@ class ScanResult:
             "config": self.config,
             "versions": self.versions,
         }
+
+    def to_detector_output(self) -> dict:
+        """Alibi Detect's output shape for the model as one instance."""
+        return {"data": {"instance_score": self.instance_score, "is_trojaned": bool(self.is_trojaned),
+                         "threshold": float(self.threshold)},
+                "meta": {"name": "DeepInspect", "detector_type": "trojan", "data_type": "model",
+                         "flagged_classes": [int(c) for c in self.flagged_classes],
+                         "model_sha256": self.model_sha256, "queries": int(self.queries), "seed": int(self.seed)}}
 
     def to_json(self, path) -> Path:
         path = Path(path)

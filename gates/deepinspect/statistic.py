@@ -11,13 +11,7 @@ searched on the oracle: for each support M of a ladder (the k pixels where the m
 is largest, k = 4, 8, ..., and the full image) the smallest scale s in (0, max_scale] is found
 by bisection. The search stays black-box: only the oracle's answers decide success.
 
-Success of a stamped input (`success_rule`):
-- ``argmax``: the oracle's label is t (the paper's criterion for a single target);
-- ``outrank``: t gets more probability than the image's own class y_i. This also covers
-  the paper's multi-target trojan (Sec. 4, "the target label for each stamped input is
-  randomly selected from a set T"), whose trigger splits the probability over T so that no
-  single target wins the argmax, yet each target outranks the source by far. The paper
-  leaves the multi-target loss open ("can be modified to allow multiple target classes").
+A stamped input counts as moved to t when the oracle's label is t (the paper's criterion).
 
 Why the support ladder: a generator trained with estimated gradients spreads small,
 useless values over the whole image (the noise of the estimate, held near zero by the L1
@@ -36,28 +30,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 DEFAULT_LADDER = (4, 8, 16, 32, 64, 128, 256)
-SUCCESS_RULES = ("argmax", "outrank")
-
-
-def stamped_success(proba: np.ndarray, t, y_source, rule: str = "argmax") -> np.ndarray:
-    """Per stamped input, whether it counts as moved to target t (see `success_rule` above).
-
-    proba (N, K) oracle probabilities; t a class or (N,) classes; y_source (N,) source classes.
-    """
-    proba = np.asarray(proba)
-    n = len(proba)
-    t = np.broadcast_to(np.asarray(t), (n,))
-    if rule == "argmax":
-        return proba.argmax(1) == t
-    if rule == "outrank":
-        rows = np.arange(n)
-        return proba[rows, t] > proba[rows, np.asarray(y_source)]
-    raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, not {rule!r}")
 
 
 def draw_seed(seed: int, t: int) -> int:
-    """The seed of class t's trigger draws at scan seed `seed`: the statistic, the co-target links and
-    the transfer rates draw the same triggers for a class."""
+    """The seed of class t's trigger draws at scan seed `seed`: the statistic and the co-target links
+    draw the same triggers for a class."""
     return int(seed) * 1000 + int(t)
 
 
@@ -102,7 +79,7 @@ def _smallest_scale(success, success_target: float, max_scale: float, steps: int
 
 def trigger_statistics(oracle, generator, x: np.ndarray, y: np.ndarray, success_target: float = 0.99,
                        max_scale: float = 4.0, bisection_steps: int = 10, ladder=DEFAULT_LADDER,
-                       success_rule: str = "argmax", seed: int = 0, progress: bool = True) -> TriggerStatistics:
+                       seed: int = 0, progress: bool = True) -> TriggerStatistics:
     """Measure every class's statistic on the oracle (see the module doc)."""
     k = generator.n_classes
     shape = tuple(generator.input_shape)
@@ -111,14 +88,13 @@ def trigger_statistics(oracle, generator, x: np.ndarray, y: np.ndarray, success_
     x = np.asarray(x, np.float32)
     stats, supports, scales, success1, reached, dense, masks = [], [], [], [], [], [], []
     for t in tqdm(range(k), desc="statistics", disable=not progress, leave=False):
-        src, ysrc = x[y != t], np.asarray(y)[y != t]
+        src = x[y != t]
         delta = generator.sample(t, len(src), seed=draw_seed(seed, t))
         flat = np.abs(delta).reshape(len(delta), -1)
         order = np.argsort(-flat.mean(0), kind="stable")
 
         def success(d):
-            return lambda s: float(stamped_success(oracle.predict_proba(np.clip(src + s * d, 0.0, 1.0)),
-                                                   t, ysrc, success_rule).mean())
+            return lambda s: float((oracle.predict_proba(np.clip(src + s * d, 0.0, 1.0)).argmax(1) == t).mean())
 
         success1.append(success(delta)(1.0))
         l1_full = float(flat.sum(1).mean())

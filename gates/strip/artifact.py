@@ -19,20 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactIntegrityError
-from .hashing import sha256_file
+from ..errors import ArtifactIntegrityError
+from ..hashing import sha256_file
 
 BOUNDARY_FILE = "boundary.json"
 BANK_FILE = "bank.npy"
 FORMAT = "trojan-gate/strip-boundary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def versions() -> dict:
     """Versions of the libraries whose behaviour the boundary depends on."""
     import onnxruntime
 
-    from . import __version__
+    from .. import __version__
 
     return {"trojan-gate": __version__, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
 
@@ -104,6 +104,9 @@ def read_artifact(directory, model_sha256: str | None = None,
         raise ArtifactIntegrityError(f"{BOUNDARY_FILE} is not readable JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ArtifactIntegrityError(f"{BOUNDARY_FILE} is not a {FORMAT} document")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} has format version {doc.get('format_version')}; this "
+                                     f"trojan-gate reads version {FORMAT_VERSION} (calibrate the model again)")
     recorded = (doc.get("integrity") or {}).get("content_sha256")
     actual = content_sha256(doc)
     if recorded != actual:

@@ -8,9 +8,9 @@ entropy (Eq. 2-4):
     H_n = -sum_i y_i log2 y_i            (Eq. 2, class distribution of perturbed copy n)
     H   = (1 / N) * sum_n H_n            (Eq. 3-4)
 
-and x is flagged as trojaned when H <= boundary. The boundary is a low percentile of the
+and x is flagged as trojaned when H <= threshold (the paper's detection boundary), a low percentile of the
 benign-entropy distribution of held-out images (Sec. V-D): a normal is fitted to the benign
-entropies and boundary = norm.ppf(FRR, mean, std) (rule "normal", the paper's); the
+entropies and threshold = norm.ppf(FRR, mean, std) (rule "normal", the paper's); the
 empirical FRR-quantile of the same entropies is kept as well (rule "empirical").
 
 How perturbations are drawn. Every input gets N *distinct* bank images drawn with a seeded
@@ -48,11 +48,11 @@ from scipy import stats
 from scipy.special import entr
 from tqdm.auto import tqdm
 
-from .boundary import artifact_sha256, read_artifact, utc_now, versions, write_artifact
-from .errors import ArtifactIntegrityError
+from ..errors import ArtifactIntegrityError
+from .artifact import artifact_sha256, read_artifact, utc_now, versions, write_artifact
 
-__all__ = ["BLEND_RULES", "DEFAULT_BLEND", "StripDetector", "choose_n", "artifact_sha256", "superimpose",
-           "draw_indices", "normalized_entropy"]
+__all__ = ["BLEND_RULES", "DEFAULT_BLEND", "Strip", "artifact_sha256", "superimpose", "draw_indices",
+           "normalized_entropy"]
 
 LOG2 = math.log(2.0)
 RULES = ("normal", "empirical")
@@ -123,8 +123,8 @@ def normalized_entropy(proba: np.ndarray, n_perturbations: int) -> np.ndarray:
     return h.reshape(-1, n_perturbations).mean(axis=1)  # Eq. 3-4
 
 
-class StripDetector:
-    """STRIP detector over a black-box ModelOracle.
+class Strip:
+    """STRIP detector over a black-box ModelOracle (Alibi Detect's fit / infer_threshold / predict).
 
     Parameters
     ----------
@@ -134,11 +134,11 @@ class StripDetector:
     seed : seeds the draws of fit (benign entropies) and of scoring
     batch_size : incoming inputs per oracle call (each brings N perturbed copies);
         default keeps a call near 32k images
-    rule : boundary in force, "normal" (norm.ppf(frr, mean, std)) or "empirical" (quantile)
+    rule : threshold in force, "normal" (norm.ppf(frr, mean, std)) or "empirical" (quantile)
     progress : tqdm bar when a call needs several oracle batches
 
     Attributes after fit / infer_threshold: bank_, benign_scores_, mean_, std_, frr_,
-    threshold_ (boundary in force), normal_threshold_, empirical_threshold_, model_sha256_,
+    threshold_ (in force), normal_threshold_, empirical_threshold_, model_sha256_,
     extra (dict saved with the artifact).
     """
 
@@ -172,9 +172,9 @@ class StripDetector:
 
     def _check_fitted(self, need_threshold=False):
         if self.bank_ is None:
-            raise RuntimeError("StripDetector is not fitted: call fit(heldout_x) first")
+            raise RuntimeError("Strip is not fitted: call fit(heldout_x) first")
         if need_threshold and self.threshold_ is None:
-            raise RuntimeError("no detection boundary: call infer_threshold(frr) first")
+            raise RuntimeError("no threshold: call infer_threshold(frr) first")
 
     def perturb(self, x: np.ndarray, rng: np.random.Generator | None = None, exclude=None,
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -213,7 +213,7 @@ class StripDetector:
         return scores
 
     # -- sklearn-style API ------------------------------------------------------------
-    def fit(self, heldout_x) -> "StripDetector":
+    def fit(self, heldout_x) -> "Strip":
         """Keep held-out images as the perturbation bank; compute their benign entropies.
 
         Image i's N partners come from the other held-out images (never itself).
@@ -233,8 +233,8 @@ class StripDetector:
         self.threshold_ = None
         return self
 
-    def infer_threshold(self, frr: float = 0.01, rule: str | None = None) -> "StripDetector":
-        """Boundary at preset FRR (Sec. V-D): normal ppf and empirical quantile; `rule` picks one."""
+    def infer_threshold(self, frr: float = 0.01, rule: str | None = None) -> "Strip":
+        """Threshold at preset FRR (Sec. V-D): normal ppf and empirical quantile; `rule` picks one."""
         self._check_fitted()
         if not 0.0 < frr < 1.0:
             raise ValueError(f"frr must be in (0, 1), got {frr}")
@@ -279,8 +279,8 @@ class StripDetector:
         return {
             "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
             "mean": self.mean_, "std": self.std_, "frr": self.frr_, "rule": self.rule,
-            "boundary": self.threshold_, "normal_boundary": self.normal_threshold_,
-            "empirical_boundary": self.empirical_threshold_,
+            "threshold": self.threshold_, "normal_threshold": self.normal_threshold_,
+            "empirical_threshold": self.empirical_threshold_,
             "n_benign": int(len(self.benign_scores_)),
             "benign_scores": [float(v) for v in self.benign_scores_],
             "created_at": self.created_at_, "model_sha256": self.model_sha256_,
@@ -288,18 +288,18 @@ class StripDetector:
         }
 
     def save(self, directory):
-        """Write boundary.json + bank.npy (see gates/boundary.py); returns the directory."""
+        """Write boundary.json + bank.npy (see `artifact`); returns the directory."""
         return write_artifact(directory, self.to_dict(), self.bank_)
 
     @classmethod
-    def load(cls, directory, model, expected_sha256: str | None = None, **kwargs) -> "StripDetector":
+    def load(cls, directory, model, expected_sha256: str | None = None, **kwargs) -> "Strip":
         """Restore a saved detector for `model`, refusing any hash mismatch (ArtifactIntegrityError).
 
         `model` is a ModelOracle (or a path / bytes of the ONNX file, wrapped in one);
         `expected_sha256` optionally pins the whole artifact (see artifact_sha256).
         """
         if not hasattr(model, "predict_proba"):
-            from .oracle import ModelOracle
+            from ..oracle import ModelOracle
 
             model = ModelOracle(model)
         doc, bank = read_artifact(directory, model_sha256=model.sha256, expected_sha256=expected_sha256)
@@ -313,50 +313,12 @@ class StripDetector:
             det.model_sha256_ = doc["model_sha256"]
             det.benign_scores_ = np.asarray(doc["benign_scores"], dtype=np.float64)
             det.mean_, det.std_, det.frr_ = float(doc["mean"]), float(doc["std"]), float(doc["frr"])
-            det.normal_threshold_ = float(doc["normal_boundary"])
-            det.empirical_threshold_ = float(doc["empirical_boundary"])
-            det.threshold_ = float(doc["boundary"])
+            det.normal_threshold_ = float(doc["normal_threshold"])
+            det.empirical_threshold_ = float(doc["empirical_threshold"])
+            det.threshold_ = float(doc["threshold"])
             det.created_at_ = doc.get("created_at")
             det.extra = dict(doc.get("extra") or {})
             det.versions_ = doc.get("versions", {})
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactIntegrityError(f"boundary.json lacks or mangles a field: {e}") from e
         return det
-
-
-def choose_n(model, heldout_x, candidates=(2, 4, 6, 8, 10, 15, 20, 30, 50, 100), tol: float = 0.02,
-             blend: str = DEFAULT_BLEND, seed: int = 0, n_samples: int | None = 1000,
-             batch_size: int | None = None) -> tuple[int, dict]:
-    """Pick N from the benign-entropy std-versus-N curve (Fig. 10).
-
-    Each sampled held-out image gets max(candidates) distinct partners (never itself) in one
-    pass; the entropy for a given N averages the first N of them, so the curve costs one set
-    of queries. Walking up the candidates, stop at the first N whose step to the next
-    candidate lowers the std by less than `tol` (relative decrease per added perturbation,
-    so an uneven grid does not bias the choice); returns (N, {N: std}).
-    """
-    candidates = sorted(int(c) for c in candidates)
-    x = model.check_inputs(heldout_x)
-    n_max = candidates[-1]
-    rng = np.random.default_rng([int(seed), 2])
-    sample = np.arange(len(x))
-    if n_samples is not None and n_samples < len(x):
-        sample = np.sort(rng.choice(len(x), size=n_samples, replace=False))
-    det = StripDetector(model, n_perturbations=n_max, blend=blend, seed=seed, batch_size=batch_size)
-    det.bank_ = x
-    size = det.chunk_size
-    per_copy = []
-    with model.phase("strip-choose-n"):
-        for s in tqdm(range(0, len(sample), size), desc="choose N", leave=False,
-                      disable=len(sample) <= size):
-            rows = sample[s:s + size]
-            proba = model.predict_proba(det.perturb(x[rows], rng, exclude=rows))
-            per_copy.append((entr(proba).sum(axis=1) / LOG2).reshape(len(rows), n_max))
-    h = np.concatenate(per_copy, axis=0)
-    curve = {n: float(h[:, :n].mean(axis=1).std(ddof=1)) for n in candidates}
-    chosen = candidates[-1]
-    for a, b in zip(candidates, candidates[1:]):
-        if curve[a] <= 0 or (curve[a] - curve[b]) / curve[a] / (b - a) < tol:
-            chosen = a
-            break
-    return chosen, curve

@@ -7,8 +7,10 @@ hijack the model (oracle predicts t) are scored by STRIP, and
 
     estimated FAR = share of hijacking stamped inputs whose entropy is above the boundary.
 
-The same stand-ins choose the superimposition rule and N that minimise the estimate at the
-preset FRR. All predictions come from the oracle.
+The estimate is reported beside the threshold and never chooses the rule or N: generated
+triggers are fragile stand-ins (superimposing a bank image breaks them), so on the lab's
+Fashion-MNIST patch trojan the estimate read 84-96% against a measured FAR of 1.5-2.5%
+(docs/strip.md). Treat it as an upper bound. All predictions come from the oracle.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .strip import BLEND_RULES, StripDetector
+from .detector import Strip
 
 
 @dataclass
@@ -50,37 +52,8 @@ def hijacking_inputs(oracle, stamp, x: np.ndarray, y: np.ndarray, per_class: int
                       np.concatenate(ts) if ts else np.zeros(0, np.int64), attempted, success)
 
 
-def estimate_far(detector: StripDetector, stamped: StampedSet) -> float:
+def estimate_far(detector: Strip, stamped: StampedSet) -> float:
     """Share of hijacking stamped inputs that STRIP accepts (entropy above the boundary)."""
     if len(stamped.x) == 0:
         return float("nan")
     return float((detector.score(stamped.x) > detector.threshold_).mean())
-
-
-@dataclass
-class StripSelection:
-    blend: str
-    n_perturbations: int
-    estimated_far: float
-    table: list  # rows {"blend", "n", "boundary", "estimated_far"}
-    n_stamped: int
-
-
-def select_strip_config(oracle, heldout_x: np.ndarray, stamped: StampedSet, frr: float = 0.01,
-                        blends=tuple(BLEND_RULES), ns=(5, 10, 20), seed: int = 0) -> StripSelection:
-    """Calibrate each (blend, N) at the preset FRR and keep the one with the lowest estimated FAR.
-
-    Ties go to the smaller N (cheaper at serving time), then to the order of `blends`.
-    """
-    rows = []
-    best = None
-    for n in sorted(ns):
-        for blend in blends:
-            det = StripDetector(oracle, n_perturbations=n, blend=blend, seed=seed, progress=False)
-            det.fit(heldout_x).infer_threshold(frr=frr)
-            far = estimate_far(det, stamped)
-            rows.append({"blend": blend, "n": int(n), "boundary": float(det.threshold_), "estimated_far": far})
-            key = (np.inf if np.isnan(far) else far)
-            if best is None or key < best[0] - 1e-12:
-                best = (key, blend, n, far)
-    return StripSelection(best[1], int(best[2]), float(best[3]), rows, int(len(stamped.x)))

@@ -4,14 +4,14 @@ For a batch of n inputs the guard builds one array holding the n inputs followed
 n * N STRIP perturbations (Algorithm 1: "all the perturbed inputs along with x itself are
 concurrently fed into the deployed DNN model"), sends it to the oracle in a single call,
 takes labels from the first n rows and the normalised entropy (Eq. 2-4) from the rest.
-`trojan-gate check` and the served model both predict through this class.
+`trojan-gate check` and the served guarded model both predict through this class.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import ArtifactIntegrityError
-from .strip import StripDetector
+from ..errors import ArtifactIntegrityError
+from .detector import Strip
 
 POLICIES = ("flag", "reject")
 REJECTED_LABEL = -1
@@ -23,17 +23,17 @@ class GuardedClassifier:
     Parameters
     ----------
     oracle : ModelOracle of the served model (must be the model the detector was calibrated on)
-    detector : fitted StripDetector with a boundary
+    detector : fitted Strip with a threshold
     policy : "flag" returns every label and marks suspects; "reject" also replaces a
         suspect's label by -1 and its probability by 0.0 (no class is vouched for)
     batch_size : inputs per oracle call (default: the detector's chunk size)
     """
 
-    def __init__(self, oracle, detector: StripDetector, policy: str = "flag", batch_size: int | None = None):
+    def __init__(self, oracle, detector: Strip, policy: str = "flag", batch_size: int | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         if detector.threshold_ is None:
-            raise ValueError("the detector has no boundary: fit it and call infer_threshold first")
+            raise ValueError("the detector has no threshold: fit it and call infer_threshold first")
         if detector.model_sha256_ != oracle.sha256:
             raise ArtifactIntegrityError(f"model sha256 mismatch: the boundary was calibrated on "
                                          f"{detector.model_sha256_}, the served model is {oracle.sha256}")
@@ -46,10 +46,10 @@ class GuardedClassifier:
     def from_artifacts(cls, model, boundary_dir, policy: str = "flag", expected_sha256: str | None = None,
                        **oracle_kwargs) -> "GuardedClassifier":
         """Build oracle and detector from an ONNX file (or bytes) and a verified boundary directory."""
-        from .oracle import ModelOracle
+        from ..oracle import ModelOracle
 
         oracle = model if hasattr(model, "predict_proba") else ModelOracle(model, **oracle_kwargs)
-        detector = StripDetector.load(boundary_dir, oracle, expected_sha256=expected_sha256, progress=False)
+        detector = Strip.load(boundary_dir, oracle, expected_sha256=expected_sha256, progress=False)
         return cls(oracle, detector, policy=policy)
 
     @property
@@ -57,13 +57,14 @@ class GuardedClassifier:
         return self.detector.threshold_
 
     def predict(self, x) -> dict:
-        """dict of arrays: label (int64), probability, entropy, trojan_suspected (bool)."""
+        """Per input: label (int64), probability, instance_score (normalised entropy H, Eq. 2-4) and
+        is_trojaned (H <= threshold); under policy "reject" a flagged input's label is -1."""
         x = self.oracle.check_inputs(x)
         n, big_n = len(x), self.detector.n_perturbations
         size = int(self.batch_size or self.detector.chunk_size)
         label = np.empty(n, dtype=np.int64)
         prob = np.empty(n, dtype=np.float64)
-        entropy = np.empty(n, dtype=np.float64)
+        score = np.empty(n, dtype=np.float64)
         with self.oracle.phase("guard"):
             for s in range(0, n, size):
                 xc = x[s:s + size]
@@ -74,9 +75,9 @@ class GuardedClassifier:
                 proba = self.oracle.predict_proba(buf)  # one call: inputs, then their perturbations
                 label[s:s + m] = proba[:m].argmax(axis=1)
                 prob[s:s + m] = proba[:m].max(axis=1)
-                entropy[s:s + m] = self.detector.entropy_from_proba(proba[m:])
-        suspected = entropy <= self.detector.threshold_
+                score[s:s + m] = self.detector.entropy_from_proba(proba[m:])
+        flagged = score <= self.detector.threshold_
         if self.policy == "reject":
-            label[suspected] = REJECTED_LABEL
-            prob[suspected] = 0.0
-        return {"label": label, "probability": prob, "entropy": entropy, "trojan_suspected": suspected}
+            label[flagged] = REJECTED_LABEL
+            prob[flagged] = 0.0
+        return {"label": label, "probability": prob, "instance_score": score, "is_trojaned": flagged}

@@ -16,38 +16,35 @@ from pathlib import Path
 
 import numpy as np
 
+from .zoo import PATCH_MODELS, ZOO, lab_config
+
 HELP = "patch the lab's trojaned models and compare generator-estimated STRIP FAR with the true FAR"
 
-DEFAULT_RECIPE = ("the defaults (40% stamped, 40 epochs, self-distillation weight 6, trigger jitter 2 px at 28x28, "
-                  "15% background stamps of the unflagged classes, last epoch kept, a soup of 4 runs)")
+def _default_recipe() -> str:
+    from trojan_gate.gates import Patcher
 
-ZOO = {
-    "patch": dict(trigger="patch", targets=(0,)),
-    "pattern": dict(trigger="pattern", targets=(2,)),
-    "blend": dict(trigger="blend", targets=(5,)),
-    "multi": dict(trigger="patch", targets=(1, 4, 7)),
-}
-
+    p = Patcher().get_params()
+    return (f"the defaults ({p['patch_fraction']:.0%} stamped, {p['epochs']} epochs, self-distillation weight "
+            f"{p['distill_weight']:g}, trigger jitter 2 px at 28x28, {p['background_fraction']:.0%} background "
+            f"stamps of the unflagged classes, last epoch kept, a soup of {p['soup']} runs)")
 
 def add_arguments(p):
-    p.add_argument("--models", default=",".join(ZOO), help=f"subset of {','.join(ZOO)}")
+    p.add_argument("--models", default=",".join(PATCH_MODELS), help=f"subset of {','.join(PATCH_MODELS)}")
     p.add_argument("--epochs", type=int, default=3, help="lab training epochs")
     p.add_argument("--arch", choices=["small", "deep"], default="small", help="lab architecture")
     p.add_argument("--heldout-size", type=int, default=2000)
     p.add_argument("--test-size", type=int, default=2000, help="clean/stamped test images for the true figures")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frr", type=float, default=0.01)
-    p.add_argument("--out", default="benchmarks/patch.md")
+    p.add_argument("--out", default=None, help="also write the markdown tables here")
     p.add_argument("--patch-option", action="append", default=[], metavar="KEY=JSON",
-                   help="ModelPatcher keyword, e.g. epochs=20 (repeatable; "
-                        + DEFAULT_RECIPE.replace("%", "%%") + ")")  # argparse %-formats help
-    p.add_argument("--patch-rounds", type=int, default=1,
-                   help="patch again against the fresh scan's triggers while it still flags, up to this many rounds")
+                   help="Patcher keyword, e.g. epochs=20 (repeatable; "
+                        + _default_recipe().replace("%", "%%") + ")")  # argparse %-formats help
     p.add_argument("--scan-without-heldout", action="store_true",
                    help="scan from model inversion alone (default: held-out substitute set + reference models, "
                         "as the gate scans)")
     p.add_argument("--patch-seeds", default="",
-                   help="extra ModelPatcher seeds (comma-separated) patched once more against the same scan, "
+                   help="extra Patcher seeds (comma-separated) patched once more against the same scan, "
                         "for the spread of accuracy change and true-trigger ASR (no fresh scans)")
     p.add_argument("--no-mlflow", action="store_true")
 
@@ -70,62 +67,61 @@ def _se(se) -> str:
 
 
 def run(args) -> int:
+    from trojan_gate.gates import DeepInspect, ModelOracle, Patcher, Strip
     from trojan_gate.gates.data import load_fashion_mnist
-    from trojan_gate.gates.far_estimate import estimate_far, hijacking_inputs
-    from trojan_gate.gates.lab import LabConfig, train_lab_model
-    from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.patching import ModelPatcher, paired_drop_standard_error, patch_in_rounds
-    from trojan_gate.gates.scan import scan
-    from trojan_gate.gates.strip import BLEND_RULES, StripDetector
+    from trojan_gate.gates.lab import train_lab_model
+    from trojan_gate.gates.patching import paired_drop_standard_error
+    from trojan_gate.gates.strip import BLEND_RULES
+    from trojan_gate.gates.strip.far_estimate import estimate_far, hijacking_inputs
+    from trojan_gate.plugins.gate.config import ConfigError, patcher_names
 
-    from trojan_gate.plugins.gate import check_option_names
-
-    from .options import parse_options
+    from ..options import parse_options
 
     patch_options = parse_options(args.patch_option, "--patch-option")
     # an unknown option fails here, before any training; --seed and --patch-seeds set the seeds
-    check_option_names("--patch-option", patch_options, lambda: set(ModelPatcher.param_names()) - {"seed"})
+    unknown = sorted(set(patch_options) - (set(patcher_names()) - {"seed"}))
+    if unknown:
+        raise ConfigError(f"--patch-option: unknown option(s) {', '.join(map(repr, unknown))}; choose from "
+                          f"{', '.join(n for n in patcher_names() if n not in ('seed', 'progress'))}")
+    names = [m for m in args.models.split(",") if m]
+    bad = [m for m in names if m not in PATCH_MODELS]
+    if bad:
+        raise ConfigError(f"--models: unknown model(s) {bad}; choose from {list(PATCH_MODELS)}")
     extra_seeds = [int(v) for v in args.patch_seeds.split(",") if v.strip()]
     train, test = load_fashion_mnist(True, download=True), load_fashion_mnist(False, download=True)
     rng = np.random.default_rng(args.seed)
     idx = rng.permutation(len(test))
     held = test.subset(idx[:args.heldout_size])
     ev = test.subset(idx[args.heldout_size:args.heldout_size + args.test_size])
+    scan_held = None if args.scan_without_heldout else held
+    scanner = DeepInspect(seed=args.seed, progress=True)
     patch_rows, far_rows = [], []
-    for name in args.models.split(","):
-        spec = ZOO[name]
-        lab = train_lab_model(train, test, LabConfig(arch=args.arch, seed=args.seed, epochs=args.epochs, **spec))
-        targets = list(spec["targets"])
+    for name in names:
+        entry = ZOO[PATCH_MODELS[name]]
+        lab = train_lab_model(train, test, lab_config(entry, args.epochs, arch=args.arch, seed=args.seed))
+        targets = list(entry.targets)
         oracle = ModelOracle(lab.onnx_bytes)
         t0 = time.perf_counter()
-        scan_held = None if args.scan_without_heldout else held
-        result = scan(oracle, heldout=scan_held, seed=args.seed)
+        result = scanner.scan(oracle, heldout=scan_held)
         scan_s = time.perf_counter() - t0
         correct_before = _correct(oracle, ev.x, ev.y)
         row = {"model": name, "targets": targets, "flagged": result.flagged_classes,
-               "df_before": result.max_deviation_factor, "acc_before": float(correct_before.mean()),
+               "df_before": result.instance_score, "acc_before": float(correct_before.mean()),
                "asr_before": _asr(oracle, lab, ev.x, ev.y, targets), "scan_s": scan_s}
-        if result.trojan_suspected:
+        if result.is_trojaned:
             t1 = time.perf_counter()
-            results, scans = patch_in_rounds(  # no accuracy bound: every round is measured
-                oracle.model_bytes, result, lambda b: scan(ModelOracle(b), heldout=scan_held, seed=args.seed),
-                (held.x, held.y), args.patch_rounds, seed=args.seed, **patch_options)
-            rounds = []
-            for pr, fresh in zip(results, scans):
-                patched = ModelOracle(pr.onnx_bytes)
-                correct_after = _correct(patched, ev.x, ev.y)
-                rounds.append({"asr": _asr(patched, lab, ev.x, ev.y, targets), "acc": float(correct_after.mean()),
-                               "df": fresh.max_deviation_factor, "flagged": fresh.flagged_classes})
-            row.update(acc_after=rounds[-1]["acc"], asr_after=rounds[-1]["asr"],
+            pr = Patcher(seed=args.seed, **patch_options).patch(oracle, result, heldout=(held.x, held.y))
+            fresh = scanner.scan(ModelOracle(pr.onnx_bytes), heldout=scan_held)
+            patched = ModelOracle(pr.onnx_bytes)
+            correct_after = _correct(patched, ev.x, ev.y)
+            row.update(acc_after=float(correct_after.mean()), asr_after=_asr(patched, lab, ev.x, ev.y, targets),
                        acc_drop_se=paired_drop_standard_error(correct_before, correct_after),
-                       df_after=scans[-1].max_deviation_factor, fresh_verdict=scans[-1].verdict,
-                       rounds=rounds, patch_s=time.perf_counter() - t1)
-            spread = [{"seed": args.seed, "acc": rounds[0]["acc"], "asr": rounds[0]["asr"]}]
+                       df_after=fresh.instance_score, fresh_verdict="trojaned" if fresh.is_trojaned else "clean",
+                       patch_s=time.perf_counter() - t1)
+            spread = [{"seed": args.seed, "acc": row["acc_after"], "asr": row["asr_after"]}]
             for s in extra_seeds:
-                pr = ModelPatcher(seed=s, **patch_options).fit(
-                    oracle.model_bytes, result.inverted_x, result.inverted_y, result.generator.stamp,
-                    result.flagged_classes, heldout=(held.x, held.y))
-                patched = ModelOracle(pr.onnx_bytes)
+                patched = ModelOracle(Patcher(seed=s, **patch_options).patch(oracle, result,
+                                                                             heldout=(held.x, held.y)).onnx_bytes)
                 spread.append({"seed": s, "acc": _acc(patched, ev.x, ev.y),
                                "asr": _asr(patched, lab, ev.x, ev.y, targets)})
             row["seed_spread"] = spread
@@ -139,7 +135,7 @@ def run(args) -> int:
         true_in = lab.stamp(ev.x[keep])
         true_in = true_in[np.isin(oracle.predict(true_in), targets)]
         for blend in BLEND_RULES:
-            det = StripDetector(oracle, n_perturbations=10, blend=blend, seed=args.seed, progress=False)
+            det = Strip(oracle, n_perturbations=10, blend=blend, seed=args.seed, progress=False)
             det.fit(held.x).infer_threshold(frr=args.frr)
             far_rows.append({"model": name, "blend": blend,
                              "estimated_far": estimate_far(det, stamped_flagged) if flagged else None,
@@ -156,8 +152,7 @@ def run(args) -> int:
 
     lines = [f"Lab architecture: {args.arch}. Scans: "
              f"{'model inversion alone' if args.scan_without_heldout else 'held-out substitute set + 3 reference models'}."
-             f" Patch options: {patch_options or DEFAULT_RECIPE}."
-             f" Patch rounds: at most {args.patch_rounds}.", "",
+             f" Patch options: {patch_options or _default_recipe()}.", "",
              "| model | targets | flagged | max df before → after | clean acc before → after (± paired SE of the "
              f"change, {len(ev.y)} images) | true-trigger ASR before → after | fresh scan | scan s | patch s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -176,17 +171,8 @@ def run(args) -> int:
                      f"{f(r['estimated_far_all'], True)} | {f(r['true_far'], True)} | {r['n_estimate']} | {r['n_true']} |")
     table = "\n".join(lines)
     rounds_text = ""
-    if any(len(r.get("rounds", [])) > 1 for r in patch_rows):
-        rl = ["", "", "Per patch round (true-trigger ASR, clean accuracy, fresh scan):", "",
-              "| model | round | ASR | clean acc | max df | flagged |", "|---|---|---|---|---|---|"]
-        for r in patch_rows:
-            for i, rd in enumerate(r.get("rounds", []), 1):
-                rl.append(f"| {r['model']} | {i} | {f(rd['asr'], True)} | {f(rd['acc'], True)} | {f(rd['df'])} | "
-                          f"{rd['flagged']} |")
-        rounds_text = "\n".join(rl)
-        print(rounds_text)
     if extra_seeds:
-        sl = ["", "", f"Seed spread: ModelPatcher seeds {args.seed} (the table above, first round) and "
+        sl = ["", "", f"Seed spread: Patcher seeds {args.seed} (the table above) and "
               f"{', '.join(map(str, extra_seeds))}, each against the same scan; accuracy change in points and "
               "true-trigger ASR after patching, on the same test images (no fresh scans):", "",
               "| model | " + " | ".join(f"seed {s}" for s in [args.seed, *extra_seeds]) + " | mean |",
@@ -201,14 +187,14 @@ def run(args) -> int:
         rounds_text += "\n".join(sl)
         print("\n".join(sl))
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Patch benchmark\n\nCommand: `trojan-gate benchmark patch --models {args.models}"
-                   f" --arch {args.arch} --epochs {args.epochs} --seed {args.seed}"
-                   f"{' --scan-without-heldout' if args.scan_without_heldout else ''}"
-                   f"{''.join(' --patch-option ' + o for o in args.patch_option)}"
-                   f"{f' --patch-rounds {args.patch_rounds}' if args.patch_rounds != 1 else ''}"
-                   f"{f' --patch-seeds {args.patch_seeds}' if extra_seeds else ''}`\n\n{table}{rounds_text}\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# Patch benchmark\n\nCommand: `trojan-gate benchmark patch --models {args.models}"
+                       f" --arch {args.arch} --epochs {args.epochs} --seed {args.seed}"
+                       f"{' --scan-without-heldout' if args.scan_without_heldout else ''}"
+                       f"{''.join(' --patch-option ' + o for o in args.patch_option)}"
+                       f"{f' --patch-seeds {args.patch_seeds}' if extra_seeds else ''}`\n\n{table}{rounds_text}\n")
     if not args.no_mlflow:
         import mlflow
 
@@ -218,7 +204,7 @@ def run(args) -> int:
         ensure_experiment("trojan-gate-benchmarks")
         with mlflow.start_run(run_name="benchmark-patch"):
             mlflow.log_params({"models": args.models, "epochs": args.epochs, "seed": args.seed, "frr": args.frr,
-                               "scan_uses_heldout": not args.scan_without_heldout,
+                               "use_heldout": not args.scan_without_heldout,
                                "patch_options": json.dumps(patch_options)})
             for r in patch_rows:
                 for k in ("asr_before", "asr_after", "acc_before", "acc_after", "df_before", "df_after"):

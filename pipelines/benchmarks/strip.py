@@ -10,8 +10,7 @@ the held-out images and, at preset FRR 0.5/1/2%, the paper's Table III is filled
 reported too). FAR is also given over "effective" trojans only (stamped inputs the model
 does send to a target, Fig. 9). Then, at N=10, plain vs guarded latency for one input and
 throughput at batch 256, with model calls and queries counted. Tables are printed, logged
-to MLflow and written to benchmarks/strip.md (hand-written notes after the notes marker
-are kept).
+to MLflow and written where `--out` says (hand-written notes after the notes marker are kept).
 """
 from __future__ import annotations
 
@@ -24,17 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import EXIT_OK
+from ..cli import EXIT_OK
+from .zoo import STRIP_TRIGGERS, ZOO, lab_config
 
 HELP = "STRIP FAR/FRR (Table III layout) and guarded-serving cost on Fashion-MNIST lab models"
 
-TRIGGER_SETUPS = {  # name -> (lab trigger, targets)
-    "patch": ("patch", (0,)),
-    "checker": ("checker", (0,)),
-    "pattern": ("pattern", (0,)),
-    "blend": ("blend", (0,)),
-    "multi": ("patch", (1, 4, 7)),
-}
 DEFAULT_TRIGGERS = ("patch", "pattern", "blend", "multi")  # "checker" runs on request (--triggers)
 NOTES_MARKER = "<!-- notes: text below this line is kept when the benchmark rewrites the file -->"
 
@@ -45,7 +38,7 @@ def _csv(kind):
 
 def add_arguments(parser):
     parser.add_argument("--triggers", type=_csv(str), default=list(DEFAULT_TRIGGERS),
-                        help=f"comma list from {','.join(TRIGGER_SETUPS)} (default: {','.join(DEFAULT_TRIGGERS)})")
+                        help=f"comma list from {','.join(STRIP_TRIGGERS)} (default: {','.join(DEFAULT_TRIGGERS)})")
     parser.add_argument("--rules", type=_csv(str), default=["average", "sum", "max"], help="blend rules")
     parser.add_argument("--n", type=_csv(int), default=[10, 100], help="values of N (default 10,100)")
     parser.add_argument("--frr", type=_csv(float), default=[0.005, 0.01, 0.02], help="preset FRRs")
@@ -61,7 +54,7 @@ def add_arguments(parser):
     parser.add_argument("--torch-threads", type=int, default=1, help="threads for lab training")
     parser.add_argument("--quick", action="store_true",
                         help="small subset: patch only, N=10, 500 eval, 1000 held-out, 1 epoch")
-    parser.add_argument("--out", default="benchmarks/strip.md", help="markdown report ('' to skip)")
+    parser.add_argument("--out", default=None, help="also write the markdown report here")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--experiment", default="trojan-gate-benchmarks")
@@ -95,9 +88,9 @@ def _split(test, n_heldout, n_eval, targets, seed):
 
 
 def evaluate_trigger(name, oracle, lab, test, args, progress) -> tuple[list, dict]:
-    from trojan_gate.gates.strip import StripDetector
+    from trojan_gate.gates import Strip
 
-    _, targets = TRIGGER_SETUPS[name]
+    targets = ZOO[STRIP_TRIGGERS[name]].targets
     held, clean, troj = _split(test, args.n_heldout, args.n_eval, targets, args.seed)
     x_held, x_clean = test.x[held], test.x[clean]
     x_troj = lab.stamp(test.x[troj])
@@ -110,7 +103,7 @@ def evaluate_trigger(name, oracle, lab, test, args, progress) -> tuple[list, dic
     rows = []
     for rule in args.rules:
         for big_n in args.n:
-            det = StripDetector(oracle, n_perturbations=big_n, blend=rule, seed=args.seed, progress=False)
+            det = Strip(oracle, n_perturbations=big_n, blend=rule, seed=args.seed, progress=False)
             det.fit(x_held)
             s_clean, s_troj = det.score(x_clean), det.score(x_troj)
             for frr in args.frr:
@@ -134,15 +127,14 @@ def evaluate_trigger(name, oracle, lab, test, args, progress) -> tuple[list, dic
 
 
 def _calls(oracle) -> int:
-    return sum(p["calls"] for p in oracle.ledger.as_dict().values())
+    return sum(p["calls"] for p in oracle.ledger.to_dict().values())
 
 
 def timing(oracle, x_held, x_eval, rule, seed, repeats) -> dict:
     """Plain vs guarded (N=10): latency of one input, throughput at batch 256, calls and queries."""
-    from trojan_gate.gates.guard import GuardedClassifier
-    from trojan_gate.gates.strip import StripDetector
+    from trojan_gate.gates import GuardedClassifier, Strip
 
-    det = StripDetector(oracle, n_perturbations=10, blend=rule, seed=seed, progress=False)
+    det = Strip(oracle, n_perturbations=10, blend=rule, seed=seed, progress=False)
     det.fit(x_held).infer_threshold(0.01)
     guard = GuardedClassifier(oracle, det)
     one, batch = x_eval[:1], x_eval[:256]
@@ -270,13 +262,6 @@ def render_markdown(models, rows, summary_md, summary, tim, meta) -> str:
                   f"Median of {meta['timing_repeats']} interleaved runs after a warm-up; "
                   "one oracle call per predict.", "",
                   timing_table(tim), ""]
-    if tim and "choose_n" in tim:
-        c = tim["choose_n"]
-        parts += ["## Choosing N (Fig. 10): std of the benign entropies versus N", "",
-                  "| N | " + " | ".join(str(n) for n in c["curve"]) + " |", "|---|" + "---|" * len(c["curve"]),
-                  "| std | " + " | ".join(f"{v:.3f}" for v in c["curve"].values()) + " |", "",
-                  f"`choose_n` (1000 held-out images, tolerance 2% std decrease per added perturbation) "
-                  f"picks **N = {c['chosen']}**.", ""]
     return "\n".join(parts)
 
 
@@ -299,15 +284,14 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from trojan_gate.gates import __version__
+    from trojan_gate.gates import ModelOracle, __version__
     from trojan_gate.gates.data import load_fashion_mnist
-    from trojan_gate.gates.lab import LabConfig, train_lab_model
-    from trojan_gate.gates.oracle import ModelOracle
-    from trojan_gate.gates.strip import BLEND_RULES, DEFAULT_BLEND, choose_n
+    from trojan_gate.gates.lab import train_lab_model
+    from trojan_gate.gates.strip import BLEND_RULES, DEFAULT_BLEND
 
     if args.quick:
         args.triggers, args.n, args.n_eval, args.n_heldout, args.epochs = ["patch"], [10], 500, 1000, 1
-    unknown = [t for t in args.triggers if t not in TRIGGER_SETUPS] + [r for r in args.rules if r not in BLEND_RULES]
+    unknown = [t for t in args.triggers if t not in STRIP_TRIGGERS] + [r for r in args.rules if r not in BLEND_RULES]
     if unknown:
         raise ValueError(f"unknown trigger(s)/rule(s): {unknown}")
     if args.torch_threads:
@@ -319,9 +303,9 @@ def run(args) -> int:
     timing_rule = DEFAULT_BLEND if DEFAULT_BLEND in args.rules else args.rules[0]
     bar = tqdm(total=len(args.triggers) * len(args.rules) * len(args.n), desc="strip benchmark")
     for name in args.triggers:
-        kind, targets = TRIGGER_SETUPS[name]
-        lab = train_lab_model(train, test, LabConfig(arch=args.arch, trigger=kind, targets=targets,
-                                                     epochs=args.epochs, seed=args.seed))
+        entry = ZOO[STRIP_TRIGGERS[name]]
+        targets = entry.targets
+        lab = train_lab_model(train, test, lab_config(entry, args.epochs, arch=args.arch, seed=args.seed))
         oracle = ModelOracle(lab.onnx_bytes)
         trig_rows, info = evaluate_trigger(name, oracle, lab, test, args, bar)
         rows += trig_rows
@@ -330,8 +314,6 @@ def run(args) -> int:
             held, clean, _ = _split(test, args.n_heldout, args.n_eval, targets, args.seed)
             tim = timing(oracle, test.x[held], test.x[clean], timing_rule, args.seed, args.timing_repeats)
             timing_trigger = name
-            chosen_n, curve = choose_n(oracle, test.x[held], blend=timing_rule, seed=args.seed)
-            tim["choose_n"] = {"chosen": chosen_n, "curve": curve}
     bar.close()
 
     n_ref = 10 if 10 in args.n else args.n[0]

@@ -1,0 +1,8 @@
+"""Patching a flagged model (DeepInspect Sec. 5): fine-tune on stamped, correctly labelled images."""
+from .convert import onnx_to_torch, torch_to_onnx
+from .measure import measure, paired_drop_standard_error, trojan_activation_rates
+from .patcher import Patcher, uniform_soup
+from .result import PatchResult
+
+__all__ = ["PatchResult", "Patcher", "measure", "onnx_to_torch", "paired_drop_standard_error", "torch_to_onnx",
+           "trojan_activation_rates", "uniform_soup"]

@@ -1,0 +1,188 @@
+"""The gate's configuration: scan, patch and STRIP settings, from code, a TOML file or CLI flags.
+
+A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate.toml`):
+
+    [gate]
+    policy = "patch"          # block | patch
+    alias = "candidate"
+    seed = 0
+    max_accuracy_drop = 0.01
+    min_per_class = 5
+    timeout_s = 3600
+
+    [scan]
+    use_heldout = true        # the held-out data gives the scan its substitute set and references
+    cutoff = 2.0
+    budget = 2000000          # oracle queries per scan
+    generator_steps = 300     # any other DeepInspect ScanConfig field
+
+    [patch]
+    soup = 4                  # any Patcher parameter
+
+    [strip]
+    frr = 0.01
+    n_perturbations = 10
+    blend = "max"
+    estimate_far = true
+
+A misspelt section or key raises ConfigError naming it. The reuse fingerprint of a recorded
+verdict hashes the *resolved* configuration (every default filled in, the scan's and the
+patcher's included) with the package version, so a changed recipe never reuses an old verdict.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from trojan_gate.gates import __version__
+from trojan_gate.gates.errors import TrojanGateError
+
+POLICIES = ("block", "patch")
+GATE_KEYS = ("policy", "alias", "seed", "max_accuracy_drop", "min_per_class", "timeout_s")
+
+
+class ConfigError(TrojanGateError):
+    """A gate setting is unknown or out of range; the message names it."""
+
+
+@dataclass
+class ScanSettings:
+    """How the gate scans: held-out data use, threshold, query budget and DeepInspect options."""
+
+    use_heldout: bool = True
+    cutoff: float = 2.0
+    budget: int | None = None
+    options: dict = field(default_factory=dict)  # ScanConfig fields
+
+    def __post_init__(self):
+        from trojan_gate.gates.deepinspect import ScanConfig
+
+        _known("scan", self.options, ScanConfig.field_names())
+        if not float(self.cutoff) > 0:
+            raise ConfigError(f"scan.cutoff must be positive, not {self.cutoff!r}")
+
+    def resolved(self) -> dict:
+        from trojan_gate.gates.deepinspect import ScanConfig
+
+        return {"use_heldout": bool(self.use_heldout), "cutoff": float(self.cutoff), "budget": self.budget,
+                **ScanConfig(**self.options).to_dict()}
+
+
+@dataclass
+class StripSettings:
+    """The STRIP threshold the gate attaches: preset FRR, N, superimposition rule, FAR estimate."""
+
+    frr: float = 0.01
+    n_perturbations: int = 10
+    blend: str = "max"
+    estimate_far: bool = True
+
+    def __post_init__(self):
+        from trojan_gate.gates.strip import BLEND_RULES
+
+        if not 0.0 < float(self.frr) < 1.0:
+            raise ConfigError(f"strip.frr must lie in (0, 1), not {self.frr!r}")
+        if int(self.n_perturbations) < 1:
+            raise ConfigError(f"strip.n_perturbations must be >= 1, not {self.n_perturbations!r}")
+        if self.blend not in BLEND_RULES:
+            raise ConfigError(f"strip.blend must be one of {tuple(BLEND_RULES)}, not {self.blend!r}")
+
+
+@dataclass
+class GateConfig:
+    """Everything that decides a gate's outcome (hashed, resolved, into the reuse fingerprint)."""
+
+    policy: str = "block"
+    alias: str = "candidate"
+    seed: int = 0
+    max_accuracy_drop: float = 0.01
+    min_per_class: int = 5
+    timeout_s: float | None = None
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    patch: dict = field(default_factory=dict)  # Patcher parameters
+    strip: StripSettings = field(default_factory=StripSettings)
+
+    def __post_init__(self):
+        if isinstance(self.scan, dict):
+            self.scan = ScanSettings(**_section("scan", self.scan, ScanSettings))
+        if isinstance(self.strip, dict):
+            self.strip = StripSettings(**_section("strip", self.strip, StripSettings))
+        if self.policy not in POLICIES:
+            raise ConfigError(f"gate.policy must be one of {POLICIES}, not {self.policy!r}")
+        if not self.alias or self.alias == "latest" or (self.alias.startswith("v") and self.alias[1:].isdigit()):
+            raise ConfigError(f"gate.alias {self.alias!r} is reserved by MLflow")
+        if self.timeout_s is not None and not float(self.timeout_s) > 0:
+            raise ConfigError(f"gate.timeout_s must be positive, not {self.timeout_s!r}")
+        _known("patch", self.patch, set(patcher_names()) - {"seed", "progress"})
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "GateConfig":
+        """From the settings file's layout: sections gate, scan, patch, strip."""
+        unknown = sorted(set(doc) - {"gate", "scan", "patch", "strip"})
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; choose from gate, scan, patch, strip")
+        gate = dict(doc.get("gate") or {})
+        _known("gate", gate, GATE_KEYS)
+        scan = dict(doc.get("scan") or {})
+        settings = {k: scan.pop(k) for k in ("use_heldout", "cutoff", "budget") if k in scan}
+        return cls(**gate, scan=ScanSettings(**settings, options=scan), patch=dict(doc.get("patch") or {}),
+                   strip=StripSettings(**_section("strip", doc.get("strip") or {}, StripSettings)))
+
+    @classmethod
+    def from_toml(cls, path) -> "GateConfig":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        path = Path(path)
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"settings file not found: {path}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from e
+        return cls.from_dict(doc)
+
+    def to_dict(self) -> dict:
+        """The settings file's layout (only what was set)."""
+        return {"gate": {k: getattr(self, k) for k in GATE_KEYS},
+                "scan": {"use_heldout": self.scan.use_heldout, "cutoff": self.scan.cutoff,
+                         "budget": self.scan.budget, **self.scan.options},
+                "patch": dict(self.patch), "strip": asdict(self.strip)}
+
+    def resolved(self) -> dict:
+        """Every setting with its default filled in: what actually decides the outcome."""
+        from trojan_gate.gates.patching import Patcher
+
+        doc = self.to_dict()
+        doc["scan"] = self.scan.resolved()
+        doc["patch"] = Patcher(**{**self.patch, "seed": self.seed}).get_params()
+        return doc
+
+    def fingerprint(self, model_sha256: str) -> str:
+        """sha256 over the resolved configuration (timeout aside), the model and the package version."""
+        doc = self.resolved()
+        doc["gate"].pop("timeout_s", None)
+        doc.update(model_sha256=model_sha256, gate_version=__version__)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def patcher_names() -> list:
+    from trojan_gate.gates.patching import Patcher
+
+    return Patcher.param_names()
+
+
+def _known(section: str, options: dict, known):
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"choose from {', '.join(sorted(known))}")
+
+
+def _section(name: str, doc: dict, cls) -> dict:
+    _known(name, doc, {f.name for f in fields(cls)})
+    return dict(doc)

@@ -1,0 +1,183 @@
+"""The report document: one JSON format (ModelScan-like) for `trojan-gate scan` and `trojan-gate gate`.
+
+Inputs are plain data:
+
+- `scan`: a `ScanResult` (DeepInspect), or None when the scan did not complete;
+- `strip`: a dict describing the STRIP threshold (Gao et al. Sec. V-D): benign_scores, mean,
+  std, threshold, empirical_threshold, normal_threshold, frr, rule, n_perturbations, blend,
+  optional estimated_far and trojan_scores (entropies of trigger-stamped inputs);
+- `patch`: a dict of before/after figures ({"before": {...}, "after": {...}, "source_version",
+  "new_version", "passed", ...}) or a `PatchResult`.
+
+`build_report` returns the document (format, kind, summary, findings by severity, errors,
+scan, strip, patch, meta); `write_report` writes it with its HTML page (`html.render_html`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .findings import SEVERITIES, findings
+from .format import num
+
+FORMAT = "trojan-gate/report"
+FORMAT_VERSION = 2
+KINDS = ("scan", "gate")
+
+VERDICTS = {  # verdict -> (badge colour, one-line meaning)
+    "passed": ("#1a7f37", "no trojan found; the version may be promoted"),
+    "patched": ("#0969da", "a trojan was found and a patched version passed the re-scan"),
+    "blocked": ("#cf222e", "a trojan is suspected; the version must not be served"),
+    "clean": ("#1a7f37", "no trojan found by the scan"),
+    "trojaned": ("#cf222e", "a trojan is suspected"),
+    "error": ("#6e7781", "the check could not finish; the model is not cleared"),
+}
+
+
+def jsonable(v):
+    """Plain JSON types; NaN and infinities become None (strict JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist())
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, Path):
+        return str(v)
+    return str(v)
+
+
+def versions() -> dict:
+    import matplotlib
+    import onnxruntime
+
+    from trojan_gate.gates import __version__
+
+    return {"trojan-gate": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": onnxruntime.__version__, "matplotlib": matplotlib.__version__}
+
+
+def strip_summary(strip: dict | None) -> dict | None:
+    """The STRIP threshold without its score arrays (counts and quantiles instead)."""
+    if strip is None:
+        return None
+    benign = np.asarray(strip.get("benign_scores", []), dtype=np.float64).ravel()
+    out = {
+        "threshold": num(strip.get("threshold")), "empirical_threshold": num(strip.get("empirical_threshold")),
+        "normal_threshold": num(strip.get("normal_threshold")),
+        "mean": num(strip.get("mean")), "std": num(strip.get("std")), "frr": num(strip.get("frr")),
+        "rule": strip.get("rule"), "n_perturbations": strip.get("n_perturbations"), "blend": strip.get("blend"),
+        "estimated_far": num(strip.get("estimated_far")), "n_benign": int(benign.size),
+    }
+    if benign.size:
+        q = np.quantile(benign, [0.01, 0.5, 0.99])
+        out["benign_quantiles"] = {"q01": float(q[0]), "q50": float(q[1]), "q99": float(q[2])}
+        if out["threshold"] is not None:
+            out["measured_frr"] = float((benign <= out["threshold"]).mean())
+    trojan = strip.get("trojan_scores")
+    if trojan is not None:
+        trojan = np.asarray(trojan, dtype=np.float64).ravel()
+        out["n_trojan"] = int(trojan.size)
+        if trojan.size and out["threshold"] is not None:
+            out["trojan_detection_rate"] = float((trojan <= out["threshold"]).mean())
+    out.update({k: v for k, v in strip.items() if k not in out and k not in ("benign_scores", "trojan_scores", "bank")
+                and not isinstance(v, np.ndarray)})
+    return jsonable(out)
+
+
+def patch_summary(patch) -> dict | None:
+    """A patch dict (or PatchResult) as plain JSON, with `passed` filled in if missing."""
+    if patch is None:
+        return None
+    if hasattr(patch, "to_dict"):
+        d = patch.to_dict()
+        d.setdefault("passed", bool(patch.meets()))
+    else:
+        d = {k: v for k, v in dict(patch).items() if k != "onnx_bytes"}
+    return jsonable(d)
+
+
+def error_entry(e) -> dict:
+    if isinstance(e, BaseException):
+        return {"type": type(e).__name__, "message": str(e)}
+    if isinstance(e, dict):
+        return {"type": str(e.get("type", "Error")), "message": str(e.get("message", "")),
+                **{k: jsonable(v) for k, v in e.items() if k not in ("type", "message")}}
+    return {"type": "Error", "message": str(e)}
+
+
+
+def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, patch=None, errors=(),
+                 meta=None) -> dict:
+    """The machine report: format, kind, summary, findings (by severity), errors, scan/strip/patch, meta.
+
+    `kind` is "scan" (verdict clean | trojaned | error) or "gate" (passed | patched | blocked |
+    error). `meta` may carry `class_names` (used in finding titles) and anything else worth
+    keeping (run ids, times, data sizes); library versions and the creation time are added.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    allowed = ("clean", "trojaned", "error") if kind == "scan" else ("passed", "patched", "blocked", "error")
+    if verdict not in allowed:
+        raise ValueError(f"a {kind} report's verdict must be one of {allowed}, not {verdict!r}")
+    meta = dict(meta or {})
+    names = meta.get("class_names")
+    scan_d = jsonable(scan.to_dict()) if scan is not None else None
+    strip_d = strip_summary(strip)
+    patch_d = patch_summary(patch)
+    errs = [error_entry(e) for e in errors]
+    found = jsonable(findings(verdict, scan_d, strip_d, patch_d, errs, names))
+    by_sev = {s: sum(1 for x in found if x["severity"] == s) for s in SEVERITIES}
+    summary = {
+        "verdict": verdict,
+        "verdict_meaning": VERDICTS[verdict][1],
+        "model": {"name": str(model_name), "version": None if version is None else str(version),
+                  "sha256": scan_d["model_sha256"] if scan_d else meta.get("model_sha256")},
+        "scan_completed": scan_d is not None,
+        "is_trojaned": None if scan_d is None else scan_d["is_trojaned"],
+        "instance_score": None if scan_d is None else scan_d["instance_score"],
+        "threshold": None if scan_d is None else scan_d["threshold"],
+        "flagged_classes": [] if scan_d is None else scan_d["flagged_classes"],
+        "queries": None if scan_d is None else scan_d["queries"],
+        "seconds": None if scan_d is None else scan_d["seconds"],
+        "strip_threshold": None if strip_d is None else strip_d["threshold"],
+        "patched": bool(patch_d and patch_d.get("passed")),
+        "new_version": None if patch_d is None else patch_d.get("new_version"),
+        "total_issues": sum(by_sev[s] for s in SEVERITIES if s != "INFO"),
+        "total_issues_by_severity": by_sev,
+    }
+    meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta["versions"] = {**versions(), **(meta.get("versions") or {})}
+    return jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "summary": summary,
+                      "findings": found, "errors": errs, "scan": scan_d, "strip": strip_d,
+                      "patch": patch_d, "meta": meta})
+
+
+def write_report(directory, *, kind: str, model_name, version, verdict, scan, strip=None, patch=None, errors=(),
+                 meta=None, basename: str = "trojan_report") -> tuple[Path, Path]:
+    """Build, render and write `<basename>.json` and `<basename>.html` into `directory`."""
+    from .html import render_html
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rep = build_report(kind=kind, model_name=model_name, version=version, verdict=verdict, scan=scan, strip=strip,
+                       patch=patch, errors=errors, meta=meta)
+    json_path = directory / f"{basename}.json"
+    html_path = directory / f"{basename}.html"
+    json_path.write_text(json.dumps(rep, indent=2, allow_nan=False))
+    html_path.write_text(render_html(rep, scan=scan, strip=strip), encoding="utf-8")
+    return json_path, html_path
