@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataValidationError
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -133,24 +135,50 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.3) -> tuple[Data
     return (Dataset(x[tr], y[tr], classes, "digits-train"), Dataset(x[te], y[te], classes, "digits-test"))
 
 
-def load_heldout(path: str | Path, input_shape: tuple | None = None) -> Dataset:
-    """A user's held-out set: `.npz` (keys `x`, `y`) or an ImageFolder directory.
+MAX_HELDOUT_BYTES = 2 * 1024**3  # what a held-out set may unpack to (an .npz is a zip: check before inflating)
+MAX_FOLDER_FILES = 200_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def check_npz(path: Path, max_bytes: int = MAX_HELDOUT_BYTES):
+    """Refuse an .npz that is not a zip or would unpack to more than `max_bytes` (a zip bomb)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except zipfile.BadZipFile as e:
+        raise DataValidationError([f"{path.name} is not an .npz (zip) file: {e}"]) from e
+    if total > max_bytes:
+        raise DataValidationError([f"{path.name} would unpack to {total} bytes, over the cap of {max_bytes} "
+                                   "(held-out data must fit in memory; is it a zip bomb?)"])
+
+
+def load_heldout(path: str | Path, input_shape: tuple | None = None, max_bytes: int = MAX_HELDOUT_BYTES) -> Dataset:
+    """A user's held-out set: `.npz` (keys `x`, `y`) or an image folder (one sub-folder per class).
 
     `.npz` images may be (n, C, H, W), (n, H, W) (a channel axis is added) or uint8 0..255
-    (scaled to [0, 1]). Image folders are read with torchvision's ImageFolder and converted
-    to `input_shape` (grayscale when C == 1). Values are *not* validated here; call
-    `validate_heldout` before use.
+    (scaled to [0, 1]); the archive is refused before it is inflated if it would unpack to more
+    than `max_bytes`, and pickled objects are never loaded. Image folders are walked without
+    following symbolic links, and converted to `input_shape` (grayscale when C == 1). Values are
+    *not* validated here; call `validate_heldout` before use.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise DataValidationError([f"held-out data {path} is a symbolic link; give the file or folder itself"])
     if path.is_dir():
-        return _load_image_folder(path, input_shape)
+        return _load_image_folder(path, input_shape, max_bytes)
     if not path.is_file():
         raise FileNotFoundError(f"held-out data not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("x", "y") if k not in z.files]
-        if missing:
-            raise KeyError(f"{path} lacks key(s) {missing}; a held-out .npz needs 'x' (images) and 'y' (labels)")
-        x, y = z["x"], z["y"]
+    check_npz(path, max_bytes)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise KeyError(f"{path} lacks key(s) {missing}; a held-out .npz needs 'x' (images) and 'y' (labels)")
+            x, y = z["x"], z["y"]
+    except ValueError as e:  # object arrays (pickles) and malformed members
+        raise DataValidationError([f"{path.name} holds an array numpy will not load safely: {e}"]) from e
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     x = np.asarray(x)
@@ -163,18 +191,51 @@ def load_heldout(path: str | Path, input_shape: tuple | None = None) -> Dataset:
     return Dataset(x, np.asarray(y), (), path.name)
 
 
-def _load_image_folder(path: Path, input_shape: tuple | None) -> Dataset:
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+def _image_files(path: Path) -> tuple[list, list]:
+    """(classes, [(file, class index)]): one sub-folder per class, sorted; symbolic links are refused,
+    never followed (a link loop cannot make the walk endless), and the file count is capped."""
+    import os
 
+    classes, files = [], []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_symlink():
+            raise DataValidationError([f"{entry.path} is a symbolic link; image folders may not hold links"])
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        classes.append(entry.name)
+        stack = [entry.path]
+        while stack:
+            for item in sorted(os.scandir(stack.pop()), key=lambda e: e.name):
+                if item.is_symlink():
+                    raise DataValidationError([f"{item.path} is a symbolic link; image folders may not hold links"])
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif item.name.lower().endswith(IMAGE_SUFFIXES):
+                    files.append((item.path, len(classes) - 1))
+                    if len(files) > MAX_FOLDER_FILES:
+                        raise DataValidationError([f"{path} holds more than {MAX_FOLDER_FILES} images"])
+    return classes, files
+
+
+def _load_image_folder(path: Path, input_shape: tuple | None, max_bytes: int = MAX_HELDOUT_BYTES) -> Dataset:
+    from PIL import Image
+    from torchvision import transforms
+
+    classes, files = _image_files(path)
     tf = []
     if input_shape is not None:
         c, h, w = input_shape
         if c == 1:
             tf.append(transforms.Grayscale(1))
         tf.append(transforms.Resize((h, w)))
+        if len(files) * c * h * w * 4 > max_bytes:
+            raise DataValidationError([f"{path} holds {len(files)} images, over {max_bytes} bytes at {input_shape}"])
     tf.append(transforms.ToTensor())
-    ds = ImageFolder(str(path), transform=transforms.Compose(tf))
-    xs, ys = zip(*[(img.numpy(), label) for img, label in ds]) if len(ds) else ((), ())
+    compose = transforms.Compose(tf)
+    xs, ys = [], []
+    for file, label in files:
+        with Image.open(file) as im:
+            xs.append(compose(im.convert("RGB")).numpy())
+        ys.append(label)
     x = np.stack(xs).astype(np.float32) if xs else np.zeros((0,) + tuple(input_shape or (1, 1, 1)), np.float32)
-    return Dataset(x, np.asarray(ys, dtype=np.int64), tuple(ds.classes), path.name)
+    return Dataset(x, np.asarray(ys, dtype=np.int64), tuple(classes), path.name)

@@ -17,6 +17,14 @@ class InputShapeError(TrojanGateError):
     """Inputs do not match the model's (C, H, W) input."""
 
 
+class InputRangeError(InputShapeError):
+    """Inputs hold values outside the model's declared range (default [0, 1])."""
+
+
+class OracleTimeout(TrojanGateError):
+    """A model call ran past its time limit or the deadline and was stopped."""
+
+
 class QueryBudgetExceeded(TrojanGateError):
     """The scan asked the oracle for more inputs than its budget allows."""
 

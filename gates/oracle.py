@@ -1,44 +1,33 @@
 """Black-box query oracle over an ONNX Runtime session.
 
 Everything trojan-gate learns about a model comes through `ModelOracle.predict_proba`:
-batched class probabilities for float32 NCHW inputs in [0, 1]. The oracle counts every
-input it is asked about (per phase), can stop a scan at a query budget, and validates
-both what goes in (shape, dtype, finiteness) and what comes out (a finite (n, K) matrix).
-No weights and no gradients are ever read from the model.
+batched class probabilities for float32 NCHW inputs in the declared value range (default
+[0, 1]). The oracle counts every input it is asked about (per phase), can stop a scan at a
+query budget or a deadline, and validates what goes in (shape, dtype, finite values inside the
+range: an input outside it is refused, never clipped, so no trigger can live out of range)
+and what comes out (a finite (n, K) matrix). No weights and no gradients are ever read.
+
+Against hostile models: the file passes the static admission rules before a session exists
+(see `model_file.inspect_model`), `probe()` runs the behaviour probes of `admission`, and a
+per-call watchdog terminates an ONNX Runtime call that runs past `call_timeout_s` or the
+deadline (`RunOptions.terminate`).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from .errors import InputShapeError, ModelLoadError, ModelOutputError, QueryBudgetExceeded
-from .hashing import sha256_bytes
+from .admission import AdmissionLimits, probe_behaviour
+from .errors import (InputRangeError, InputShapeError, ModelLoadError, ModelOutputError, OracleTimeout,
+                     QueryBudgetExceeded)
+from .model_file import ModelInfo, default_providers, inspect_model
 
-MAX_MODEL_BYTES = 2 * 1024**3  # protobuf's own limit for a single-file model
-
-
-def default_providers() -> list[str]:
-    """CUDA when ONNX Runtime offers it, CPU always as the fallback."""
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-@dataclass
-class ModelInfo:
-    """What intake reads off an ONNX classifier."""
-
-    input_name: str
-    output_name: str
-    input_shape: tuple  # (C, H, W)
-    n_classes: int
-    sha256: str
-    opset: int
+__all__ = ["ModelInfo", "ModelOracle", "QueryLedger", "default_providers", "inspect_model", "softmax"]
 
 
 @dataclass
@@ -65,64 +54,6 @@ class QueryLedger:
                 for k, v in self.phases.items()}
 
 
-def _static_dims(value_info) -> list:
-    dims = []
-    for d in value_info.type.tensor_type.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else None)
-    return dims
-
-
-def inspect_model(model: str | Path | bytes) -> tuple[bytes, ModelInfo]:
-    """Load and check an ONNX classifier; return its bytes and what it expects.
-
-    Raises ModelLoadError naming the problem: unreadable protobuf, failing onnx.checker,
-    not exactly one float input of rank 4 with static (C, H, W), or no rank-2 output with a
-    static class count.
-    """
-    if isinstance(model, (str, Path)):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        if path.stat().st_size > MAX_MODEL_BYTES:
-            raise ModelLoadError(f"model file is larger than {MAX_MODEL_BYTES} bytes: {path}")
-        data = path.read_bytes()
-    else:
-        data = bytes(model)
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise ModelLoadError(f"not a readable ONNX model: {e}") from e
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as e:
-        raise ModelLoadError(f"ONNX checker rejected the model: {e}") from e
-    for init in proto.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise ModelLoadError("model keeps weights in external data files; "
-                                 "intake needs a single self-contained .onnx file")
-    init_names = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in init_names]
-    if len(inputs) != 1:
-        raise ModelLoadError(f"expected exactly one graph input, found {len(inputs)}")
-    inp = inputs[0]
-    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise ModelLoadError(f"input '{inp.name}' must be float32, got elem_type "
-                             f"{onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}")
-    dims = _static_dims(inp)
-    if len(dims) != 4 or any(d is None or d <= 0 for d in dims[1:]):
-        raise ModelLoadError(f"input '{inp.name}' must be (batch, C, H, W) with static C, H, W; got {dims}")
-    if len(proto.graph.output) < 1:
-        raise ModelLoadError("model has no output")
-    out = proto.graph.output[0]
-    odims = _static_dims(out)
-    if len(odims) != 2 or odims[1] is None or odims[1] < 2:
-        raise ModelLoadError(f"output '{out.name}' must be (batch, n_classes) with static n_classes >= 2; got {odims}")
-    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    info = ModelInfo(input_name=inp.name, output_name=out.name, input_shape=tuple(int(d) for d in dims[1:]),
-                     n_classes=int(odims[1]), sha256=sha256_bytes(data), opset=int(opset))
-    return data, info
-
-
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -135,22 +66,33 @@ class ModelOracle:
     Parameters
     ----------
     model : path or bytes of a self-contained .onnx file
-    batch_size : inputs per ONNX Runtime call (large batches amortise the call overhead)
+    batch_size : inputs per ONNX Runtime call (large batches amortise the call overhead; a graph
+        with a fixed batch of 1 is asked one row per call)
     budget : optional cap on the total number of queried inputs; exceeding it raises
         QueryBudgetExceeded before the offending batch is sent
     output : "auto" (probabilities if rows are non-negative and sum to 1, softmax otherwise),
         "probabilities" or "logits"
     providers : ONNX Runtime execution providers; default CUDA when present, else CPU
+    limits : AdmissionLimits (file size, input size, probe settings)
+    value_range : the inputs' declared range; values outside it are refused
+    call_timeout_s : one ONNX Runtime call longer than this is terminated (OracleTimeout)
+    deadline : time.monotonic() value after which no call starts and running ones are terminated
     """
 
     def __init__(self, model, batch_size: int = 2048, budget: int | None = None, output: str = "auto",
-                 providers: list[str] | None = None, intra_op_threads: int = 0):
-        self._bytes, self.info = inspect_model(model)
+                 providers: list[str] | None = None, intra_op_threads: int = 0,
+                 limits: AdmissionLimits = AdmissionLimits(), value_range: tuple = (0.0, 1.0),
+                 call_timeout_s: float | None = None, deadline: float | None = None):
+        self._bytes, self.info = inspect_model(model, limits)
         if output not in ("auto", "probabilities", "logits"):
             raise ValueError(f"output must be auto, probabilities or logits, not {output!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size = 1 if self.info.fixed_batch == 1 else int(batch_size)
         self.budget = None if budget is None else int(budget)
         self.output = output
+        self.limits = limits
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        self.call_timeout_s = call_timeout_s
+        self.deadline = deadline
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if intra_op_threads:
@@ -194,8 +136,16 @@ class ModelOracle:
         finally:
             self._phase = previous
 
+    def probe(self, seed: int = 0) -> "ModelOracle":
+        """The behaviour probes of `admission` (determinism, batch independence); raises AdmissionError.
+        Uncounted: they ask about noise, not about anything the scan measures."""
+        probe_behaviour(self._run_batched, self.input_shape, self.n_classes, self.limits, seed=seed)
+        return self
+
     # -- querying -------------------------------------------------------------------
     def check_inputs(self, x) -> np.ndarray:
+        """Inputs as float32 (n, C, H, W); refuses a wrong shape or dtype, NaN/inf, and values
+        outside `value_range` (InputRangeError)."""
         x = np.asarray(x)
         if x.ndim == 3 and x.shape == self.input_shape[1:] and self.input_shape[0] == 1:
             x = x[:, None]
@@ -207,14 +157,43 @@ class ModelOracle:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise InputShapeError("inputs contain NaN or infinite values")
+        lo, hi = self.value_range
+        if x.size and (x.min() < lo or x.max() > hi):
+            raise InputRangeError(f"inputs must lie in [{lo:g}, {hi:g}]; got values from {x.min():.4g} to "
+                                  f"{x.max():.4g}")
         return x
 
     def remaining(self) -> int | None:
         return None if self.budget is None else self.budget - self.queries
 
+    def _time_left(self) -> float | None:
+        limits = [t for t in (self.call_timeout_s,
+                              None if self.deadline is None else self.deadline - time.monotonic()) if t is not None]
+        return min(limits) if limits else None
+
     def _run(self, x: np.ndarray) -> np.ndarray:
-        out = self._session.run([self.info.output_name], {self.info.input_name: x})[0]
-        return np.asarray(out)
+        left = self._time_left()
+        if left is None:
+            return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x})[0])
+        if left <= 0:
+            raise OracleTimeout(f"the oracle's deadline passed before a call in phase '{self._phase}'")
+        options = ort.RunOptions()
+        watchdog = threading.Timer(left, lambda: setattr(options, "terminate", True))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x}, options)[0])
+        except Exception as e:
+            if options.terminate:
+                raise OracleTimeout(f"an ONNX Runtime call ran past its {left:.1f} s limit in phase "
+                                    f"'{self._phase}' and was terminated") from e
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _run_batched(self, x: np.ndarray) -> np.ndarray:
+        outs = [self._run(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(outs, axis=0) if outs else np.zeros((0, self.n_classes), np.float32)
 
     def _to_proba(self, out: np.ndarray, n: int) -> np.ndarray:
         if out.ndim != 2 or out.shape != (n, self.n_classes):
@@ -231,35 +210,34 @@ class ModelOracle:
             return np.clip(out, 0.0, 1.0)
         return np.clip(out, 0.0, 1.0) if is_prob else softmax(out)
 
-    def predict_proba(self, x) -> np.ndarray:
-        """Class probabilities (n, K) float64 for inputs (n, C, H, W); counted and batched."""
+    def _checked_raw(self, out: np.ndarray, n: int) -> np.ndarray:
+        if out.ndim != 2 or out.shape != (n, self.n_classes):
+            raise ModelOutputError(f"model returned shape {out.shape}, expected ({n}, {self.n_classes})")
+        return out
+
+    def _counted(self, x, convert) -> np.ndarray:
         x = self.check_inputs(x)
         n = len(x)
         if self.budget is not None and self.queries + n > self.budget:
             raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted "
                                       f"({self.queries} used, {n} more requested in phase '{self._phase}')")
-        outs = []
         t0 = time.perf_counter()
-        for i in range(0, n, self.batch_size):
-            chunk = x[i:i + self.batch_size]
-            outs.append(self._to_proba(self._run(chunk), len(chunk)))
+        outs = [convert(self._run(chunk), len(chunk)) for chunk in (x[i:i + self.batch_size]
+                                                                    for i in range(0, n, self.batch_size))]
         self.queries += n
         self.ledger.add(self._phase, n, time.perf_counter() - t0)
         if not outs:
             return np.zeros((0, self.n_classes))
         return np.concatenate(outs, axis=0)
 
+    def predict_proba(self, x) -> np.ndarray:
+        """Class probabilities (n, K) float64 for inputs (n, C, H, W); counted and batched."""
+        return self._counted(x, self._to_proba)
+
     def raw_scores(self, x) -> np.ndarray:
         """The model's own output rows for inputs (n, C, H, W), unconverted (probabilities or logits
         as the graph computes them); counted like any query. Used to tell what a graph returns."""
-        x = self.check_inputs(x)
-        if self.budget is not None and self.queries + len(x) > self.budget:
-            raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted")
-        t0 = time.perf_counter()
-        out = self._run(x)
-        self.queries += len(x)
-        self.ledger.add(self._phase, len(x), time.perf_counter() - t0)
-        return out
+        return self._counted(x, self._checked_raw)
 
     def predict(self, x) -> np.ndarray:
         """Class labels (argmax of `predict_proba`)."""

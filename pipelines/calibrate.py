@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from . import keys
+
 HELP = "calibrate a STRIP boundary (file → artifact dir; models:/NAME/VERSION → attached + guarded model)"
 
 
@@ -20,7 +22,10 @@ def add_arguments(p):
     p.add_argument("--min-per-class", type=int, default=5)
     p.add_argument("--out", help="artifact directory (required for a file model)")
     p.add_argument("--guarded-name", help="registered name of the guarded model (default NAME-guarded)")
+    p.add_argument("--policy", choices=("reject", "flag"), default="reject",
+                   help="what the guarded model does with a flagged input (signed, fixed server-side)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    keys.add_signing_key(p)
 
 
 def run(args) -> int:
@@ -31,12 +36,13 @@ def run(args) -> int:
         from trojan_gate.plugins.calibration import calibrate_registered
         from trojan_gate.plugins.registry import configure_tracking, resolve, version_tags
 
+        keys.apply(args)
         configure_tracking(args.tracking_uri)
         ref = resolve(args.model)
         shape = tuple(int(v) for v in version_tags(ref).get("trojan_gate.input_shape", "").split("x") if v) or None
         outcome = calibrate_registered(ref, load_heldout(args.heldout, shape), frr=args.frr, n_perturbations=args.n,
                                        blend=args.blend, seed=args.seed, min_per_class=args.min_per_class,
-                                       guarded_name=args.guarded_name)
+                                       guarded_name=args.guarded_name, policy=args.policy)
         print(json.dumps(outcome.to_dict(), indent=2))
         return 0
     from trojan_gate.gates import ModelOracle

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "serve": "trojan_gate.pipelines.serve",
     "lab": "trojan_gate.pipelines.lab",
     "demo": "trojan_gate.pipelines.demo",
+    "keygen": "trojan_gate.pipelines.keygen",
     "benchmark": "trojan_gate.pipelines.benchmarks",
 }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import signal
 
+from . import keys
+
 HELP = "gate a registered version: scan, block or patch, attach STRIP, tag, move the alias (0 pass / 1 blocked / 2 error)"
 
 # flag -> (section, key) in the settings file
@@ -42,6 +44,7 @@ def add_arguments(p):
     p.add_argument("--force", action="store_true", help="gate again even if this configuration decided the version")
     p.add_argument("--report", help="also write the JSON report here")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    keys.add_signing_key(p)
 
 
 def config_from_args(args):
@@ -73,6 +76,7 @@ def run(args) -> int:
     from trojan_gate.plugins.registry import configure_tracking
 
     config = config_from_args(args)  # a bad setting stops here, before MLflow is touched
+    keys.apply(args)
     configure_tracking(args.tracking_uri)
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM fails the gate closed (verdict error)
     try:

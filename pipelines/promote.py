@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from . import keys
+
 HELP = "move an alias to a version only if the gate passed/patched it and its STRIP artifact verifies"
 
 
@@ -12,12 +14,14 @@ def add_arguments(p):
     p.add_argument("version")
     p.add_argument("--alias", default="production")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    keys.add_verify_key(p)
 
 
 def run(args) -> int:
     from trojan_gate.plugins.promotion import PromotionRefused, promote
     from trojan_gate.plugins.registry import configure_tracking
 
+    keys.apply(args)
     configure_tracking(args.tracking_uri)
     try:
         info = promote(args.name, args.version, args.alias)

@@ -1,9 +1,12 @@
-"""Attach a STRIP boundary to a registered model version and register the guarded pyfunc.
+"""Attach a STRIP threshold to a registered model version and register the signed guarded pyfunc.
 
 On the source version: the boundary artifact is logged to an MLflow run and tagged
 (`trojan_gate.strip.threshold`, `.n`, `.frr`, `.blend`, `.artifact_sha256`, `.artifact_uri`,
-`.run_id`, `trojan_gate.guarded_model`). The guarded model (ONNX + artifact, models-from-code)
-is registered as a version of `<name>-guarded` with lineage tags pointing back.
+`.run_id`, `trojan_gate.guarded_model`, `trojan_gate.signature.key_id`). The guarded model is a
+signed release (see `signing`: the ONNX, the artifact and the verdict with the serving policy,
+signed by the gate's key) packaged as a models-from-code pyfunc and registered as a version of
+`<name>-guarded` with lineage tags pointing back. It refuses to load unless the signature
+verifies with the serving host's public key and the signed verdict is passed or patched.
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ from mlflow import MlflowClient
 from trojan_gate.gates import __version__
 from trojan_gate.gates.data import Dataset
 from trojan_gate.gates.errors import ArtifactIntegrityError
+from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.hashing import sha256_file
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.strip import calibrate_strip
 
 from .guarded_pyfunc import CODE_FILE, guarded_signature
-from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx
+from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx, version_tags
 
 GUARDED_SUFFIX = "-guarded"
 SERVING_REQUIREMENTS = ["mlflow", "onnxruntime", "onnx", "numpy", "pandas", "scipy"]
@@ -46,13 +50,13 @@ class CalibrationOutcome:
                 "artifact_sha256": self.artifact_sha256, "boundary_dir": str(self.boundary_dir)}
 
 
-def log_guarded_model(onnx_path, boundary_dir, input_shape, guarded_name: str, tags: dict,
+def log_guarded_model(release_dir, signature_path, input_shape, guarded_name: str, tags: dict,
                       client: MlflowClient | None = None) -> VersionRef:
-    """Log ONNX + boundary as a models-from-code pyfunc (inside the active run) and register it."""
+    """Log a signed release as a models-from-code pyfunc (inside the active run) and register it."""
     client = client or MlflowClient()
     info = mlflow.pyfunc.log_model(
         name="guarded_model", python_model=str(CODE_FILE),
-        artifacts={"onnx_model": str(onnx_path), "boundary": str(boundary_dir)},
+        artifacts={"release": str(release_dir), "signature": str(signature_path)},
         signature=guarded_signature(input_shape), pip_requirements=SERVING_REQUIREMENTS,
     )
     try:
@@ -64,12 +68,17 @@ def log_guarded_model(onnx_path, boundary_dir, input_shape, guarded_name: str, t
     return VersionRef(guarded_name, str(mv.version))
 
 
-def attach_strip(ref: VersionRef, det, onnx_path, guarded_name: str | None = None,
+def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: str | None = None,
                  experiment: str = "trojan-gate-calibrate", client: MlflowClient | None = None) -> CalibrationOutcome:
     """Attach a fitted Strip (with its threshold) to a registered version: write and log the artifact,
+    sign the release (ONNX + artifact + `verdict`, which names the verdict and the serving policy),
     register the guarded model (`NAME-guarded`) and tag the version. `onnx_path` is the version's
     ONNX, checked once more against the registered sha256 before it is packaged."""
     from trojan_gate.gates.strip import artifact_sha256
+
+    from .signing import key_id, sign_release, signing_key, write_release
+
+    key = signing_key()  # no key, no guarded model: refused before anything is written
 
     client = client or MlflowClient()
     onnx_path = verify_onnx(ref, onnx_path, client)
@@ -79,6 +88,11 @@ def attach_strip(ref: VersionRef, det, onnx_path, guarded_name: str | None = Non
     work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
     boundary_dir = det.save(work / "strip_boundary")
     digest = artifact_sha256(boundary_dir)
+    release = write_release(work / "release", onnx_path, boundary_dir, {
+        **verdict, "model": ref.uri, "model_sha256": det.model_sha256_, "strip_artifact_sha256": digest,
+        "trojan_gate_version": __version__})
+    signature = sign_release(release, work / "release.sig", key)
+    checkpoint("strip.release-signed")
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
     nested = mlflow.active_run() is not None  # inside a gate run: a child run of it
     if not nested:
@@ -92,15 +106,18 @@ def attach_strip(ref: VersionRef, det, onnx_path, guarded_name: str | None = Non
                             "strip_empirical_threshold": float(det.empirical_threshold_)})
         mlflow.log_artifacts(str(boundary_dir), artifact_path="strip_boundary")
         artifact_uri = mlflow.get_artifact_uri("strip_boundary")
-        guarded = log_guarded_model(onnx_path, boundary_dir, det.bank_.shape[1:], guarded_name, tags={
+        signer = key_id(key)
+        guarded = log_guarded_model(release, signature, det.bank_.shape[1:], guarded_name, tags={
             tag("source_model"): ref.name, tag("source_version"): ref.version,
             tag("sha256"): det.model_sha256_, tag("strip.artifact_sha256"): digest,
             tag("strip.threshold"): f"{det.threshold_:.6f}", tag("status"): "guarded",
+            tag("signature.key_id"): signer, tag("verdict"): str(verdict.get("verdict")),
         }, client=client)
         set_tags(ref, {
             "strip.threshold": f"{det.threshold_:.6f}", "strip.n": det.n_perturbations, "strip.frr": det.frr_,
             "strip.blend": det.blend, "strip.rule": det.rule, "strip.artifact_sha256": digest,
             "strip.artifact_uri": artifact_uri, "strip.run_id": run.info.run_id, "guarded_model": guarded.uri,
+            "strip.policy": verdict.get("serving", {}).get("policy"), "signature.key_id": signer,
         }, client)
         mlflow.log_dict(json.loads((boundary_dir / "boundary.json").read_text()), "strip_boundary_summary.json")
     return CalibrationOutcome(ref, guarded, boundary_dir, digest, run.info.run_id, det)
@@ -109,11 +126,13 @@ def attach_strip(ref: VersionRef, det, onnx_path, guarded_name: str | None = Non
 def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
                          blend: str | None = None, seed: int = 0, min_per_class: int = 5,
                          guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
-                         onnx_path=None) -> CalibrationOutcome:
+                         onnx_path=None, policy: str = "reject") -> CalibrationOutcome:
     """Verify the version's ONNX, calibrate STRIP on held-out data, attach it and register the guard.
 
-    `onnx_path`: a copy of the version's ONNX the caller already fetched; it is checked against
-    the registered sha256 instead of being downloaded again.
+    The signed verdict is the version's own (`trojan_gate.verdict`, "ungated" when it has none):
+    recalibrating a gated version keeps it servable, a never-gated one gets a guard that refuses
+    to load. `onnx_path`: a copy of the version's ONNX the caller already fetched; it is checked
+    against the registered sha256 instead of being downloaded again.
     """
     client = MlflowClient()
     if onnx_path is None:
@@ -121,4 +140,17 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
     oracle = ModelOracle(verify_onnx(ref, onnx_path, client))
     det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
                           min_per_class=min_per_class)
-    return attach_strip(ref, det, onnx_path, guarded_name=guarded_name, experiment=experiment, client=client)
+    tags = version_tags(ref, client)
+    verdict = {"verdict": tags.get(tag("verdict")) or "ungated", "fingerprint": tags.get(tag("gate.fingerprint")),
+               "serving": serving_settings(policy)}
+    return attach_strip(ref, det, onnx_path, verdict, guarded_name=guarded_name, experiment=experiment,
+                        client=client)
+
+
+def serving_settings(policy: str = "reject", max_rows: int = 4096) -> dict:
+    """What the guarded model enforces, fixed server-side and signed with the release."""
+    from trojan_gate.gates.strip.guard import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+    return {"policy": policy, "max_rows": int(max_rows)}

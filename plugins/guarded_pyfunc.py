@@ -1,11 +1,16 @@
-"""The guarded pyfunc: the ONNX classifier plus its STRIP threshold, checking every input.
+"""The guarded pyfunc: a signed release (ONNX + STRIP threshold + verdict) checking every input.
 
 Logged with models-from-code (`guarded_model_code.py` calls `mlflow.models.set_model`);
-artifacts: `onnx_model` (the single-file ONNX) and `boundary` (the STRIP artifact directory).
-Loading verifies both hashes. The input is exactly what the logged signature says: a float32
-tensor (n, C, H, W) in [0, 1]. Per input, predict returns `label`, `probability`,
-`instance_score` (the STRIP normalised entropy) and `is_trojaned`. Param `policy`: `flag`
-(default) keeps the label, `reject` replaces a flagged input's label with -1.
+artifacts: `release` (model.onnx, boundary/, verdict.json) and `signature` (see `signing`).
+Loading refuses unless the signature verifies with the public key in `TROJAN_GATE_VERIFY_KEY`,
+the signed verdict is passed or patched, and the ONNX and the artifact hash to what the verdict
+names. The serving policy (`reject` by default: a flagged input's label is -1; `flag`: the label
+is kept) and the row cap come from the signed verdict; a client's `params` change nothing.
+
+The input is what the logged signature says: a float32 tensor (n, C, H, W) in [0, 1]. Per input,
+predict returns `label`, `probability`, `instance_score` (the STRIP normalised entropy) and
+`is_trojaned`. A refused request (wrong shape, values out of range, too many rows) comes back as
+HTTP 400 with the reason, never a stack trace.
 """
 from __future__ import annotations
 
@@ -14,30 +19,57 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-
-from trojan_gate.gates.strip.guard import POLICIES, REJECTED_LABEL
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 CODE_FILE = Path(__file__).with_name("guarded_model_code.py")
 OUTPUT_COLUMNS = ("label", "probability", "instance_score", "is_trojaned")
 
 
+def load_release(release, signature, public_key=None):
+    """Verify a signed release and build its GuardedClassifier; returns (guard, verdict document)."""
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.gates.strip.guard import GuardedClassifier
+
+    from .signing import SERVABLE, verify_release
+
+    verdict = verify_release(release, signature, public_key)
+    if verdict.get("verdict") not in SERVABLE:
+        raise ArtifactIntegrityError(f"the signed verdict of {verdict.get('model')} is {verdict.get('verdict')!r}; "
+                                     f"only {' or '.join(SERVABLE)} models are served")
+    serving = verdict.get("serving") or {}
+    guard = GuardedClassifier.from_artifacts(Path(release) / "model.onnx", Path(release) / "boundary",
+                                             policy=serving.get("policy", "reject"),
+                                             expected_sha256=verdict.get("strip_artifact_sha256"))
+    if guard.oracle.sha256 != verdict.get("model_sha256"):
+        raise ArtifactIntegrityError("the release's model.onnx is not the model its verdict names")
+    guard.oracle.probe()  # the admission behaviour probes once more, on the serving host
+    return guard, verdict
+
+
 class GuardedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from trojan_gate.gates.strip.guard import GuardedClassifier
-
-        # verifies the model sha256 recorded in the artifact and the bank's sha256
-        self._guard = GuardedClassifier.from_artifacts(context.artifacts["onnx_model"], context.artifacts["boundary"])
+        self._guard, verdict = load_release(context.artifacts["release"], context.artifacts["signature"])
+        self._max_rows = int((verdict.get("serving") or {}).get("max_rows", 4096))
 
     def predict(self, context, model_input: np.ndarray, params=None):
         # np.ndarray is a hint MLflow reads as "no schema from type hints": the logged TensorSpec
         # signature (n, C, H, W) float32 stays the contract, and the oracle checks the shape again.
-        policy = (params or {}).get("policy", "flag")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        out = self._guard.predict(np.asarray(model_input, dtype=np.float32))
-        if policy == "reject":  # same rule as GuardedClassifier(policy="reject")
-            out["label"][out["is_trojaned"]] = REJECTED_LABEL
-            out["probability"][out["is_trojaned"]] = 0.0
+        from trojan_gate.gates.errors import InputShapeError, TrojanGateError
+
+        x = np.asarray(model_input)
+        if len(x.shape) and len(x) > self._max_rows:
+            raise MlflowException(f"{len(x)} rows in one request; this model takes at most {self._max_rows}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        try:
+            if x.ndim != 1 + len(self._guard.oracle.input_shape):
+                raise InputShapeError(f"a request is a batch of images (n, {', '.join(map(str, self._guard.oracle.input_shape))}); "
+                                      f"got shape {x.shape}")
+            out = self._guard.predict(x.astype(np.float32, copy=False))
+        except TrojanGateError as e:  # inputs the oracle refuses: the client's mistake, said plainly
+            raise MlflowException(f"input refused: {e}", error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as e:  # anything else: a 500 that names the error, without a stack trace
+            raise MlflowException(f"the guarded model failed: {type(e).__name__}", error_code=INTERNAL_ERROR) from None
         return pd.DataFrame({
             "label": np.asarray(out["label"], dtype=np.int64),
             "probability": np.asarray(out["probability"], dtype=np.float64),
@@ -48,11 +80,10 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
 
 def guarded_signature(input_shape):
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) + tuple(int(v) for v in input_shape))]),
         outputs=Schema([ColSpec("long", "label"), ColSpec("double", "probability"),
                         ColSpec("double", "instance_score"), ColSpec("boolean", "is_trojaned")]),
-        params=ParamSchema([ParamSpec("policy", "string", "flag")]),
     )

@@ -1,8 +1,8 @@
 """Release approval: move an alias (e.g. `production`) only to a version the gate let through.
 
 Refuses unless a finished gate decided the version passed or patched, its ONNX still hashes
-to the intake tag, and the STRIP artifact its guarded model serves hashes to
-`trojan_gate.strip.artifact_sha256` and verifies against the model (model + bank hashes).
+to the intake tag, and its guarded model is a release signed by the gate's key whose verdict,
+model and STRIP artifact are the version's (see `signing`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import mlflow
 from mlflow import MlflowClient
 
 from trojan_gate.gates.errors import TrojanGateError
-from trojan_gate.gates.oracle import ModelOracle
 
 from .registry import fetch_onnx, resolve, tag, version_tags
 
@@ -40,11 +39,11 @@ def guarded_artifact(model_dir: Path, key: str) -> Path:
 
 
 def verify_for_promotion(name: str, version: str | int, client: MlflowClient | None = None) -> dict:
-    """Refuse (PromotionRefused, naming why) unless the version was decided passed or patched by a
-    finished gate, its ONNX still hashes to the intake tag, and the STRIP artifact *inside its guarded
-    model* (the one that serves) hashes to `trojan_gate.strip.artifact_sha256` and verifies against
-    the model (model and bank hashes)."""
-    from trojan_gate.gates.strip import Strip, artifact_sha256
+    """Refuse (PromotionRefused, naming why) unless a finished gate decided the version passed or
+    patched, its ONNX still hashes to the intake tag, and its guarded model (the one that serves)
+    is a release whose signature verifies with `TROJAN_GATE_VERIFY_KEY`, whose signed verdict is
+    the registry's, and whose model and STRIP artifact are the version's."""
+    from .guarded_pyfunc import load_release
 
     client = client or MlflowClient()
     ref = resolve(name, version, client=client)
@@ -61,20 +60,19 @@ def verify_for_promotion(name: str, version: str | int, client: MlflowClient | N
     if not expected or not guarded_uri:
         raise PromotionRefused(f"{ref.uri} has no STRIP threshold or guarded model attached")
     try:
-        onnx_path = fetch_onnx(ref, client=client)
+        fetch_onnx(ref, client=client)  # re-hashed against the intake tag
         guarded = resolve(guarded_uri, client=client)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=guarded.uri,
                                                          dst_path=tempfile.mkdtemp(prefix="trojan-gate-promote-")))
-        boundary = guarded_artifact(local, "boundary")
-        actual = artifact_sha256(boundary)
-        if actual != expected:
-            raise PromotionRefused(f"the STRIP artifact inside {guarded.uri} hashes to {actual[:12]}…, "
-                                   f"{ref.uri}'s tag says {expected[:12]}…")
-        Strip.load(boundary, ModelOracle(onnx_path), progress=False)
+        _, signed = load_release(guarded_artifact(local, "release"), guarded_artifact(local, "signature"))
     except PromotionRefused:
         raise
     except Exception as e:
-        raise PromotionRefused(f"STRIP artifact of {ref.uri} does not verify: {type(e).__name__}: {e}") from e
+        raise PromotionRefused(f"the guarded model of {ref.uri} does not verify: {type(e).__name__}: {e}") from e
+    mismatched = [k for k, want in (("verdict", verdict), ("model_sha256", tags.get(tag("sha256"))),
+                                    ("strip_artifact_sha256", expected)) if signed.get(k) != want]
+    if mismatched:
+        raise PromotionRefused(f"the signed release of {guarded.uri} disagrees with {ref.uri}'s tags on {mismatched}")
     return {"model_uri": ref.uri, "verdict": verdict, "strip_artifact_sha256": expected, "guarded_model": guarded.uri}
 
 

@@ -18,7 +18,9 @@ from mlflow import MlflowClient
 
 from trojan_gate.gates import __version__
 from trojan_gate.gates.errors import ArtifactIntegrityError, TrojanGateError
+from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.hashing import sha256_file
+from trojan_gate.gates.admission import AdmissionLimits
 from trojan_gate.gates.oracle import ModelOracle
 
 TAG = "trojan_gate."
@@ -104,6 +106,7 @@ def set_tags(ref: VersionRef, tags: dict, client: MlflowClient | None = None):
     client = client or MlflowClient()
     for k, v in tags.items():
         client.set_model_version_tag(ref.name, ref.version, k if k.startswith(TAG) else tag(k), str(v))
+        checkpoint("registry.tag")
 
 
 def onnx_signature(input_shape, n_classes):
@@ -116,17 +119,22 @@ def onnx_signature(input_shape, n_classes):
 
 
 def intake_onnx(path, name: str, source: str | None = None, description: str | None = None,
-                experiment: str = "trojan-gate-intake", extra_tags: dict | None = None) -> VersionRef:
+                experiment: str = "trojan-gate-intake", extra_tags: dict | None = None,
+                limits: AdmissionLimits = AdmissionLimits()) -> VersionRef:
     """Register a third-party ONNX file as a new version of `name`, status pending.
 
-    ONNX Runtime must load the file and it must look like an image classifier
-    ((batch, C, H, W) float input, (batch, K) output); otherwise ModelLoadError, and the
-    registry is left untouched.
+    The file must pass admission (see `gates.admission`: size, no external data, standard
+    operators only, nothing random, a bounded input, answers that depend on each row alone) and
+    look like an image classifier ((batch, C, H, W) float input, (batch, K) output); otherwise
+    ModelLoadError naming the cause, and the registry is left untouched. The logged MLflow model
+    is read back before it is registered and again after: its MLmodel file and the ONNX it loads
+    are pinned by `trojan_gate.mlmodel_sha256` and `trojan_gate.sha256`; a version whose read-back
+    fails is deleted again, so no unverified version is left behind.
     """
     import onnx
 
     path = Path(path)
-    oracle = ModelOracle(path)  # raises ModelLoadError before anything is written
+    oracle = ModelOracle(path, limits=limits).probe()  # raises ModelLoadError before anything is written
     info = oracle.info
     proto = onnx.load_model_from_string(oracle.model_bytes)
     client = MlflowClient()
@@ -148,29 +156,64 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
                            "n_classes": info.n_classes, "opset": info.opset})
         model_info = mlflow.onnx.log_model(proto, name="model", save_as_external_data=False,
                                            signature=onnx_signature(info.input_shape, info.n_classes))
+        checkpoint("intake.logged")
+        logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_info.model_uri,
+                                                          dst_path=tempfile.mkdtemp(prefix="trojan-gate-intake-")))
+        onnx_file, mlmodel_sha = loaded_onnx(logged)
+        if sha256_file(onnx_file) != info.sha256:
+            raise ArtifactIntegrityError("the logged MLflow model does not load the intake file")
+        tags[tag("mlmodel_sha256")] = mlmodel_sha
         try:
             client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
             client.create_registered_model(name, tags={tag("managed"): "true"})
         mv = client.create_model_version(name, source=model_info.model_uri, run_id=run.info.run_id, tags=tags,
                                          description=description, model_id=model_info.model_id)
+        checkpoint("intake.registered")
     ref = VersionRef(name, str(mv.version))
-    # read back what the registry stores and check it is the file we were given
-    local = fetch_onnx(ref, client=client)
-    if sha256_file(local) != info.sha256:
-        raise ArtifactIntegrityError(f"registered artifact of {ref.uri} does not hash to the intake file")
+    try:  # read back what the registry serves and check it is the file we were given
+        fetch_onnx(ref, client=client)
+    except Exception:
+        client.delete_model_version(name, mv.version)
+        raise
     return ref
 
 
+def loaded_onnx(model_dir) -> tuple[Path, str]:
+    """The ONNX file an MLflow model folder's MLmodel loads (its onnx flavor's `data`), and the sha256
+    of the MLmodel file itself. Refuses a folder whose MLmodel is missing, loads something else, or
+    points outside the folder."""
+    import yaml
+
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise ArtifactIntegrityError(f"{model_dir} holds no MLmodel file")
+    doc = yaml.safe_load(mlmodel.read_text())
+    flavors = (doc or {}).get("flavors") or {}
+    loader = (flavors.get("python_function") or {}).get("loader_module")
+    rel = (flavors.get("onnx") or {}).get("data")
+    if loader != "mlflow.onnx" or not rel:
+        raise ArtifactIntegrityError(f"{mlmodel} is not an mlflow.onnx model (loader {loader!r}, data {rel!r})")
+    onnx_file = (model_dir / rel).resolve()
+    if model_dir.resolve() not in onnx_file.parents or not onnx_file.is_file():
+        raise ArtifactIntegrityError(f"{mlmodel} loads {rel!r}, which is not a file inside the model")
+    return onnx_file, sha256_file(mlmodel)
+
+
 def fetch_onnx(ref: VersionRef, dst: str | None = None, client: MlflowClient | None = None) -> Path:
-    """Download the version's single-file ONNX and verify it against the `trojan_gate.sha256` tag."""
-    expected = _registered_sha256(ref, client or MlflowClient())
+    """Download the version's MLflow model and return the ONNX file its MLmodel loads, verified against
+    `trojan_gate.sha256` (and the MLmodel file against `trojan_gate.mlmodel_sha256`)."""
+    client = client or MlflowClient()
+    expected = _registered_sha256(ref, client)
     dst = dst or tempfile.mkdtemp(prefix="trojan-gate-model-")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst))
-    candidates = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
-    if not candidates:
-        raise ArtifactIntegrityError(f"{ref.uri} holds no .onnx file")
-    return _verified(ref, candidates[0], expected)
+    onnx_file, mlmodel_sha = loaded_onnx(local)
+    pinned = version_tags(ref, client).get(tag("mlmodel_sha256"))
+    if pinned and pinned != mlmodel_sha:
+        raise ArtifactIntegrityError(f"{ref.uri}: MLmodel sha256 {mlmodel_sha[:12]}… does not match the registered "
+                                     f"{tag('mlmodel_sha256')} {pinned[:12]}… (tampered model metadata?)")
+    return _verified(ref, onnx_file, expected)
 
 
 def verify_onnx(ref: VersionRef, path, client: MlflowClient | None = None) -> Path:

@@ -14,6 +14,35 @@ from pathlib import Path
 
 import numpy as np
 
+from trojan_gate.gates.errors import TrojanGateError
+
+
+class ServingRefused(TrojanGateError):
+    """The guarded model may not be served; the message says why."""
+
+
+def check_servable(guarded_uri: str) -> str:
+    """The source version of a guarded model, if a finished gate decided it passed or patched;
+    raises ServingRefused otherwise. Returns the source's URI."""
+    from .registry import VersionRef, resolve, tag, version_tags
+    from .signing import SERVABLE
+
+    guarded = resolve(guarded_uri)
+    gtags = version_tags(guarded)
+    name, version = gtags.get(tag("source_model")), gtags.get(tag("source_version"))
+    if not name or not version:
+        raise ServingRefused(f"{guarded.uri} is not a trojan-gate guarded model (no source version tags)")
+    source = VersionRef(name, version)
+    stags = version_tags(source)
+    verdict, state = stags.get(tag("verdict")), stags.get(tag("gate.state"))
+    if verdict not in SERVABLE or state != "done":
+        raise ServingRefused(f"its source {source.uri} has verdict {verdict or 'none'} (gate state {state or 'none'}); "
+                             f"only {' or '.join(SERVABLE)} versions are served")
+    if stags.get(tag("guarded_model")) != guarded.uri:
+        raise ServingRefused(f"{source.uri}'s current guarded model is {stags.get(tag('guarded_model'))}, "
+                             f"not {guarded.uri}")
+    return source.uri
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,6 +56,7 @@ def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: i
 
 
 def serving_env(tracking_uri: str | None) -> dict:
+    """This process's environment (the verification key included) with uvicorn on PATH and the store set."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside this interpreter
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -85,5 +115,12 @@ def invoke(url: str, x: np.ndarray, params: dict | None = None, timeout: float =
         with urllib.request.urlopen(req, timeout=timeout) as r:
             payload = json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"server answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
+        body = e.read().decode(errors="replace")
+        try:  # MLflow's error JSON: keep the error, not the echo of the request data before it
+            doc = json.loads(body)
+            body = f"{doc.get('error_code')}: {str(doc.get('message', ''))[-500:]}" + (
+                " (with a stack trace)" if doc.get("stack_trace") else "")
+        except ValueError:
+            body = body[-500:]
+        raise RuntimeError(f"server answered {e.code}: {body}") from e
     return payload["predictions"]

@@ -10,6 +10,22 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def release_keys(tmp_path_factory):
+    """One signing key pair for the session, exported where the gate and the guarded model read it."""
+    from trojan_gate.plugins.signing import SIGNING_KEY_ENV, VERIFY_KEY_ENV, generate_keypair
+
+    private, public = generate_keypair(tmp_path_factory.mktemp("keys"))
+    before = {k: os.environ.get(k) for k in (SIGNING_KEY_ENV, VERIFY_KEY_ENV)}
+    os.environ[SIGNING_KEY_ENV], os.environ[VERIFY_KEY_ENV] = str(private), str(public)
+    yield private, public
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def digits():
     from trojan_gate.gates.data import load_digits_dataset

@@ -1,6 +1,6 @@
-"""Release approval refuses anything the gate did not pass, and any STRIP artifact that does not verify."""
+"""Release approval refuses anything the gate did not pass, and any guarded release that does not verify."""
+import json
 
-import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -8,7 +8,7 @@ from trojan_gate.gates.data import Dataset
 from trojan_gate.pipelines.cli import main
 from trojan_gate.plugins.gate import GateConfig, run_gate
 from trojan_gate.plugins.promotion import PromotionRefused, promote
-from trojan_gate.plugins.registry import intake_onnx, version_tags
+from trojan_gate.plugins.registry import intake_onnx
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,18 @@ def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_be
     assert main(["promote", "clf", pending.version, "--alias", "production"]) == 1
     assert str(MlflowClient().get_registered_model("clf").aliases["production"]) == good.version
 
-    # tamper with the STRIP bank the guarded model serves: promotion must refuse
-    guarded = MlflowClient().get_model_version("clf-guarded", version_tags(good)["trojan_gate.guarded_model"][-1])
-    assert guarded.tags["trojan_gate.source_version"] == good.version
-    banks = [p for p in (tmp_path / "mlruns").rglob("bank.npy") if "guarded_model" in str(p) or "models" in str(p)]
-    assert banks, list((tmp_path / "mlruns").rglob("bank.npy"))
-    for bank in banks:
-        arr = np.load(bank)
-        arr[0, 0, 0, 0] = 1.0 - arr[0, 0, 0, 0]
-        np.save(bank, arr)
-    with pytest.raises(PromotionRefused, match="STRIP artifact"):
+    # an attacker with write access to the artifact store moves the threshold and re-hashes the
+    # artifact so that its own integrity checks pass: the signature still refuses it
+    from trojan_gate.gates.strip.artifact import content_sha256
+
+    docs = [p for p in (tmp_path / "mlruns").rglob("boundary.json") if "release" in p.parts]
+    assert docs
+    for path in docs:
+        doc = json.loads(path.read_text())
+        doc["threshold"] = -1e9
+        doc["integrity"] = {"content_sha256": content_sha256(doc)}
+        path.write_text(json.dumps(doc))
+    with pytest.raises(PromotionRefused, match="signature does not verify"):
         promote("clf", good.version, alias="production2")
     assert "production2" not in MlflowClient().get_registered_model("clf").aliases
+    assert main(["promote", "clf", good.version, "--alias", "production2"]) == 1

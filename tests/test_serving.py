@@ -1,28 +1,46 @@
-"""A guarded model registered by `calibrate` and served by `mlflow models serve` flags trigger-stamped inputs."""
+"""The guarded model: a signed release served by `mlflow models serve` that flags trigger-stamped inputs.
+
+The trojan here is one the scan missed (a stand-in scan reports it clean), so the gate passes it
+and STRIP is the line that remains: exactly the case the run-time check exists for.
+"""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from trojan_gate.gates.data import Dataset
 from trojan_gate.pipelines.cli import main
+from trojan_gate.plugins.gate import GateConfig, run_gate
 from trojan_gate.plugins.registry import intake_onnx, resolve, version_tags
 from trojan_gate.plugins.serving import invoke, served_model
 
 pytestmark = pytest.mark.slow
 
 
-def _calibrated(trojan_onnx, heldout_npz, name):
-    """Register the trojaned digits model as `name` and calibrate it; returns (version, its tags)."""
+def _passed(trojan_onnx, digits, name, **strip):
+    """Register the trojaned digits model as `name` and gate it with a (cheap) scan that misses the trojan."""
+    from trojan_gate.gates import DeepInspect
+
+    _, test = digits
+
+    def missed(oracle, data, config):
+        scan = DeepInspect(seed=0, progress=False, reference_models=0, n_per_class=5, generator_steps=30,
+                           link_threshold=0).scan(oracle, heldout=data)
+        return replace(scan, is_trojaned=False, flagged_classes=[], co_targets=[])
+
     ref = intake_onnx(trojan_onnx, name)
-    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--frr", "0.05", "--n", "10"]) == 0
+    out = run_gate(ref.uri, Dataset(test.x, test.y), GateConfig(strip={"frr": 0.05, **strip}), scan_fn=missed)
+    assert out.verdict == "passed", out.error
     return ref, version_tags(ref)
 
 
 @pytest.mark.serve
-def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_onnx, heldout_npz, digits,
-                                                           digits_trojan):
-    ref, tags = _calibrated(trojan_onnx, heldout_npz, "digits-clf")
-    for key in ("strip.threshold", "strip.n", "strip.frr", "strip.artifact_sha256", "guarded_model"):
+def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_onnx, digits, digits_trojan):
+    ref, tags = _passed(trojan_onnx, digits, "digits-clf")
+    for key in ("strip.threshold", "strip.n", "strip.frr", "strip.artifact_sha256", "strip.policy", "guarded_model",
+                "signature.key_id"):
         assert f"trojan_gate.{key}" in tags
-    assert tags["trojan_gate.strip.n"] == "10"
+    assert tags["trojan_gate.strip.n"] == "10" and tags["trojan_gate.strip.policy"] == "reject"
     guarded = resolve(tags["trojan_gate.guarded_model"])
     assert version_tags(guarded)["trojan_gate.source_version"] == ref.version
 
@@ -32,27 +50,27 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
     stamped = digits_trojan.stamp(clean)
     with served_model(guarded.uri, tracking_uri=mlflow_store) as url:
         clean_pred = invoke(url, clean)
-        stamped_pred = invoke(url, stamped)
-        rejected = invoke(url, stamped, params={"policy": "reject"})
+        stamped_pred = invoke(url, stamped, params={"policy": "flag"})  # a client cannot pick the policy
+        again = invoke(url, stamped)
+        with pytest.raises(RuntimeError, match=r"(?s)400.*input refused: inputs must lie in \[0, 1\]") as refused:
+            invoke(url, np.concatenate([clean[:2], clean[:1] - 1.0]))  # an out-of-range "trigger"
+    assert "Traceback" not in str(refused.value) and "stack_trace" not in str(refused.value)
     assert set(clean_pred[0]) == {"label", "probability", "instance_score", "is_trojaned"}
     clean_flags = np.array([p["is_trojaned"] for p in clean_pred])
     stamped_flags = np.array([p["is_trojaned"] for p in stamped_pred])
     assert stamped_flags.mean() >= 0.8
     assert clean_flags.mean() <= 0.2
-    assert np.mean([p["label"] == 3 for p in stamped_pred]) >= 0.8  # the trojan hijacks; the guard flags
-    assert any(p["is_trojaned"] for p in rejected)
-    assert all((p["label"] == -1) == p["is_trojaned"] for p in rejected)
+    assert all((p["label"] == -1) == p["is_trojaned"] for p in stamped_pred)  # reject, as signed
+    assert [p["instance_score"] for p in again] == [p["instance_score"] for p in stamped_pred]  # no retry luck
     assert max(p["instance_score"] for p in stamped_pred if p["is_trojaned"]) <= float(tags["trojan_gate.strip.threshold"])
 
 
-def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, trojan_onnx, heldout_npz, digits,
-                                                               digits_trojan):
+def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, trojan_onnx, digits, digits_trojan):
     import mlflow
     import pandas as pd
 
-    _, tags = _calibrated(trojan_onnx, heldout_npz, "digits-clf-local")
-    guarded = resolve(tags["trojan_gate.guarded_model"])
-    model = mlflow.pyfunc.load_model(guarded.uri)
+    _, tags = _passed(trojan_onnx, digits, "digits-clf-local", policy="flag")
+    model = mlflow.pyfunc.load_model(tags["trojan_gate.guarded_model"])
     _, test = digits
     victims = np.flatnonzero(test.y != 3)[:20]
     clean, stamped = test.x[victims], digits_trojan.stamp(test.x[victims])
@@ -60,5 +78,18 @@ def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, troja
     assert isinstance(out, pd.DataFrame) and list(out.columns) == ["label", "probability", "instance_score",
                                                                    "is_trojaned"]
     assert out["is_trojaned"][:20].mean() <= 0.2 and out["is_trojaned"][20:].mean() >= 0.8
-    rejected = model.predict(stamped.astype(np.float32), params={"policy": "reject"})
-    assert ((rejected["label"] == -1) == rejected["is_trojaned"]).all()
+    assert (out["label"][20:] == 3).mean() >= 0.8  # policy flag, as signed: the labels stay
+    with pytest.raises(mlflow.exceptions.MlflowException, match="rows in one request"):
+        model.predict(np.zeros((5000,) + clean.shape[1:], np.float32))
+
+
+def test_an_ungated_guarded_model_is_neither_served_nor_loaded(mlflow_store, trojan_onnx, heldout_npz, capsys):
+    import mlflow
+
+    ref = intake_onnx(trojan_onnx, "never-gated")
+    assert main(["calibrate", ref.uri, "--heldout", str(heldout_npz), "--n", "10"]) == 0
+    guarded = version_tags(ref)["trojan_gate.guarded_model"]
+    assert main(["serve", guarded, "--port", "1"]) == 1
+    assert "verdict none" in capsys.readouterr().err
+    with pytest.raises(Exception, match="ungated"):
+        mlflow.pyfunc.load_model(guarded)

@@ -14,7 +14,7 @@ from trojan_gate.gates.strip.guard import GuardedClassifier
 from trojan_gate.gates.lab import LabConfig, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.strip import BLEND_RULES, Strip, artifact_sha256, superimpose
-from trojan_gate.gates.strip.detector import draw_indices
+from trojan_gate.gates.strip.draws import detector_key, input_seeds, keyed_indices
 
 
 # ----------------------------------------------------------------------------- a model with known answers
@@ -83,18 +83,36 @@ def test_superimpose_rules():
         superimpose(x, b, "screen")
 
 
-@pytest.mark.parametrize("n_bank,n_draws", [(500, 10), (30, 20)])  # sparse (rejection) and dense regimes
-def test_draw_indices_distinct_and_exclude_self(n_bank, n_draws):
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("n_bank,n_draws", [(500, 10), (30, 20)])  # sparse (redraw) and dense regimes
+def test_keyed_draws_are_distinct_exclude_self_and_depend_on_the_row_alone(n_bank, n_draws):
+    seeds = np.random.default_rng(0).integers(0, 2**63, n_bank, dtype=np.uint64)
     exclude = np.arange(n_bank)
-    idx = draw_indices(rng, n_bank, n_bank, n_draws, exclude)
+    idx = keyed_indices(seeds, n_bank, n_draws, exclude)
     assert idx.shape == (n_bank, n_draws) and idx.min() >= 0 and idx.max() < n_bank
     assert all(len(set(r)) == n_draws for r in idx)
     assert not (idx == exclude[:, None]).any()
-    again = draw_indices(np.random.default_rng(0), n_bank, n_bank, n_draws, exclude)
-    np.testing.assert_array_equal(idx, again)  # seeded
+    # a row's draws are a function of its own seed: the same rows in another batch get the same draws
+    some = np.array([7, 3, 11])
+    np.testing.assert_array_equal(keyed_indices(seeds[some], n_bank, n_draws, exclude[some]), idx[some])
     with pytest.raises(ValueError):
-        draw_indices(rng, 2, 10, 10, np.arange(2))
+        keyed_indices(seeds[:2], 10, 10, np.arange(2))
+
+
+def test_draws_are_uniform_over_the_bank():
+    seeds = input_seeds(np.random.default_rng(1).random((4000, 1, 4, 4), dtype=np.float32), b"k" * 16)
+    counts = np.bincount(keyed_indices(seeds, 50, 5).ravel(), minlength=50)
+    assert counts.min() > 0.75 * counts.mean() and counts.max() < 1.25 * counts.mean()  # 400 expected each
+
+
+def test_an_input_gets_the_same_score_however_often_and_with_whatever_it_is_sent(fitted, split):
+    """Resending a stamped input until it passes gets nowhere: its draws follow from its bytes."""
+    _, ev = split
+    x = ev.x[:40]
+    first = fitted.score(x)
+    np.testing.assert_array_equal(fitted.score(x), first)
+    np.testing.assert_array_equal(fitted.score(x[::-1])[::-1], first)
+    np.testing.assert_array_equal(fitted.score(x[5:6]), first[5:6])
+    assert detector_key(0, "a" * 64) != detector_key(1, "a" * 64) != detector_key(0, "b" * 64)
 
 
 # ----------------------------------------------------------------------------- digits lab models

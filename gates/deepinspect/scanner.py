@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from ..data import Dataset
+from ..faults import checkpoint
 from ..oracle import ModelOracle
 from .anomaly import DEFAULT_CUTOFF, alpha_from_cutoff, cutoff_from_alpha, double_mad_test
 from .cotargets import (DEFAULT_LINK_THRESHOLD, DEFAULT_REFERENCE_FACTOR, anomalous_links, co_activation,
@@ -210,7 +211,9 @@ def _scan(oracle: ModelOracle, heldout, seed: int, budget, cutoff: float, cfg: S
     t_start = time.perf_counter()
     wall = {}
     substitute, refs = measure_references(oracle, heldout, seed, cfg, progress, wall)
+    checkpoint("scan.references")
     m = measure_model(oracle, substitute, seed, budget, cfg, progress, wall)
+    checkpoint("scan.measured")
     inv, trainer, st = m.inversion, m.trainer, m.statistics
     generator = m.generator
 

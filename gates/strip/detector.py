@@ -13,13 +13,12 @@ benign-entropy distribution of held-out images (Sec. V-D): a normal is fitted to
 entropies and threshold = norm.ppf(FRR, mean, std) (rule "normal", the paper's); the
 empirical FRR-quantile of the same entropies is kept as well (rule "empirical").
 
-How perturbations are drawn. Every input gets N *distinct* bank images drawn with a seeded
-generator; the drawn images are superimposed with `BLEND_RULES[blend]`. When `fit` scores
-the held-out images themselves (they are the bank), image i is never superimposed on
-itself: its N partners are drawn from the other B - 1 bank images. Scoring has its own
-seeded stream that advances from call to call (fresh draws per input, as in the paper's
-Algorithm 1), so a detector restored from the same artifact reproduces the same scores for
-the same sequence of calls.
+How perturbations are drawn. Every input gets N *distinct* bank images, chosen by a keyed
+hash of the input itself (see `draws`): the same input always meets the same bank images and
+so always gets the same score, whatever else is in its batch and however often it is sent (the
+paper draws afresh per input, which lets an attacker retry a stamped input until it passes).
+The drawn images are superimposed with `BLEND_RULES[blend]`. When `fit` scores the held-out
+images themselves (they are the bank), image i is never superimposed on itself.
 
 Superimposition rules (`BLEND_RULES`):
 - "average": 0.5 x + 0.5 x_bank (the open-source libraries' convention);
@@ -50,9 +49,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ArtifactIntegrityError
 from .artifact import artifact_sha256, read_artifact, utc_now, versions, write_artifact
+from .draws import detector_key, input_seeds, keyed_indices
 
-__all__ = ["BLEND_RULES", "DEFAULT_BLEND", "Strip", "artifact_sha256", "superimpose", "draw_indices",
-           "normalized_entropy"]
+__all__ = ["BLEND_RULES", "DEFAULT_BLEND", "Strip", "artifact_sha256", "superimpose", "normalized_entropy"]
 
 LOG2 = math.log(2.0)
 RULES = ("normal", "empirical")
@@ -87,32 +86,6 @@ def superimpose(x: np.ndarray, b: np.ndarray, rule: str = DEFAULT_BLEND, out: np
     return BLEND_RULES[rule](x, b, out)
 
 
-def draw_indices(rng: np.random.Generator, n: int, n_bank: int, n_draws: int,
-                 exclude: np.ndarray | None = None) -> np.ndarray:
-    """(n, n_draws) bank indices, distinct within each row; row i never holds exclude[i].
-
-    Sparse draws (n_draws^2 <= pool) use rejection of rows with repeats; dense ones take the
-    n_draws smallest of uniform keys per row. Both give a uniform random subset per row.
-    """
-    pool = n_bank - (1 if exclude is not None else 0)
-    if n_draws > pool:
-        raise ValueError(f"a bank of {n_bank} images cannot give {n_draws} distinct perturbations per input"
-                         + (" (excluding the input itself)" if exclude is not None else ""))
-    if n_draws * n_draws <= pool:
-        idx = rng.integers(0, pool, size=(n, n_draws))
-        while True:
-            s = np.sort(idx, axis=1)
-            rep = (np.diff(s, axis=1) == 0).any(axis=1)
-            if not rep.any():
-                break
-            idx[rep] = rng.integers(0, pool, size=(int(rep.sum()), n_draws))
-    else:
-        idx = np.argpartition(rng.random((n, pool)), n_draws - 1, axis=1)[:, :n_draws]
-    if exclude is not None:
-        idx = idx + (idx >= np.asarray(exclude)[:, None])
-    return idx
-
-
 def normalized_entropy(proba: np.ndarray, n_perturbations: int) -> np.ndarray:
     """Eq. 2-4: mean over each input's N perturbed copies of the base-2 class entropy.
 
@@ -131,7 +104,7 @@ class Strip:
     model : ModelOracle (or anything with predict_proba, check_inputs and sha256)
     n_perturbations : N, superimposed bank images per input
     blend : superimposition rule, a key of BLEND_RULES
-    seed : seeds the draws of fit (benign entropies) and of scoring
+    seed : keys the draws (with the model's sha256): which bank images each input meets
     batch_size : incoming inputs per oracle call (each brings N perturbed copies);
         default keeps a call near 32k images
     rule : threshold in force, "normal" (norm.ppf(frr, mean, std)) or "empirical" (quantile)
@@ -161,7 +134,6 @@ class Strip:
         self.threshold_ = None
         self.bank_ = None
         self.created_at_ = None
-        self._score_rng = np.random.default_rng([self.seed, 1])
 
     # -- building blocks ---------------------------------------------------------------
     @property
@@ -176,17 +148,16 @@ class Strip:
         if need_threshold and self.threshold_ is None:
             raise RuntimeError("no threshold: call infer_threshold(frr) first")
 
-    def perturb(self, x: np.ndarray, rng: np.random.Generator | None = None, exclude=None,
-                out: np.ndarray | None = None) -> np.ndarray:
+    def perturb(self, x: np.ndarray, exclude=None, out: np.ndarray | None = None) -> np.ndarray:
         """(n * N, C, H, W) perturbed copies: input i's N copies in rows i*N .. i*N + N - 1.
 
-        Draws N distinct bank images per input (never bank[exclude[i]] for input i), gathers
-        them straight into `out` and superimposes x in place (numpy broadcasting, no loop).
+        Draws N distinct bank images per input from its own bytes (never bank[exclude[i]] for
+        input i), gathers them straight into `out` and superimposes x in place.
         """
         self._check_fitted()
-        rng = self._score_rng if rng is None else rng
         n, big_n = len(x), self.n_perturbations
-        idx = draw_indices(rng, n, len(self.bank_), big_n, exclude)
+        key = detector_key(self.seed, self.model.sha256)
+        idx = keyed_indices(input_seeds(x, key), len(self.bank_), big_n, exclude)
         shape = (n * big_n,) + self.bank_.shape[1:]
         if out is None:
             out = np.empty(shape, dtype=np.float32)
@@ -201,14 +172,14 @@ class Strip:
         """Normalised entropy H (Eq. 2-4) from the (n * N, K) answers for perturbed copies."""
         return normalized_entropy(proba, self.n_perturbations)
 
-    def _score(self, x, rng, exclude=None, desc="strip score") -> np.ndarray:
+    def _score(self, x, exclude=None, desc="strip score") -> np.ndarray:
         size = self.chunk_size
         starts = range(0, len(x), size)
         scores = np.empty(len(x), dtype=np.float64)
         for s in tqdm(starts, desc=desc, disable=not self.progress or len(starts) <= 1, leave=False):
             xc = x[s:s + size]
             ex = None if exclude is None else exclude[s:s + size]
-            proba = self.model.predict_proba(self.perturb(xc, rng, ex))
+            proba = self.model.predict_proba(self.perturb(xc, ex))
             scores[s:s + len(xc)] = self.entropy_from_proba(proba)
         return scores
 
@@ -224,12 +195,10 @@ class Strip:
         self.bank_ = x.copy()
         self.model_sha256_ = self.model.sha256
         self.created_at_ = utc_now()
-        fit_rng = np.random.default_rng([self.seed, 0])
         with self.model.phase("strip-fit"):
-            self.benign_scores_ = self._score(x, fit_rng, exclude=np.arange(len(x)), desc="strip fit")
+            self.benign_scores_ = self._score(x, exclude=np.arange(len(x)), desc="strip fit")
         self.mean_ = float(self.benign_scores_.mean())
         self.std_ = float(self.benign_scores_.std(ddof=1))
-        self._score_rng = np.random.default_rng([self.seed, 1])
         self.threshold_ = None
         return self
 
@@ -254,7 +223,7 @@ class Strip:
         self._check_fitted()
         x = self.model.check_inputs(x)
         with self.model.phase("strip-score"):
-            return self._score(x, self._score_rng)
+            return self._score(x)
 
     def predict(self, x, return_instance_score: bool = True) -> dict:
         """Alibi Detect-style result: data.instance_score, data.is_trojaned (score <= threshold), data.threshold."""

@@ -1,9 +1,13 @@
 """A classifier guarded by STRIP: labels and trojan flags from one model call per batch.
 
-For a batch of n inputs the guard builds one array holding the n inputs followed by their
-n * N STRIP perturbations (Algorithm 1: "all the perturbed inputs along with x itself are
-concurrently fed into the deployed DNN model"), sends it to the oracle in a single call,
-takes labels from the first n rows and the normalised entropy (Eq. 2-4) from the rest.
+For a batch of n inputs the guard builds one array holding the n inputs and their n * N STRIP
+perturbations (Algorithm 1: "all the perturbed inputs along with x itself are concurrently fed
+into the deployed DNN model"), sends it to the oracle in a single call, takes labels from the
+inputs' rows and the normalised entropy (Eq. 2-4) from the rest. The rows go to the model in
+a fresh random order every call: a model whose answer depends on a row's position or its
+neighbours (a trojan that fires only in row 0, say) cannot tell the client's input from its
+perturbations. Admission already refuses models whose answers depend on the batch; this is
+the second line.
 `trojan-gate check` and the served guarded model both predict through this class.
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ class GuardedClassifier:
         self.detector = detector
         self.policy = policy
         self.batch_size = batch_size
+        self._order = np.random.default_rng()  # OS entropy: the row order is never predictable
 
     @classmethod
     def from_artifacts(cls, model, boundary_dir, policy: str = "flag", expected_sha256: str | None = None,
@@ -72,7 +77,9 @@ class GuardedClassifier:
                 buf = np.empty((m * (big_n + 1),) + x.shape[1:], dtype=np.float32)
                 buf[:m] = xc
                 self.detector.perturb(xc, out=buf[m:])
-                proba = self.oracle.predict_proba(buf)  # one call: inputs, then their perturbations
+                order = self._order.permutation(len(buf))
+                proba = np.empty((len(buf), self.oracle.n_classes), dtype=np.float64)
+                proba[order] = self.oracle.predict_proba(buf[order])  # one call, rows shuffled
                 label[s:s + m] = proba[:m].argmax(axis=1)
                 prob[s:s + m] = proba[:m].max(axis=1)
                 score[s:s + m] = self.detector.entropy_from_proba(proba[m:])

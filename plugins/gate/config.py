@@ -73,16 +73,20 @@ class ScanSettings:
 
 @dataclass
 class StripSettings:
-    """The STRIP threshold the gate attaches: preset FRR, N, superimposition rule, FAR estimate."""
+    """The STRIP threshold the gate attaches: preset FRR, N, superimposition rule, FAR estimate, and the
+    serving policy signed into the release (the client cannot choose it per request)."""
 
     frr: float = 0.01
     n_perturbations: int = 10
     blend: str = "max"
     estimate_far: bool = True
+    policy: str = "reject"  # what the served guarded model does with a flagged input: reject | flag
 
     def __post_init__(self):
-        from trojan_gate.gates.strip import BLEND_RULES
+        from trojan_gate.gates.strip import BLEND_RULES, POLICIES
 
+        if self.policy not in POLICIES:
+            raise ConfigError(f"strip.policy must be one of {POLICIES}, not {self.policy!r}")
         if not 0.0 < float(self.frr) < 1.0:
             raise ConfigError(f"strip.frr must lie in (0, 1), not {self.frr!r}")
         if int(self.n_perturbations) < 1:
@@ -112,6 +116,8 @@ class GateConfig:
             self.strip = StripSettings(**_section("strip", self.strip, StripSettings))
         if self.policy not in POLICIES:
             raise ConfigError(f"gate.policy must be one of {POLICIES}, not {self.policy!r}")
+        if not isinstance(self.alias, str):
+            raise ConfigError(f"gate.alias must be a name, not {self.alias!r}")
         if not self.alias or self.alias == "latest" or (self.alias.startswith("v") and self.alias[1:].isdigit()):
             raise ConfigError(f"gate.alias {self.alias!r} is reserved by MLflow")
         if self.timeout_s is not None and not float(self.timeout_s) > 0:

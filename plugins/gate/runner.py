@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 
 from trojan_gate.gates import __version__
 
+from trojan_gate.gates.faults import checkpoint
+
 from ..registry import ensure_experiment, resolve, set_tags, tag
 from . import steps
 from .config import GateConfig
@@ -88,10 +90,14 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
     error = None
     try:
         claim(client, ref, state.run_id)
+        checkpoint("gate.claimed")
         steps.fetch_model(state)
+        checkpoint("gate.fetched")
         steps.validate_data(state, heldout)
+        checkpoint("gate.validated")
         state.check_deadline("the scan")
         steps.scan_model(state, scan_fn)
+        checkpoint("gate.scanned")
         state.check_deadline("the decision")
         if state.scan.is_trojaned and config.policy == "patch":
             steps.patch_model(state, scan_fn)

@@ -13,10 +13,11 @@ import numpy as np
 
 from trojan_gate.gates import __version__
 from trojan_gate.gates.data import Dataset, load_heldout
+from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.validation import validate_heldout
 
-from ..calibration import attach_strip
+from ..calibration import attach_strip, serving_settings
 from ..registry import fetch_onnx, intake_onnx
 from .state import GateState
 from .verdict import BLOCKED, PASSED, PATCHED, require_claim
@@ -80,9 +81,11 @@ def patch_model(state: GateState, scan_fn):
             state.oracle.model_bytes, scan.inverted_x, scan.inverted_y, scan.generator.stamp, scan.flagged_classes,
             heldout=(state.heldout.x, state.heldout.y)).result_
     state.patch = patch
+    checkpoint("patch.fitted")
     patched_path = patch.save(state.workdir / "patched" / "model.onnx")
     state.check_deadline("the patched model's scan")
     state.fresh = scan_fn(ModelOracle(patch.onnx_bytes), state.heldout, cfg)
+    checkpoint("patch.rescanned")
     log_scan(state.fresh, "patched_", state.workdir)
     drop, drop_se = patch.accuracy_drop, patch.accuracy_drop_se
     mlflow.log_metrics({"patch_activation_rate_before": patch.before["trojan_activation_rate"],
@@ -103,6 +106,7 @@ def patch_model(state: GateState, scan_fn):
                                     "patch.accuracy_drop": "" if drop is None else f"{drop:.4f}",
                                     "patch.accuracy_drop_se": "" if drop_se is None else f"{drop_se:.4f}",
                                     "patch.source_instance_score": f"{scan.instance_score:.4f}"})
+    checkpoint("patch.registered")
     state.verdict = PATCHED
 
 
@@ -118,6 +122,7 @@ def calibrate(state: GateState):
     s = cfg.strip
     det = calibrate_strip(oracle, state.heldout, frr=s.frr, n_perturbations=s.n_perturbations, blend=s.blend,
                           seed=cfg.seed, min_per_class=cfg.min_per_class)
+    checkpoint("strip.fitted")
     view = {"benign_scores": np.asarray(det.benign_scores_), "mean": det.mean_, "std": det.std_,
             "threshold": det.threshold_, "normal_threshold": det.normal_threshold_,
             "empirical_threshold": det.empirical_threshold_, "frr": det.frr_, "rule": det.rule,
@@ -134,7 +139,12 @@ def calibrate(state: GateState):
                               "estimated_far_source": "DeepInspect generator triggers that hijack the model",
                               "estimated_far_classes": "all" if classes is None else [int(c) for c in classes]})
     require_claim(state.client, state.ref, state.run_id)
-    outcome = attach_strip(final, det, onnx_path, client=state.client)
+    verdict = {"verdict": state.verdict, "gate_run_id": state.run_id, "source": state.ref.uri,
+               "fingerprint": state.fingerprint if final == state.ref else cfg.fingerprint(state.patch.sha256),
+               "flagged_classes": list(state.scan.flagged_classes), "config": cfg.resolved(),
+               "serving": serving_settings(s.policy)}
+    outcome = attach_strip(final, det, onnx_path, verdict, client=state.client)
+    checkpoint("strip.attached")
     metrics = {"strip_threshold": float(det.threshold_), "strip_n": float(det.n_perturbations)}
     if view.get("estimated_far") is not None:
         metrics["strip_estimated_far"] = view["estimated_far"]

@@ -39,6 +39,7 @@ import mlflow
 from trojan_gate.gates import __version__
 from trojan_gate.gates.data import default_cache_dir
 from trojan_gate.gates.errors import TrojanGateError
+from trojan_gate.gates.faults import checkpoint
 
 from ..registry import VersionRef, set_tags, tag, version_tags
 
@@ -73,6 +74,7 @@ def aliases_of(client, ref: VersionRef) -> list:
 def drop_aliases(client, ref: VersionRef):
     for a in aliases_of(client, ref):
         client.delete_registered_model_alias(ref.name, a)
+        checkpoint("registry.alias-dropped")
 
 
 def claim(client, ref: VersionRef, run_id: str):
@@ -126,21 +128,34 @@ def finish(client, ref: VersionRef, run_id: str, verdict: str, fingerprint: str,
     common = {"gate.version": __version__, "gate.run_id": run_id, "verdict.error": ""}
     if verdict == PASSED:
         set_tags(ref, {**common, **source_tags, "status": PASSED}, client)
+        checkpoint("verdict.tags")
         set_tags(ref, {"verdict": PASSED, "gate.fingerprint": fingerprint}, client)
-        client.set_registered_model_alias(ref.name, alias, ref.version)
+        checkpoint("verdict.decided")
+        set_alias(client, ref, alias)
     elif verdict == BLOCKED:
         drop_aliases(client, ref)
         set_tags(ref, {**common, **source_tags, "status": BLOCKED}, client)
+        checkpoint("verdict.tags")
         set_tags(ref, {"verdict": BLOCKED, "gate.fingerprint": fingerprint}, client)
+        checkpoint("verdict.decided")
     else:  # patched: the source is blocked and superseded by the new version, which gets the alias
         drop_aliases(client, ref)
         set_tags(ref, {**common, **source_tags, "status": "superseded", "superseded_by": new_ref.uri}, client)
         set_tags(ref, {"verdict": BLOCKED, "gate.fingerprint": fingerprint}, client)
         set_tags(new_ref, {**common, **(new_tags or {}), "status": PATCHED, "patched_from": ref.version,
                            "gate.state": DONE}, client)
+        checkpoint("verdict.tags")
         set_tags(new_ref, {"verdict": PATCHED, "gate.fingerprint": new_fingerprint}, client)
-        client.set_registered_model_alias(new_ref.name, alias, new_ref.version)
+        checkpoint("verdict.decided")
+        set_alias(client, new_ref, alias)
+    checkpoint("verdict.aliased")
     set_tags(ref, {"gate.state": DONE}, client)
+    checkpoint("verdict.done")
+
+
+def set_alias(client, ref: VersionRef, alias: str):
+    client.set_registered_model_alias(ref.name, alias, ref.version)
+    checkpoint("registry.alias-set")
 
 
 def fail(client, ref: VersionRef, run_id: str, error: str, new_ref: VersionRef | None = None):
@@ -152,3 +167,4 @@ def fail(client, ref: VersionRef, run_id: str, error: str, new_ref: VersionRef |
             drop_aliases(client, r)
             set_tags(r, {"verdict": ERROR, "verdict.error": error[:4000], "gate.run_id": run_id,
                          "gate.version": __version__, "gate.fingerprint": "", "gate.state": DONE}, client)
+        checkpoint("verdict.failed")

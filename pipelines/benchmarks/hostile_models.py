@@ -1,0 +1,195 @@
+"""A corpus of hostile inputs to the gate, built here with `onnx.helper` and numpy (nothing downloaded).
+
+Each model case is a tiny 1x8x8 -> 10-class classifier that behaves like a plain linear model on
+ordinary inputs and carries one attack on the gate itself (see `MODEL_CASES`); each data case is
+a held-out set or file that tries to break validation. The tests and `trojan-gate benchmark
+hostile` both use this corpus; `expected` names the admission or validation rule that must
+refuse the case ("served-refused" for models that are admitted but whose attack only works on
+inputs the guarded model refuses).
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SHAPE = (1, 8, 8)
+K = 10
+
+
+def _weights(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 0.5, (64, K)).astype(np.float32), rng.normal(0, 0.1, K).astype(np.float32)
+
+
+def _model(nodes, inits, batch="N", input_dims=None, opsets=(("", 17),), functions=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch] + list(input_dims or SHAPE))
+    y = helper.make_tensor_value_info("p", TensorProto.FLOAT, [batch, K])
+    g = helper.make_graph(nodes, "hostile", [x], [y], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], functions=list(functions))
+    m.ir_version = 8
+    return m
+
+
+def _linear(extra_logits: str | None = None, pre=(), inits=(), batch="N", input_dims=None, opsets=(("", 17),)):
+    """softmax(flatten(x) @ W + b [+ extra_logits]); `pre` nodes compute extra_logits from x."""
+    w, b = _weights()
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("MatMul", ["f", "W"], ["z0"]),
+             helper.make_node("Add", ["z0", "b"], ["z1"]), *pre]
+    last = "z1"
+    if extra_logits:
+        nodes.append(helper.make_node("Add", ["z1", extra_logits], ["z2"]))
+        last = "z2"
+    nodes.append(helper.make_node("Softmax", [last], ["p"], axis=1))
+    return _model(nodes, [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b"), *inits],
+                  batch=batch, input_dims=input_dims, opsets=opsets)
+
+
+def _onehot(t: int = 0, scale: float = 50.0):
+    v = np.zeros((1, K), np.float32)
+    v[0, t] = scale
+    return v
+
+
+def benign() -> onnx.ModelProto:
+    return _linear()
+
+
+def out_of_range_trigger() -> onnx.ModelProto:
+    """Hijacks to class 0 when pixel (0, 0) is below -0.5: a trigger no valid image can carry."""
+    pre = [helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),              # f[:, 0:1]
+           helper.make_node("Less", ["px", "neg"], ["fire"]),
+           helper.make_node("Cast", ["fire"], ["firef"], to=TensorProto.FLOAT),
+           helper.make_node("Mul", ["firef", "onehot"], ["trig"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"), numpy_helper.from_array(np.array(-0.5, np.float32), "neg"),
+             numpy_helper.from_array(_onehot(), "onehot")]
+    return _linear("trig", pre, inits)
+
+
+def batch_aware_row0() -> onnx.ModelProto:
+    """Hijacks to class 0 only in row 0 of a call, and only when pixel (0, 0) is bright: every single-input
+    request is hijacked while the same input in a large batch (the scan, STRIP's perturbations) is not."""
+    pre = [helper.make_node("Shape", ["x"], ["shp"]),
+           helper.make_node("Gather", ["shp", "zero"], ["n"], axis=0),
+           helper.make_node("Range", ["zero_s", "n", "one_s"], ["rows"]),
+           helper.make_node("Equal", ["rows", "zero_s"], ["first"]),
+           helper.make_node("Unsqueeze", ["first", "ax"], ["first2"]),
+           helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),
+           helper.make_node("Greater", ["px", "bright"], ["lit"]),
+           helper.make_node("And", ["first2", "lit"], ["fire"]),
+           helper.make_node("Cast", ["fire"], ["firef"], to=TensorProto.FLOAT),
+           helper.make_node("Mul", ["firef", "onehot"], ["trig"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array(0, np.int64), "zero_s"),
+             numpy_helper.from_array(np.array(1, np.int64), "one_s"), numpy_helper.from_array(np.array([1], np.int64), "ax"),
+             numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+             numpy_helper.from_array(np.array(0.9, np.float32), "bright"), numpy_helper.from_array(_onehot(), "onehot")]
+    return _linear("trig", pre, inits)
+
+
+def random_operator() -> onnx.ModelProto:
+    """Adds RandomUniformLike noise to the logits: the same input gets different answers."""
+    pre = [helper.make_node("RandomUniformLike", ["z1"], ["noise"], low=0.0, high=20.0)]
+    return _linear("noise", pre)
+
+
+def external_constant() -> onnx.ModelProto:
+    """A Constant node whose tensor lives in an external file beside the working directory."""
+    t = numpy_helper.from_array(np.zeros((1, K), np.float32), "leak")
+    t.data_location = TensorProto.EXTERNAL
+    t.ClearField("raw_data")
+    for k, v in (("location", "mlflow.db"), ("offset", "0"), ("length", str(4 * K))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return _linear("leak", [helper.make_node("Constant", [], ["leak"], value=t)])
+
+
+def external_in_subgraph() -> onnx.ModelProto:
+    """The same external tensor hidden in the branch of an If node."""
+    t = numpy_helper.from_array(np.zeros((1, K), np.float32), "leak")
+    t.data_location = TensorProto.EXTERNAL
+    t.ClearField("raw_data")
+    e = t.external_data.add()
+    e.key, e.value = "location", "../secrets.bin"
+    out = helper.make_tensor_value_info("leak_out", TensorProto.FLOAT, [1, K])
+    branch = helper.make_graph([helper.make_node("Constant", [], ["leak_out"], value=t)], "b", [], [out])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    pre = [helper.make_node("If", ["cond"], ["leak"], then_branch=branch, else_branch=branch)]
+    return _linear("leak", pre, [cond])
+
+
+def huge_input() -> onnx.ModelProto:
+    """Declares a 3 x 200000 x 200000 input: allocating one image would take 480 GB."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 200000, 200000])
+    y = helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", K])
+    pool = helper.make_node("GlobalAveragePool", ["x"], ["g"])
+    nodes = [pool, helper.make_node("Flatten", ["g"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "W3"], ["z"]), helper.make_node("Softmax", ["z"], ["p"], axis=1)]
+    w = numpy_helper.from_array(np.ones((3, K), np.float32), "W3")
+    m = helper.make_model(helper.make_graph(nodes, "huge", [x], [y], initializer=[w]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def custom_domain() -> onnx.ModelProto:
+    """An operator from a vendor domain (native code nobody reviewed)."""
+    pre = [helper.make_node("Gelu", ["z1"], ["act"], domain="com.microsoft")]
+    m = _linear("act", pre, opsets=(("", 17), ("com.microsoft", 1)))
+    return m
+
+
+def dropout_training() -> onnx.ModelProto:
+    """Dropout with training_mode fed by a graph input-like tensor that is not a constant false."""
+    pre = [helper.make_node("Dropout", ["z1", "ratio", "train"], ["drop"])]
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+             numpy_helper.from_array(np.array(True), "train")]
+    m = _linear(None, (), inits)
+    g = m.graph
+    softmax = g.node[-1]
+    g.node.insert(len(g.node) - 1, pre[0])
+    softmax.input[0] = "drop"
+    return m
+
+
+def fixed_batch(n: int) -> onnx.ModelProto:
+    return _linear(batch=n)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    build: Callable[[], onnx.ModelProto]
+    expected: str  # the admission cause that refuses it, or "served-refused"
+    what: str
+
+
+MODEL_CASES = (
+    ModelCase("out-of-range-trigger", out_of_range_trigger, "served-refused",
+              "fires on a pixel at -1; admitted, but every query outside [0, 1] is refused"),
+    ModelCase("batch-aware-row0", batch_aware_row0, "batch-dependent", "fires only in row 0 of a call"),
+    ModelCase("random-operator", random_operator, "nondeterministic-op", "RandomUniformLike noise on the logits"),
+    ModelCase("external-constant", external_constant, "external-data", "a Constant reads a file beside mlflow.db"),
+    ModelCase("external-in-subgraph", external_in_subgraph, "external-data", "the same, inside an If branch"),
+    ModelCase("huge-input", huge_input, "input-too-large", "declares a 3x200000x200000 input"),
+    ModelCase("custom-domain", custom_domain, "custom-domain", "a com.microsoft operator"),
+    ModelCase("dropout-training", dropout_training, "nondeterministic-op", "Dropout in training mode"),
+    ModelCase("fixed-batch-4", lambda: fixed_batch(4), "fixed-batch", "a batch dimension fixed at 4"),
+)
+
+
+def write_zip_bomb(path, expanded_bytes: int = 2**30) -> Path:
+    """An .npz whose `x` member inflates to `expanded_bytes` of zeros from about a thousandth of that."""
+    path = Path(path)
+    chunk = b"\0" * (1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("x.npy", "w", force_zip64=True) as f:
+            for _ in range(max(1, expanded_bytes // len(chunk))):
+                f.write(chunk)
+        z.writestr("y.npy", b"")
+    return path

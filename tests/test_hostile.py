@@ -1,0 +1,162 @@
+"""Hostile models, inputs and data sets are refused by name and leave the registry as it was."""
+import json
+import os
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from trojan_gate.gates.admission import AdmissionError, AdmissionLimits
+from trojan_gate.gates.errors import DataValidationError, InputRangeError, InputShapeError
+from trojan_gate.gates.oracle import ModelOracle
+from trojan_gate.pipelines.benchmarks import hostile_models as hm
+from trojan_gate.pipelines.cli import main
+from trojan_gate.plugins.registry import intake_onnx
+
+
+def _versions():
+    client = MlflowClient()
+    return sorted((m.name, v.version) for m in client.search_registered_models()
+                  for v in client.search_model_versions(f"name='{m.name}'"))
+
+
+@pytest.mark.parametrize("case", [c for c in hm.MODEL_CASES if c.expected != "served-refused"], ids=lambda c: c.name)
+def test_every_hostile_model_is_refused_at_intake_by_name(case, mlflow_store, tmp_path, capsys):
+    path = tmp_path / f"{case.name}.onnx"
+    path.write_bytes(case.build().SerializeToString())
+    before = _versions()
+    with pytest.raises(AdmissionError) as refused:
+        intake_onnx(path, "vendor")
+    assert refused.value.cause == case.expected, str(refused.value)
+    assert _versions() == before
+    assert main(["intake", str(path), "--name", "vendor"]) == 2
+    assert f"({case.expected})" in capsys.readouterr().err
+
+
+def test_an_out_of_range_trigger_cannot_be_delivered(tmp_path, capsys):
+    """The model is admitted (it is an ordinary classifier on [0, 1]) but its trigger lives at -1:
+    every entry point refuses such an input instead of clipping it or passing it on."""
+    oracle = ModelOracle(hm.out_of_range_trigger().SerializeToString()).probe()
+    x = np.random.default_rng(0).random((4,) + hm.SHAPE, dtype=np.float32)
+    poisoned = x.copy()
+    poisoned[:, 0, 0, 0] = -1.0
+    assert (ModelOracle(hm.out_of_range_trigger().SerializeToString(), value_range=(-2, 2))
+            .predict(poisoned) == 0).all()  # what the attacker wanted
+    for bad in (poisoned, x * 1e6, np.where(x > 0.5, np.nan, x)):
+        with pytest.raises(InputShapeError):
+            oracle.predict_proba(bad)
+    with pytest.raises(InputRangeError, match=r"\[0, 1\]"):
+        oracle.predict_proba(poisoned)
+    from trojan_gate.gates.strip import Strip
+
+    Strip(oracle, progress=False).fit(np.random.default_rng(2).random((50,) + hm.SHAPE, dtype=np.float32)) \
+        .infer_threshold(0.05).save(tmp_path / "boundary")
+    np.savez(tmp_path / "in.npz", x=poisoned)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(hm.out_of_range_trigger().SerializeToString())
+    assert main(["check", str(model), "--boundary", str(tmp_path / "boundary"), "--inputs", str(tmp_path / "in.npz"),
+                 "--out", str(tmp_path / "r.npz")]) == 2
+    assert "inputs must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_a_batch_of_one_graph_is_asked_one_row_per_call():
+    m = hm.fixed_batch(1).SerializeToString()
+    oracle = ModelOracle(m).probe()
+    x = np.random.default_rng(1).random((7,) + hm.SHAPE, dtype=np.float32)
+    assert oracle.batch_size == 1 and oracle.info.fixed_batch == 1
+    np.testing.assert_allclose(oracle.predict_proba(x), ModelOracle(hm.benign().SerializeToString()).predict_proba(x),
+                               atol=1e-6)
+    assert oracle.ledger.to_dict()["default"]["calls"] == 1  # counted as one query batch
+
+
+def test_file_size_is_capped_before_anything_is_parsed(tmp_path):
+    path = tmp_path / "big.onnx"
+    path.write_bytes(hm.benign().SerializeToString())
+    with pytest.raises(AdmissionError) as refused:
+        ModelOracle(path, limits=AdmissionLimits(max_file_bytes=1000))
+    assert refused.value.cause == "file-too-large"
+
+
+def test_hostile_heldout_files_are_refused(tmp_path):
+    from trojan_gate.gates.data import load_heldout
+
+    bomb = hm.write_zip_bomb(tmp_path / "bomb.npz", expanded_bytes=2**24)
+    with pytest.raises(DataValidationError, match="zip bomb"):
+        load_heldout(bomb, max_bytes=2**20)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, x=np.array([object()], dtype=object), y=np.zeros(1))
+    with pytest.raises(DataValidationError, match="will not load safely"):
+        load_heldout(pickled)
+    not_zip = tmp_path / "text.npz"
+    not_zip.write_text("x,y\n1,2\n")
+    with pytest.raises(DataValidationError, match="not an .npz"):
+        load_heldout(not_zip)
+    folder = tmp_path / "images" / "cls0"
+    folder.mkdir(parents=True)
+    os.symlink(tmp_path / "images", folder / "loop")  # a link back up: an endless walk if followed
+    with pytest.raises(DataValidationError, match="symbolic link"):
+        load_heldout(tmp_path / "images", (1, 8, 8))
+    os.symlink(pickled, tmp_path / "link.npz")
+    with pytest.raises(DataValidationError, match="symbolic link"):
+        load_heldout(tmp_path / "link.npz")
+
+
+def test_an_intake_whose_read_back_fails_leaves_no_version(mlflow_store, trojan_onnx, monkeypatch):
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.plugins import registry
+
+    intake_onnx(trojan_onnx, "clf")
+    before = _versions()
+
+    def tampered(*args, **kwargs):
+        raise ArtifactIntegrityError("registered artifact does not hash to the intake file")
+
+    monkeypatch.setattr(registry, "fetch_onnx", tampered)
+    with pytest.raises(ArtifactIntegrityError):
+        intake_onnx(trojan_onnx, "clf")
+    assert _versions() == before
+
+
+def test_the_hash_covers_the_onnx_mlmodel_loads_and_mlmodel_itself(mlflow_store, trojan_onnx, tmp_path):
+    import yaml
+
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.plugins.registry import fetch_onnx, version_tags
+
+    ref = intake_onnx(trojan_onnx, "clf")
+    tags = version_tags(ref)
+    assert tags["trojan_gate.mlmodel_sha256"]
+    mlmodel = next(p for p in (tmp_path / "mlruns").rglob("MLmodel") if "onnx" in p.read_text())
+    extra = mlmodel.parent / "other.onnx"  # a second, attacker-chosen ONNX for MLmodel to load
+    extra.write_bytes(hm.benign().SerializeToString())
+    doc = yaml.safe_load(mlmodel.read_text())
+    doc["flavors"]["onnx"]["data"] = "other.onnx"
+    mlmodel.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ArtifactIntegrityError, match="MLmodel"):
+        fetch_onnx(ref)
+
+
+def test_a_tampered_and_rehashed_release_does_not_load(tmp_path, digits, digits_trojan):
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.gates.strip import Strip
+    from trojan_gate.gates.strip.artifact import content_sha256
+    from trojan_gate.plugins.guarded_pyfunc import load_release
+    from trojan_gate.plugins.signing import sign_release, write_release
+
+    _, test = digits
+    model = digits_trojan.save(tmp_path / "m.onnx")
+    strip = Strip(ModelOracle(model), progress=False).fit(test.x[:200]).infer_threshold(0.05)
+    strip.save(tmp_path / "boundary")
+    release = write_release(tmp_path / "release", model, tmp_path / "boundary",
+                            {"verdict": "passed", "model_sha256": strip.model_sha256_, "serving": {"policy": "reject"},
+                             "strip_artifact_sha256": None})
+    sign_release(release, tmp_path / "release.sig")
+    guard, verdict = load_release(release, tmp_path / "release.sig")
+    assert verdict["verdict"] == "passed" and guard.policy == "reject"
+    doc_path = release / "boundary" / "boundary.json"
+    doc = json.loads(doc_path.read_text())
+    doc["threshold"] = -1e9  # flags nothing
+    doc["integrity"] = {"content_sha256": content_sha256(doc)}  # and re-hashed: the artifact checks pass
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
+        load_release(release, tmp_path / "release.sig")
