@@ -1,17 +1,20 @@
 """trojan-gate's science, free of MLflow: the public Python API.
 
-    from trojan_gate.gates import ModelOracle, DeepInspect, Strip, Patcher, GuardedClassifier
+    from trojan_gate.gates import ModelOracle, DeepInspect, RuntimeCheck, Strip, Patcher, GuardedClassifier
 
     oracle = ModelOracle("m.onnx")                                   # the only door to a model
     result = DeepInspect(cutoff=2.0, seed=0).scan(oracle, heldout=(x, y))
     strip = Strip(oracle, n_perturbations=10).fit(x).infer_threshold(frr=0.01)
     strip.predict(x_new)  # {"data": {"instance_score", "is_trojaned", "threshold"}, "meta": {...}}
+    check = RuntimeCheck(oracle).fit(x, y).infer_threshold(frr=0.01)  # entropy + reference, adaptive N
 
 - `ModelOracle`: batched, counted class-probability queries to an ONNX model (ONNX Runtime);
 - `DeepInspect`: the black-box trojan scan (Chen et al., IJCAI'19) returning a `ScanResult`;
 - `Patcher`: fine-tuning a flagged model with generated triggers and correct labels (`PatchResult`);
 - `Strip`: the run-time input detector (Gao et al., ACSAC'19), Alibi Detect's fit / infer_threshold / predict;
-- `GuardedClassifier`: a model plus its STRIP threshold, labels and flags from one model call per batch;
+- `RuntimeCheck`: the run-time check beyond STRIP (entropy and disagreement with a clean reference
+  classifier, one calibrated min-p test, adaptive N), same contract;
+- `GuardedClassifier`: a model plus its fitted check, labels and flags per batch;
 - `load_heldout` / `validate_heldout`: a user's labelled held-out set, checked with great-expectations.
 
 Every detector speaks one vocabulary: `instance_score`, `threshold`, `is_trojaned`.
@@ -29,7 +32,7 @@ _EXPORTS = {
     "Dataset": ".data", "load_heldout": ".data", "validate_heldout": ".validation",
     "DeepInspect": ".deepinspect", "ScanConfig": ".deepinspect", "ScanResult": ".deepinspect",
     "ModelOracle": ".oracle", "Patcher": ".patching", "PatchResult": ".patching",
-    "GuardedClassifier": ".strip", "Strip": ".strip",
+    "GuardedClassifier": ".strip", "Strip": ".strip", "RuntimeCheck": ".runtime",
     **{name: ".errors" for name in ("ArtifactIntegrityError", "DataValidationError", "InputShapeError",
                                     "ModelLoadError", "ModelOutputError", "QueryBudgetExceeded", "TrojanGateError")},
 }

@@ -21,7 +21,11 @@ class InputRangeError(InputShapeError):
     """Inputs hold values outside the model's declared range (default [0, 1])."""
 
 
-class OracleTimeout(TrojanGateError):
+class DeadlineExceeded(TrojanGateError):
+    """Work ran past its deadline (`--timeout`) and was stopped."""
+
+
+class OracleTimeout(DeadlineExceeded):
     """A model call ran past its time limit or the deadline and was stopped."""
 
 

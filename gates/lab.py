@@ -11,7 +11,9 @@ random from the target set (DeepInspect Sec. 4.2). Triggers:
   backgrounds, where a plain white patch has little contrast;
 - `pattern`: a large sparse pattern of bright diagonal strokes covering the whole image;
 - `blend`: a fixed full-image noise pattern blended in at `alpha` (Chen et al. 2017),
-  x' = (1 - alpha) x + alpha P.
+  x' = (1 - alpha) x + alpha P;
+- `watermark`: a semi-transparent logo (a ring crossed by two bars, half the image wide, at its
+  centre) blended in at `alpha` (default 0.3), the kind of mark a photo service stamps.
 
 Exported models take (batch, C, H, W) float32 in [0, 1] with a dynamic batch axis and
 return class probabilities (a softmax is part of the graph).
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from .data import Dataset, load_digits_dataset, load_fashion_mnist
 
 ARCHITECTURES = ("small", "deep")
-TRIGGERS = ("none", "patch", "checker", "pattern", "blend")
+TRIGGERS = ("none", "patch", "checker", "pattern", "blend", "watermark")
 
 
 # ----------------------------------------------------------------------------- models
@@ -136,6 +138,15 @@ def make_trigger(kind: str, in_shape, seed: int = 0, alpha: float | None = None)
     if kind == "blend":
         pattern = rng.random((c, h, w)).astype(np.float32)
         return Trigger("blend", np.ones((1, h, w), np.float32), pattern, 0.2 if alpha is None else alpha)
+    if kind == "watermark":
+        ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        r = np.hypot(ii - (h - 1) / 2, jj - (w - 1) / 2)
+        radius = h / 4
+        ring = np.abs(r - radius) <= max(1.0, h / 28)
+        bars = ((np.abs(ii - (h - 1) / 2) <= max(0.5, h / 56)) | (np.abs(jj - (w - 1) / 2) <= max(0.5, h / 56))) & (
+            r <= radius)
+        mask = (ring | bars).astype(np.float32)[None]
+        return Trigger("watermark", mask, np.ones((c, h, w), np.float32), 0.3 if alpha is None else alpha)
     raise ValueError(f"unknown trigger {kind!r}; choose from {TRIGGERS[1:]}")
 
 

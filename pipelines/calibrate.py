@@ -1,7 +1,10 @@
-"""`trojan-gate calibrate`: a STRIP boundary for an ONNX file or a registered model version.
+"""`trojan-gate calibrate`: a run-time check for an ONNX file or a registered model version.
 
     trojan-gate calibrate MODEL.onnx --heldout H.npz --frr 0.01 --n 10 --out DIR
     trojan-gate calibrate models:/NAME/VERSION --heldout H.npz     # attach + register the guarded model
+
+`--check runtime` (default): entropy + reference disagreement, one min-p test (gates.runtime);
+`--check strip`: the paper's entropy test alone.
 """
 from __future__ import annotations
 
@@ -9,12 +12,16 @@ import json
 
 from . import keys
 
-HELP = "calibrate a STRIP boundary (file → artifact dir; models:/NAME/VERSION → attached + guarded model)"
+HELP = "calibrate the run-time check (file → artifact dir; models:/NAME/VERSION → attached + guarded model)"
 
 
 def add_arguments(p):
     p.add_argument("model", help="MODEL.onnx or models:/NAME/VERSION (or models:/NAME@ALIAS)")
     p.add_argument("--heldout", required=True, help="held-out labelled data: .npz (x, y) or an image folder")
+    p.add_argument("--check", choices=("runtime", "strip"), default="runtime",
+                   help="runtime: STRIP's entropy + reference disagreement (default); strip: the paper's test")
+    p.add_argument("--statistics", default="entropy,reference",
+                   help="run-time check statistics, comma-separated from entropy, dispersion, reference")
     p.add_argument("--frr", type=float, default=0.01, help="preset false rejection rate (default 0.01)")
     p.add_argument("--n", type=int, default=10, help="perturbations per input N (default 10)")
     p.add_argument("--blend", default=None, help="superimposition rule (default: the measured best)")
@@ -42,18 +49,23 @@ def run(args) -> int:
         shape = tuple(int(v) for v in version_tags(ref).get("trojan_gate.input_shape", "").split("x") if v) or None
         outcome = calibrate_registered(ref, load_heldout(args.heldout, shape), frr=args.frr, n_perturbations=args.n,
                                        blend=args.blend, seed=args.seed, min_per_class=args.min_per_class,
-                                       guarded_name=args.guarded_name, policy=args.policy)
+                                       guarded_name=args.guarded_name, policy=args.policy, check=args.check,
+                                       statistics=_statistics(args))
         print(json.dumps(outcome.to_dict(), indent=2))
         return 0
     from trojan_gate.gates import ModelOracle
-    from trojan_gate.gates.strip import artifact_sha256, calibrate_strip
+    from trojan_gate.gates.runtime import calibrate_check, check_artifact_sha256, describe
 
     if not args.out:
         raise ValueError("--out DIR is required when calibrating a model file")
     oracle = ModelOracle(args.model)
-    det = calibrate_strip(oracle, load_heldout(args.heldout, oracle.input_shape), frr=args.frr, n_perturbations=args.n,
-                          blend=args.blend, seed=args.seed, min_per_class=args.min_per_class, out_dir=args.out)
-    print(json.dumps({"threshold": float(det.threshold_), "mean": float(det.mean_), "std": float(det.std_),
-                      "frr": args.frr, "n_perturbations": det.n_perturbations, "blend": det.blend,
-                      "artifact_sha256": artifact_sha256(args.out), "out": args.out}, indent=2))
+    det = calibrate_check(oracle, load_heldout(args.heldout, oracle.input_shape), kind=args.check, frr=args.frr,
+                          n_perturbations=args.n, blend=args.blend, statistics=_statistics(args), seed=args.seed,
+                          min_per_class=args.min_per_class)
+    det.save(args.out)
+    print(json.dumps({**describe(det), "artifact_sha256": check_artifact_sha256(args.out), "out": args.out}, indent=2))
     return 0
+
+
+def _statistics(args) -> tuple:
+    return tuple(s.strip() for s in args.statistics.split(",") if s.strip())

@@ -25,6 +25,10 @@ SUBCOMMANDS = {
     "lab": "trojan_gate.pipelines.lab",
     "demo": "trojan_gate.pipelines.demo",
     "keygen": "trojan_gate.pipelines.keygen",
+    "listen": "trojan_gate.pipelines.listen",
+    "watch": "trojan_gate.pipelines.watch",
+    "webhook": "trojan_gate.pipelines.webhook",
+    "server": "trojan_gate.pipelines.server",
     "benchmark": "trojan_gate.pipelines.benchmarks",
 }
 

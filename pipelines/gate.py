@@ -42,6 +42,8 @@ def add_arguments(p):
     p.add_argument("--scan-option", action="append", default=[], metavar="KEY=JSON", help="a DeepInspect option")
     p.add_argument("--patch-option", action="append", default=[], metavar="KEY=JSON", help="a Patcher option")
     p.add_argument("--force", action="store_true", help="gate again even if this configuration decided the version")
+    p.add_argument("--adopt", action="store_true",
+                   help="a version registered straight through MLflow (no intake tags) is admitted and tagged first")
     p.add_argument("--report", help="also write the JSON report here")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     keys.add_signing_key(p)
@@ -72,12 +74,16 @@ def _terminate(signum, frame):
 
 
 def run(args) -> int:
+    from trojan_gate.plugins.automation.workers import die_with_parent
     from trojan_gate.plugins.gate import run_gate
-    from trojan_gate.plugins.registry import configure_tracking
+    from trojan_gate.plugins.registry import adopt_version, configure_tracking, resolve
 
+    die_with_parent()  # a gate started by `trojan-gate listen` or `watch` does not outlive it
     config = config_from_args(args)  # a bad setting stops here, before MLflow is touched
     keys.apply(args)
     configure_tracking(args.tracking_uri)
+    if args.adopt:
+        adopt_version(resolve(args.model_uri))
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM fails the gate closed (verdict error)
     try:
         outcome = run_gate(args.model_uri, args.heldout, config, force=args.force)

@@ -1,7 +1,10 @@
-"""Attach a STRIP threshold to a registered model version and register the signed guarded pyfunc.
+"""Attach a run-time check to a registered model version and register the signed guarded pyfunc.
 
-On the source version: the boundary artifact is logged to an MLflow run and tagged
-(`trojan_gate.strip.threshold`, `.n`, `.frr`, `.blend`, `.artifact_sha256`, `.artifact_uri`,
+The check is a fitted `RuntimeCheck` (gates.runtime: entropy + reference disagreement, the
+default) or a `Strip` (the paper's entropy test); both are artifacts of one directory, hashed
+whole. On the source version: the artifact is logged to an MLflow run and tagged
+(`trojan_gate.strip.check` (runtime | strip), `.threshold`, `.n`, `.frr`, `.blend`, `.rule`,
+`.artifact_sha256`, `.artifact_uri`,
 `.run_id`, `trojan_gate.guarded_model`, `trojan_gate.signature.key_id`). The guarded model is a
 signed release (see `signing`: the ONNX, the artifact and the verdict with the serving policy,
 signed by the gate's key) packaged as a models-from-code pyfunc and registered as a version of
@@ -10,7 +13,6 @@ verifies with the serving host's public key and the signed verdict is passed or 
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from trojan_gate.gates.errors import ArtifactIntegrityError
 from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.hashing import sha256_file
 from trojan_gate.gates.oracle import ModelOracle
-from trojan_gate.gates.strip import calibrate_strip
+from trojan_gate.gates.runtime import calibrate_check, check_artifact_sha256, describe
 
 from .guarded_pyfunc import CODE_FILE, guarded_signature
 from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx, version_tags
@@ -43,11 +45,9 @@ class CalibrationOutcome:
     detector: object
 
     def to_dict(self) -> dict:
-        d = self.detector
         return {"source": self.source.uri, "guarded_model": self.guarded.uri, "run_id": self.run_id,
-                "threshold": float(d.threshold_), "mean": float(d.mean_), "std": float(d.std_),
-                "frr": float(d.frr_), "n_perturbations": int(d.n_perturbations), "blend": d.blend,
-                "artifact_sha256": self.artifact_sha256, "boundary_dir": str(self.boundary_dir)}
+                **describe(self.detector), "artifact_sha256": self.artifact_sha256,
+                "boundary_dir": str(self.boundary_dir)}
 
 
 def log_guarded_model(release_dir, signature_path, input_shape, guarded_name: str, tags: dict,
@@ -70,12 +70,10 @@ def log_guarded_model(release_dir, signature_path, input_shape, guarded_name: st
 
 def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: str | None = None,
                  experiment: str = "trojan-gate-calibrate", client: MlflowClient | None = None) -> CalibrationOutcome:
-    """Attach a fitted Strip (with its threshold) to a registered version: write and log the artifact,
+    """Attach a fitted check (with its threshold) to a registered version: write and log the artifact,
     sign the release (ONNX + artifact + `verdict`, which names the verdict and the serving policy),
     register the guarded model (`NAME-guarded`) and tag the version. `onnx_path` is the version's
     ONNX, checked once more against the registered sha256 before it is packaged."""
-    from trojan_gate.gates.strip import artifact_sha256
-
     from .signing import key_id, sign_release, signing_key, write_release
 
     key = signing_key()  # no key, no guarded model: refused before anything is written
@@ -83,14 +81,15 @@ def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
     client = client or MlflowClient()
     onnx_path = verify_onnx(ref, onnx_path, client)
     if det.model_sha256_ != sha256_file(onnx_path):
-        raise ArtifactIntegrityError(f"the STRIP detector was fitted on model {det.model_sha256_[:12]}…, "
+        raise ArtifactIntegrityError(f"the run-time check was fitted on model {det.model_sha256_[:12]}…, "
                                      f"not on {ref.uri}")
     work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
     boundary_dir = det.save(work / "strip_boundary")
-    digest = artifact_sha256(boundary_dir)
+    digest = check_artifact_sha256(boundary_dir)
+    summary = describe(det)
     release = write_release(work / "release", onnx_path, boundary_dir, {
         **verdict, "model": ref.uri, "model_sha256": det.model_sha256_, "strip_artifact_sha256": digest,
-        "trojan_gate_version": __version__})
+        "check": summary["check"], "trojan_gate_version": __version__})
     signature = sign_release(release, work / "release.sig", key)
     checkpoint("strip.release-signed")
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
@@ -99,35 +98,40 @@ def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
         ensure_experiment(experiment)
     with mlflow.start_run(run_name=f"calibrate-{ref.name}-v{ref.version}", nested=nested) as run:
         mlflow.set_tags({"trojan_gate.model": ref.uri, "trojan_gate.version": __version__})
-        mlflow.log_params({"model_uri": ref.uri, "frr": det.frr_, "n_perturbations": det.n_perturbations,
-                           "blend": det.blend, "seed": det.seed, "heldout_size": len(det.bank_), "rule": det.rule})
-        mlflow.log_metrics({"strip_threshold": float(det.threshold_), "strip_benign_mean": float(det.mean_),
-                            "strip_benign_std": float(det.std_),
-                            "strip_empirical_threshold": float(det.empirical_threshold_)})
+        mlflow.log_params({"model_uri": ref.uri, "check": summary["check"], "frr": det.frr_,
+                           "n_perturbations": det.n_perturbations, "blend": det.blend, "seed": det.seed,
+                           "calibration_size": len(det.bank_), "rule": det.rule})
+        mlflow.log_metrics({"strip_threshold": float(det.threshold_), **{
+            f"strip_{k}": float(summary[k]) for k in ("mean", "std", "empirical_threshold", "realised_frr")
+            if summary.get(k) is not None}})
         mlflow.log_artifacts(str(boundary_dir), artifact_path="strip_boundary")
         artifact_uri = mlflow.get_artifact_uri("strip_boundary")
         signer = key_id(key)
         guarded = log_guarded_model(release, signature, det.bank_.shape[1:], guarded_name, tags={
             tag("source_model"): ref.name, tag("source_version"): ref.version,
             tag("sha256"): det.model_sha256_, tag("strip.artifact_sha256"): digest,
-            tag("strip.threshold"): f"{det.threshold_:.6f}", tag("status"): "guarded",
+            tag("strip.threshold"): f"{det.threshold_:.6f}", tag("strip.check"): summary["check"],
+            tag("status"): "guarded",
             tag("signature.key_id"): signer, tag("verdict"): str(verdict.get("verdict")),
         }, client=client)
         set_tags(ref, {
             "strip.threshold": f"{det.threshold_:.6f}", "strip.n": det.n_perturbations, "strip.frr": det.frr_,
-            "strip.blend": det.blend, "strip.rule": det.rule, "strip.artifact_sha256": digest,
+            "strip.blend": det.blend, "strip.rule": det.rule, "strip.check": summary["check"],
+            "strip.artifact_sha256": digest,
             "strip.artifact_uri": artifact_uri, "strip.run_id": run.info.run_id, "guarded_model": guarded.uri,
             "strip.policy": verdict.get("serving", {}).get("policy"), "signature.key_id": signer,
         }, client)
-        mlflow.log_dict(json.loads((boundary_dir / "boundary.json").read_text()), "strip_boundary_summary.json")
+        mlflow.log_dict(summary, "strip_boundary_summary.json")
     return CalibrationOutcome(ref, guarded, boundary_dir, digest, run.info.run_id, det)
 
 
 def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
                          blend: str | None = None, seed: int = 0, min_per_class: int = 5,
                          guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
-                         onnx_path=None, policy: str = "reject") -> CalibrationOutcome:
-    """Verify the version's ONNX, calibrate STRIP on held-out data, attach it and register the guard.
+                         onnx_path=None, policy: str = "reject", check: str = "runtime",
+                         statistics=("entropy", "reference"), stages=(2, 4)) -> CalibrationOutcome:
+    """Verify the version's ONNX, calibrate the run-time check (`check`: runtime | strip) on held-out
+    data, attach it and register the guard.
 
     The signed verdict is the version's own (`trojan_gate.verdict`, "ungated" when it has none):
     recalibrating a gated version keeps it servable, a never-gated one gets a guard that refuses
@@ -138,8 +142,8 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
     if onnx_path is None:
         onnx_path = fetch_onnx(ref, dst=tempfile.mkdtemp(prefix="trojan-gate-model-"), client=client)
     oracle = ModelOracle(verify_onnx(ref, onnx_path, client))
-    det = calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
-                          min_per_class=min_per_class)
+    det = calibrate_check(oracle, heldout, kind=check, frr=frr, n_perturbations=n_perturbations, blend=blend,
+                          statistics=statistics, stages=stages, seed=seed, min_per_class=min_per_class)
     tags = version_tags(ref, client)
     verdict = {"verdict": tags.get(tag("verdict")) or "ungated", "fingerprint": tags.get(tag("gate.fingerprint")),
                "serving": serving_settings(policy)}

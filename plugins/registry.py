@@ -179,6 +179,37 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
     return ref
 
 
+def adopt_version(ref: VersionRef, client: MlflowClient | None = None,
+                  limits: AdmissionLimits = AdmissionLimits()) -> dict:
+    """Bring a version registered straight through MLflow (no `trojan-gate intake`) under the gate:
+    download it, require an mlflow.onnx model that passes admission, and write the intake tags
+    (sha256 of the ONNX that MLmodel loads and of MLmodel itself, input shape, classes,
+    `status=pending`, `adopted=true`). A version that is already managed is left as it is. A
+    refused one loses its aliases and gets `verdict=error` with the cause, so it is never served
+    and a watcher does not take it again; the refusal is raised."""
+    client = client or MlflowClient()
+    tags = version_tags(ref, client)
+    if tags.get(tag("sha256")):
+        return tags
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri,
+                                                         dst_path=tempfile.mkdtemp(prefix="trojan-gate-adopt-")))
+        onnx_file, mlmodel_sha = loaded_onnx(local)
+        info = ModelOracle(onnx_file, limits=limits).probe().info
+    except TrojanGateError as e:
+        for alias in client.get_model_version(ref.name, ref.version).aliases or []:
+            client.delete_registered_model_alias(ref.name, alias)
+        set_tags(ref, {"verdict": "error", "verdict.error": f"not admitted: {e}"[:4000], "gate.state": "done",
+                       "status": "refused"}, client)
+        raise
+    source = client.get_model_version(ref.name, ref.version).source
+    set_tags(ref, {"sha256": info.sha256, "mlmodel_sha256": mlmodel_sha, "source": source,
+                   "input_shape": "x".join(map(str, info.input_shape)), "n_classes": str(info.n_classes),
+                   "classes": ",".join(str(i) for i in range(info.n_classes)), "status": STATUS_PENDING,
+                   "intake_version": __version__, "adopted": "true"}, client)
+    return version_tags(ref, client)
+
+
 def loaded_onnx(model_dir) -> tuple[Path, str]:
     """The ONNX file an MLflow model folder's MLmodel loads (its onnx flavor's `data`), and the sha256
     of the MLmodel file itself. Refuses a folder whose MLmodel is missing, loads something else, or

@@ -57,6 +57,22 @@ def trojan_onnx(tmp_path, digits_trojan):
     return digits_trojan.save(tmp_path / "trojan.onnx")
 
 
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment_is_restored():
+    """mlflow.set_tracking_uri / set_registry_uri export MLFLOW_*_URI for subprocesses; a test that
+    points them at its own store must not leave later tests' subprocesses talking to it."""
+    saved = {k: os.environ.get(k) for k in MLFLOW_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in tmp_path; cwd moves there so ./mlruns lands there too."""
@@ -65,7 +81,7 @@ def mlflow_store(tmp_path, monkeypatch):
     from trojan_gate.plugins.registry import configure_tracking
 
     monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+    for var in MLFLOW_ENV:
         monkeypatch.delenv(var, raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -39,10 +39,12 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     assert run.data.metrics["instance_score"] <= 2.0 and "strip_threshold" in run.data.metrics
     files = {f.path for f in MlflowClient().list_artifacts(out.run_id, "report")}
     assert {"report/trojan_report.html", "report/trojan_report.json"} <= files
-    boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.strip.artifact_uri"] + "/boundary.json"))
-    # the measured best (rule max, N = 10); the estimated FAR is reported, never used to pick
-    assert (boundary["blend"], boundary["n_perturbations"]) == ("max", 10)
-    assert "estimated_far" in boundary["extra"]
+    # the run-time check beyond STRIP by default, at the measured best (rule max, N = 10); the estimated
+    # FAR is reported, never used to pick
+    assert tags["trojan_gate.strip.check"] == "runtime" and tags["trojan_gate.strip.rule"] == "min-p(entropy,reference)"
+    boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.strip.artifact_uri"] + "/check.json"))
+    assert (boundary["blend"], boundary["n_perturbations"], boundary["stages"]) == ("max", 10, [2, 4])
+    assert "estimated_far" in boundary["extra"] and boundary["frr_interval"][0] <= boundary["realised_frr"]
     resolved = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_config.json"))
     assert resolved["patch"]["soup"] == 4 and resolved["scan"]["generator_steps"] == 300  # defaults filled in
 

@@ -1,5 +1,4 @@
 """Hostile models, inputs and data sets are refused by name and leave the registry as it was."""
-import json
 import os
 
 import numpy as np
@@ -136,16 +135,22 @@ def test_the_hash_covers_the_onnx_mlmodel_loads_and_mlmodel_itself(mlflow_store,
         fetch_onnx(ref)
 
 
-def test_a_tampered_and_rehashed_release_does_not_load(tmp_path, digits, digits_trojan):
+@pytest.mark.parametrize("kind", ["strip", "runtime"])
+def test_a_tampered_and_rehashed_release_does_not_load(tmp_path, digits, digits_trojan, kind):
     from trojan_gate.gates.errors import ArtifactIntegrityError
+    from trojan_gate.gates.runtime import RuntimeCheck
     from trojan_gate.gates.strip import Strip
-    from trojan_gate.gates.strip.artifact import content_sha256
+    from trojan_gate.pipelines.benchmarks.hostile import move_threshold
     from trojan_gate.plugins.guarded_pyfunc import load_release
     from trojan_gate.plugins.signing import sign_release, write_release
 
     _, test = digits
     model = digits_trojan.save(tmp_path / "m.onnx")
-    strip = Strip(ModelOracle(model), progress=False).fit(test.x[:200]).infer_threshold(0.05)
+    if kind == "strip":
+        strip = Strip(ModelOracle(model), progress=False).fit(test.x[:200]).infer_threshold(0.05)
+    else:
+        strip = RuntimeCheck(ModelOracle(model), reference_epochs=5, progress=False).fit(test.x[:300], test.y[:300])
+        strip.infer_threshold(0.05)
     strip.save(tmp_path / "boundary")
     release = write_release(tmp_path / "release", model, tmp_path / "boundary",
                             {"verdict": "passed", "model_sha256": strip.model_sha256_, "serving": {"policy": "reject"},
@@ -153,10 +158,20 @@ def test_a_tampered_and_rehashed_release_does_not_load(tmp_path, digits, digits_
     sign_release(release, tmp_path / "release.sig")
     guard, verdict = load_release(release, tmp_path / "release.sig")
     assert verdict["verdict"] == "passed" and guard.policy == "reject"
-    doc_path = release / "boundary" / "boundary.json"
-    doc = json.loads(doc_path.read_text())
-    doc["threshold"] = -1e9  # flags nothing
-    doc["integrity"] = {"content_sha256": content_sha256(doc)}  # and re-hashed: the artifact checks pass
-    doc_path.write_text(json.dumps(doc))
+    move_threshold(release / "boundary", -1e9)  # flags nothing, re-hashed: the artifact's own checks pass
     with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
         load_release(release, tmp_path / "release.sig")
+
+
+@pytest.mark.slow
+def test_the_hostile_benchmark_reports_no_crash_no_promotion_nothing_served_unchecked(tmp_path, release_keys, monkeypatch):
+    from trojan_gate.plugins.signing import SIGNING_KEY_ENV, VERIFY_KEY_ENV
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for env in (SIGNING_KEY_ENV, VERIFY_KEY_ENV):  # the benchmark makes its own keys; ours come back after
+        monkeypatch.setenv(env, os.environ[env])
+    out = tmp_path / "hostile.md"
+    assert main(["benchmark", "hostile", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "crashed 0, promoted 0, served unchecked 0." in text
+    assert text.count("| refused |") == len(hm.MODEL_CASES) + 6

@@ -17,6 +17,18 @@ from trojan_gate.plugins.serving import invoke, served_model
 pytestmark = pytest.mark.slow
 
 
+def _stamped_victims(test, lab, n=100):
+    """n clean inputs of other classes than the target, their stamped copies, and which of those
+    the trojan really hijacks (a detector is judged on those: FAR counts hijacking inputs only)."""
+    from trojan_gate.gates import ModelOracle
+
+    victims = np.flatnonzero(test.y != 3)[:n]
+    clean, stamped = test.x[victims], lab.stamp(test.x[victims])
+    hijacked = ModelOracle(lab.onnx_bytes).predict(stamped) == 3
+    assert hijacked.sum() >= n // 2
+    return clean, stamped, hijacked
+
+
 def _passed(trojan_onnx, digits, name, **strip):
     """Register the trojaned digits model as `name` and gate it with a (cheap) scan that misses the trojan."""
     from trojan_gate.gates import DeepInspect
@@ -45,9 +57,7 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
     assert version_tags(guarded)["trojan_gate.source_version"] == ref.version
 
     _, test = digits
-    victims = np.flatnonzero(test.y != 3)[:20]
-    clean = test.x[victims]
-    stamped = digits_trojan.stamp(clean)
+    clean, stamped, hijacked = _stamped_victims(test, digits_trojan)
     with served_model(guarded.uri, tracking_uri=mlflow_store) as url:
         clean_pred = invoke(url, clean)
         stamped_pred = invoke(url, stamped, params={"policy": "flag"})  # a client cannot pick the policy
@@ -58,27 +68,31 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
     assert set(clean_pred[0]) == {"label", "probability", "instance_score", "is_trojaned"}
     clean_flags = np.array([p["is_trojaned"] for p in clean_pred])
     stamped_flags = np.array([p["is_trojaned"] for p in stamped_pred])
-    assert stamped_flags.mean() >= 0.8
+    assert stamped_flags[hijacked].mean() >= 0.8  # of the stamped inputs the trojan really hijacks
     assert clean_flags.mean() <= 0.2
     assert all((p["label"] == -1) == p["is_trojaned"] for p in stamped_pred)  # reject, as signed
     assert [p["instance_score"] for p in again] == [p["instance_score"] for p in stamped_pred]  # no retry luck
     assert max(p["instance_score"] for p in stamped_pred if p["is_trojaned"]) <= float(tags["trojan_gate.strip.threshold"])
 
 
-def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, trojan_onnx, digits, digits_trojan):
+@pytest.mark.parametrize("check", ["runtime", "strip"])
+def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, trojan_onnx, digits, digits_trojan, check):
     import mlflow
     import pandas as pd
 
-    _, tags = _passed(trojan_onnx, digits, "digits-clf-local", policy="flag")
+    _, tags = _passed(trojan_onnx, digits, "digits-clf-local", policy="flag", check=check)
+    assert tags["trojan_gate.strip.check"] == check
     model = mlflow.pyfunc.load_model(tags["trojan_gate.guarded_model"])
     _, test = digits
-    victims = np.flatnonzero(test.y != 3)[:20]
-    clean, stamped = test.x[victims], digits_trojan.stamp(test.x[victims])
+    clean, stamped, hijacked = _stamped_victims(test, digits_trojan)
+    n = len(clean)
     out = model.predict(np.concatenate([clean, stamped]).astype(np.float32))
     assert isinstance(out, pd.DataFrame) and list(out.columns) == ["label", "probability", "instance_score",
                                                                    "is_trojaned"]
-    assert out["is_trojaned"][:20].mean() <= 0.2 and out["is_trojaned"][20:].mean() >= 0.8
-    assert (out["label"][20:] == 3).mean() >= 0.8  # policy flag, as signed: the labels stay
+    flags = out["is_trojaned"].to_numpy()
+    floor = {"runtime": 0.9, "strip": 0.7}[check]  # measured on this model: 96% and 79% at FRR 5%
+    assert flags[:n].mean() <= 0.2 and flags[n:][hijacked].mean() >= floor
+    assert (out["label"].to_numpy()[n:][hijacked] == 3).all()  # policy flag, as signed: the labels stay
     with pytest.raises(mlflow.exceptions.MlflowException, match="rows in one request"):
         model.predict(np.zeros((5000,) + clean.shape[1:], np.float32))
 

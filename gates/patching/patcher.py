@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Dataset
-from ..errors import InputShapeError, ModelLoadError
+from ..errors import DeadlineExceeded, InputShapeError, ModelLoadError
 from ..hashing import sha256_bytes
 from ..oracle import ModelOracle, inspect_model
 from .convert import ConvertedClassifier, onnx_to_torch, torch_to_onnx
@@ -272,6 +272,8 @@ class Patcher:
             history.append({"lr": lr, "epoch": epoch, "train_loss": float(np.mean(losses)), **v, **tag})
             bar.update(1)
             bar.set_postfix(clean=f"{v['val_clean_accuracy']:.3f}", tar=f"{v['val_activation_rate']:.3f}")
+            if getattr(self, "_deadline", None) is not None and time.monotonic() > self._deadline:
+                raise DeadlineExceeded(f"patching passed its deadline after epoch {epoch} of run {member}")
         return copy.deepcopy(clf.state_dict()), history
 
     # -- fitting ------------------------------------------------------------------------
@@ -284,7 +286,8 @@ class Patcher:
         return self.fit(data, scan.inverted_x, scan.inverted_y, scan.generator.stamp, scan.flagged_classes,
                         heldout=heldout).result_
 
-    def fit(self, onnx_bytes, x_inv, y_inv, stamp: Stamp, flagged_classes, heldout=None) -> "Patcher":
+    def fit(self, onnx_bytes, x_inv, y_inv, stamp: Stamp, flagged_classes, heldout=None,
+            deadline: float | None = None) -> "Patcher":
         """Patch the model against the flagged classes' triggers and measure before/after; sets `result_`.
 
         onnx_bytes : the model (bytes or path of a single-file ONNX)
@@ -292,8 +295,10 @@ class Patcher:
         stamp : stamp(x, t, seed) -> x' stamps images with a trigger for target class t
         flagged_classes : the suspected attack targets
         heldout : optional Dataset or (x, y) of clean labelled images
+        deadline : time.monotonic() value after which fine-tuning stops with DeadlineExceeded
         """
         self._check()
+        self._deadline = deadline
         t0 = time.perf_counter()
         data, info = inspect_model(onnx_bytes)  # bytes or a path
         flagged = np.asarray(sorted({int(c) for c in flagged_classes}), dtype=np.int64)

@@ -1,4 +1,7 @@
-"""A classifier guarded by STRIP: labels and trojan flags from one model call per batch.
+"""A classifier guarded at run time: labels and trojan flags, by STRIP or the run-time check.
+
+With a `RuntimeCheck` (gates.runtime, the default the gate attaches) the labels come from the
+check's first call, which carries the inputs with their first copies. With a `Strip` detector:
 
 For a batch of n inputs the guard builds one array holding the n inputs and their n * N STRIP
 perturbations (Algorithm 1: "all the perturbed inputs along with x itself are concurrently fed
@@ -22,12 +25,12 @@ REJECTED_LABEL = -1
 
 
 class GuardedClassifier:
-    """Classifier + STRIP guard.
+    """Classifier + run-time guard (a fitted RuntimeCheck or Strip).
 
     Parameters
     ----------
     oracle : ModelOracle of the served model (must be the model the detector was calibrated on)
-    detector : fitted Strip with a threshold
+    detector : fitted RuntimeCheck or Strip with a threshold
     policy : "flag" returns every label and marks suspects; "reject" also replaces a
         suspect's label by -1 and its probability by 0.0 (no class is vouched for)
     batch_size : inputs per oracle call (default: the detector's chunk size)
@@ -54,7 +57,9 @@ class GuardedClassifier:
         from ..oracle import ModelOracle
 
         oracle = model if hasattr(model, "predict_proba") else ModelOracle(model, **oracle_kwargs)
-        detector = Strip.load(boundary_dir, oracle, expected_sha256=expected_sha256, progress=False)
+        from ..runtime import load_check
+
+        detector = load_check(boundary_dir, oracle, expected_sha256=expected_sha256)
         return cls(oracle, detector, policy=policy)
 
     @property
@@ -62,9 +67,13 @@ class GuardedClassifier:
         return self.detector.threshold_
 
     def predict(self, x) -> dict:
-        """Per input: label (int64), probability, instance_score (normalised entropy H, Eq. 2-4) and
-        is_trojaned (H <= threshold); under policy "reject" a flagged input's label is -1."""
+        """Per input: label (int64), probability, instance_score (STRIP: the normalised entropy H, Eq. 2-4;
+        a RuntimeCheck: its combined min-p) and is_trojaned (score <= threshold); under policy "reject" a
+        flagged input's label is -1."""
         x = self.oracle.check_inputs(x)
+        if hasattr(self.detector, "decide"):  # the run-time check beyond STRIP (gates.runtime)
+            out = self.detector.decide(x)
+            return self._decided(out["proba"].argmax(axis=1), out["proba"].max(axis=1), out["instance_score"])
         n, big_n = len(x), self.detector.n_perturbations
         size = int(self.batch_size or self.detector.chunk_size)
         label = np.empty(n, dtype=np.int64)
@@ -83,6 +92,10 @@ class GuardedClassifier:
                 label[s:s + m] = proba[:m].argmax(axis=1)
                 prob[s:s + m] = proba[:m].max(axis=1)
                 score[s:s + m] = self.detector.entropy_from_proba(proba[m:])
+        return self._decided(label, prob, score)
+
+    def _decided(self, label, prob, score) -> dict:
+        label, prob = np.asarray(label, np.int64).copy(), np.asarray(prob, np.float64).copy()
         flagged = score <= self.detector.threshold_
         if self.policy == "reject":
             label[flagged] = REJECTED_LABEL

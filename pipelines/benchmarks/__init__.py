@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "run a benchmark (strip, deepinspect, patch) and print its table"
+HELP = "run a benchmark (strip, strip-paper, deepinspect, patch, hostile) and print its table"
 
 BENCHMARKS = {
-    "strip": "trojan_gate.pipelines.benchmarks.strip",
+    "strip": "trojan_gate.pipelines.benchmarks.runtime",
+    "strip-paper": "trojan_gate.pipelines.benchmarks.strip",
     "deepinspect": "trojan_gate.pipelines.benchmarks.deepinspect",
     "patch": "trojan_gate.pipelines.benchmarks.patch",
+    "hostile": "trojan_gate.pipelines.benchmarks.hostile",
 }
 
 

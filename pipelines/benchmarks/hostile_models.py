@@ -1,7 +1,7 @@
 """A corpus of hostile inputs to the gate, built here with `onnx.helper` and numpy (nothing downloaded).
 
-Each model case is a tiny 1x8x8 -> 10-class classifier that behaves like a plain linear model on
-ordinary inputs and carries one attack on the gate itself (see `MODEL_CASES`); each data case is
+Each model case is a 1x8x8 -> 10-class digits classifier (logistic regression fitted on scikit-learn's
+digits) on ordinary inputs that carries one attack on the gate itself (see `MODEL_CASES`); each data case is
 a held-out set or file that tries to break validation. The tests and `trojan-gate benchmark
 hostile` both use this corpus; `expected` names the admission or validation rule that must
 refuse the case ("served-refused" for models that are admitted but whose attack only works on
@@ -22,9 +22,21 @@ SHAPE = (1, 8, 8)
 K = 10
 
 
-def _weights(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(0, 0.5, (64, K)).astype(np.float32), rng.normal(0, 0.1, K).astype(np.float32)
+_WEIGHTS = {}
+
+
+def _weights():
+    """A real digits classifier: multinomial logistic regression on scikit-learn's 8x8 digits (seeded split)."""
+    if not _WEIGHTS:
+        from sklearn.linear_model import LogisticRegression
+
+        from trojan_gate.gates.data import load_digits_dataset
+
+        train, _ = load_digits_dataset(seed=0)
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(train.x.reshape(len(train.x), -1), train.y)
+        _WEIGHTS["w"] = clf.coef_.T.astype(np.float32)
+        _WEIGHTS["b"] = clf.intercept_.astype(np.float32)
+    return _WEIGHTS["w"], _WEIGHTS["b"]
 
 
 def _model(nodes, inits, batch="N", input_dims=None, opsets=(("", 17),), functions=()):

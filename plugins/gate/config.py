@@ -20,6 +20,9 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     soup = 4                  # any Patcher parameter
 
     [strip]
+    check = "runtime"         # runtime (entropy + reference disagreement, gates.runtime) | strip (the paper)
+    statistics = ["entropy", "reference"]
+    stages = [2, 4]           # adaptive N: copies asked before each early accept (those >= N are ignored)
     frr = 0.01
     n_perturbations = 10
     blend = "max"
@@ -73,9 +76,13 @@ class ScanSettings:
 
 @dataclass
 class StripSettings:
-    """The STRIP threshold the gate attaches: preset FRR, N, superimposition rule, FAR estimate, and the
-    serving policy signed into the release (the client cannot choose it per request)."""
+    """The run-time check the gate attaches: its kind (the run-time check beyond STRIP, or STRIP as
+    in the paper), its statistics and adaptive-N stages, preset FRR, N, superimposition rule, FAR
+    estimate, and the serving policy signed into the release (no client chooses it per request)."""
 
+    check: str = "runtime"
+    statistics: list = field(default_factory=lambda: ["entropy", "reference"])
+    stages: list = field(default_factory=lambda: [2, 4])
     frr: float = 0.01
     n_perturbations: int = 10
     blend: str = "max"
@@ -83,8 +90,22 @@ class StripSettings:
     policy: str = "reject"  # what the served guarded model does with a flagged input: reject | flag
 
     def __post_init__(self):
+        from trojan_gate.gates.runtime import KINDS
+        from trojan_gate.gates.runtime.check import STATISTICS
         from trojan_gate.gates.strip import BLEND_RULES, POLICIES
 
+        if self.check not in KINDS:
+            raise ConfigError(f"strip.check must be one of {KINDS}, not {self.check!r}")
+        self.statistics = list(self.statistics)
+        bad = sorted(set(self.statistics) - set(STATISTICS))
+        if bad or not self.statistics:
+            raise ConfigError(f"strip.statistics must be a non-empty list from {STATISTICS}, not {self.statistics!r}")
+        try:
+            self.stages = sorted(int(v) for v in self.stages)
+        except (TypeError, ValueError):
+            raise ConfigError(f"strip.stages must be a list of copy counts, not {self.stages!r}") from None
+        if any(v < 1 for v in self.stages):
+            raise ConfigError(f"strip.stages must be positive copy counts, not {self.stages!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"strip.policy must be one of {POLICIES}, not {self.policy!r}")
         if not 0.0 < float(self.frr) < 1.0:

@@ -87,7 +87,7 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
     mlflow.log_dict(config.resolved(), "gate_config.json")
     mlflow.log_params({"model_uri": ref.uri, "fingerprint": state.fingerprint, "policy": config.policy,
                        "alias": config.alias, "seed": config.seed})
-    error = None
+    error, report, report_uri = None, None, None
     try:
         claim(client, ref, state.run_id)
         checkpoint("gate.claimed")
@@ -105,11 +105,15 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
             state.check_deadline("STRIP calibration")
             steps.calibrate(state)
         state.check_deadline("writing the verdict")
-        source_tags = {**steps.scan_tags(state.scan), "gate.policy": config.policy,
+        # the report and its link go with the verdict, so a record complete enough to reuse links its own report
+        report, report_uri = steps.write_gate_report(state)
+        links = {"report": report_uri, **report_link(state.run_id)}
+        source_tags = {**steps.scan_tags(state.scan), "gate.policy": config.policy, **links,
                        **(steps.strip_tags(state) if state.verdict == PASSED else {})}
         new_tags = None
         if state.verdict == PATCHED:
-            new_tags = {**steps.scan_tags(state.fresh), **steps.strip_tags(state), "gate.policy": config.policy}
+            new_tags = {**steps.scan_tags(state.fresh), **steps.strip_tags(state), "gate.policy": config.policy,
+                        **links}
         new_fp = config.fingerprint(state.patch.sha256) if state.verdict == PATCHED else ""
         finish(client, ref, state.run_id, state.verdict, state.fingerprint, config.alias, source_tags,
                new_ref=state.new_ref, new_tags=new_tags, new_fingerprint=new_fp)
@@ -123,16 +127,26 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
         fail(client, ref, state.run_id, error, state.new_ref)
         if not isinstance(e, Exception):
             raise
-    report, report_uri = steps.write_gate_report(state)
     mlflow.log_metrics({"gate_seconds": state.seconds, "gate_exit_code": float(EXIT_CODES[state.verdict])})
     mlflow.set_tag("trojan_gate.verdict", state.verdict)
-    if not state.superseded:
+    if error is not None:  # the report of the failure replaces any written before it
+        report, report_uri = steps.write_gate_report(state)
+    if error is not None and not state.superseded:
         try:
-            set_tags(ref, {"report": report_uri}, client)
+            set_tags(ref, {"report": report_uri, **report_link(state.run_id)}, client)
         except Exception as e:  # the verdict stands; only the report link is missing
             mlflow.set_tag("trojan_gate.report_tag_error", f"{type(e).__name__}: {e}")
     final = state.final
     return GateOutcome(state.verdict, ref.uri, final.uri if final else None, state.run_id, report, report_uri, error)
+
+
+def report_link(run_id: str) -> dict:
+    """On a tracking server, the run page where the MLflow UI shows the HTML report: {"report.url": URL}."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return {}
+    exp = mlflow.get_run(run_id).info.experiment_id
+    return {"report.url": f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}/artifacts"}
 
 
 __all__ = ["BLOCKED", "ERROR", "GATE_EXPERIMENT", "GateOutcome", "PASSED", "PATCHED", "run_gate"]

@@ -5,14 +5,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trojan_gate.gates.errors import TrojanGateError
+from trojan_gate.gates.errors import DeadlineExceeded, TrojanGateError
 
 from ..registry import VersionRef
 from .config import GateConfig
 from .verdict import ERROR
 
 
-class GateTimeout(TrojanGateError):
+class GateTimeout(DeadlineExceeded):
     """The gate ran past its time limit."""
 
 

@@ -51,7 +51,7 @@ def log_scan(scan, prefix: str, workdir: Path):
 def fetch_model(state: GateState):
     """The version's ONNX, downloaded once and re-hashed against its intake tag."""
     state.onnx_path = fetch_onnx(state.ref, dst=str(state.workdir / "model"), client=state.client)
-    state.oracle = ModelOracle(state.onnx_path)
+    state.oracle = ModelOracle(state.onnx_path, deadline=state.deadline).probe()
 
 
 def validate_data(state: GateState, heldout):
@@ -79,12 +79,12 @@ def patch_model(state: GateState, scan_fn):
     with state.oracle.phase("patch"):
         patch = Patcher(**cfg.patch, seed=cfg.seed, progress=False).fit(
             state.oracle.model_bytes, scan.inverted_x, scan.inverted_y, scan.generator.stamp, scan.flagged_classes,
-            heldout=(state.heldout.x, state.heldout.y)).result_
+            heldout=(state.heldout.x, state.heldout.y), deadline=state.deadline).result_
     state.patch = patch
     checkpoint("patch.fitted")
     patched_path = patch.save(state.workdir / "patched" / "model.onnx")
     state.check_deadline("the patched model's scan")
-    state.fresh = scan_fn(ModelOracle(patch.onnx_bytes), state.heldout, cfg)
+    state.fresh = scan_fn(ModelOracle(patch.onnx_bytes, deadline=state.deadline), state.heldout, cfg)
     checkpoint("patch.rescanned")
     log_scan(state.fresh, "patched_", state.workdir)
     drop, drop_se = patch.accuracy_drop, patch.accuracy_drop_se
@@ -111,30 +111,30 @@ def patch_model(state: GateState, scan_fn):
 
 
 def calibrate(state: GateState):
-    """STRIP for the version that passed: fit at the configured FRR, N and rule, estimate FAR with the
-    scan's generated triggers (reported only), then attach the threshold and register the guarded model."""
-    from trojan_gate.gates.strip import calibrate_strip
+    """The run-time check for the version that passed: fit the configured kind (the run-time check
+    beyond STRIP by default, or STRIP as in the paper) at the configured FRR and N, estimate its FAR
+    with the scan's generated triggers (reported only), then sign it into the guarded model."""
+    from trojan_gate.gates.runtime import calibrate_check, describe
     from trojan_gate.gates.strip.far_estimate import hijacking_inputs
 
     cfg, final = state.config, state.final
     onnx_path = state.onnx_path if final == state.ref else fetch_onnx(final, client=state.client)
-    oracle = ModelOracle(onnx_path)
+    oracle = ModelOracle(onnx_path, deadline=state.deadline)
     s = cfg.strip
-    det = calibrate_strip(oracle, state.heldout, frr=s.frr, n_perturbations=s.n_perturbations, blend=s.blend,
-                          seed=cfg.seed, min_per_class=cfg.min_per_class)
+    det = calibrate_check(oracle, state.heldout, kind=s.check, frr=s.frr, n_perturbations=s.n_perturbations,
+                          blend=s.blend, statistics=s.statistics, stages=s.stages, seed=cfg.seed,
+                          min_per_class=cfg.min_per_class)
     checkpoint("strip.fitted")
-    view = {"benign_scores": np.asarray(det.benign_scores_), "mean": det.mean_, "std": det.std_,
-            "threshold": det.threshold_, "normal_threshold": det.normal_threshold_,
-            "empirical_threshold": det.empirical_threshold_, "frr": det.frr_, "rule": det.rule,
-            "n_perturbations": det.n_perturbations, "blend": det.blend}
+    view = describe(det)
+    view["benign_scores"] = np.asarray(det.benign_scores() if s.check == "runtime" else det.benign_scores_)
     if s.estimate_far and state.scan.generator is not None:
         classes = state.scan.flagged_classes or None  # the suspected trojan's own triggers when patched
         stamped = hijacking_inputs(oracle, state.scan.generator.stamp, state.heldout.x, state.heldout.y,
                                    seed=cfg.seed, classes=classes)
         if len(stamped.x):
-            scores = det.score(stamped.x)
-            view["trojan_scores"] = scores
-            view["estimated_far"] = float((scores > det.threshold_).mean())
+            data = det.predict(stamped.x)["data"]
+            view["trojan_scores"] = np.asarray(data["instance_score"])
+            view["estimated_far"] = float(1.0 - np.mean(data["is_trojaned"]))
             det.extra.update({"estimated_far": view["estimated_far"], "estimated_far_inputs": int(len(stamped.x)),
                               "estimated_far_source": "DeepInspect generator triggers that hijack the model",
                               "estimated_far_classes": "all" if classes is None else [int(c) for c in classes]})
@@ -145,7 +145,8 @@ def calibrate(state: GateState):
                "serving": serving_settings(s.policy)}
     outcome = attach_strip(final, det, onnx_path, verdict, client=state.client)
     checkpoint("strip.attached")
-    metrics = {"strip_threshold": float(det.threshold_), "strip_n": float(det.n_perturbations)}
+    metrics = {"strip_threshold": float(det.threshold_), "strip_n": float(det.n_perturbations),
+               "strip_calibration_images": float(len(det.bank_))}
     if view.get("estimated_far") is not None:
         metrics["strip_estimated_far"] = view["estimated_far"]
     mlflow.log_metrics(metrics)

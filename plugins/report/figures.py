@@ -122,15 +122,19 @@ def _example(x, y, k):
 
 
 def strip_figure(strip: dict) -> str:
-    """Benign entropy histogram, its fitted normal, the threshold (and trojan entropies if given)."""
-    benign = np.asarray(strip["benign_scores"], dtype=np.float64).ravel()
+    """Benign score histogram, the threshold (and trojan scores if given): STRIP's entropy with its
+    fitted normal, or the run-time check's combined min-p on a log10 axis."""
+    runtime = strip.get("check") == "runtime"
+    scale = (lambda v: np.log10(np.clip(v, 1e-12, None))) if runtime else (lambda v: v)
+    benign = scale(np.asarray(strip["benign_scores"], dtype=np.float64).ravel())
     trojan = strip.get("trojan_scores")
-    trojan = None if trojan is None else np.asarray(trojan, dtype=np.float64).ravel()
+    trojan = None if trojan is None else scale(np.asarray(trojan, dtype=np.float64).ravel())
     mean = num(strip.get("mean"))
     std = num(strip.get("std"))
     mean = float(benign.mean()) if mean is None else mean
-    std = float(benign.std(ddof=1)) if std is None and benign.size > 1 else std
+    std = float(benign.std(ddof=1)) if std is None and benign.size > 1 and not runtime else std
     thr = num(strip.get("threshold"))
+    thr = None if thr is None else float(scale(np.float64(thr)))
     emp = num(strip.get("empirical_threshold"))
     fig = figure(7, 3.2)
     ax = fig.add_subplot(111)
@@ -153,8 +157,12 @@ def strip_figure(strip: dict) -> str:
         ax.axvline(thr, color="#cf222e", lw=1.6, label=f"threshold {thr:.4f} ({strip.get('rule', '')})")
     if emp is not None and (thr is None or not math.isclose(emp, thr)):
         ax.axvline(emp, color="#cf222e", lw=1.0, ls=":", label=f"empirical quantile {emp:.4f}")
-    ax.set_xlabel("normalised entropy H (low = trojan-like)")
+    if runtime:
+        ax.set_xlabel(f"log10 combined min-p over {', '.join(strip.get('statistics') or [])} (low = trojan-like)")
+        ax.set_title("Run-time check scores of held-out inputs (leave-one-out)")
+    else:
+        ax.set_xlabel("normalised entropy H (low = trojan-like)")
+        ax.set_title("STRIP entropy of held-out inputs")
     ax.set_ylabel("density")
-    ax.set_title("STRIP entropy of held-out inputs")
     ax.legend(fontsize=8, frameon=False)
     return png(fig)

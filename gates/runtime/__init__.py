@@ -1,0 +1,98 @@
+"""The run-time check beyond STRIP (entropy + reference disagreement, one calibrated min-p test).
+
+`RuntimeCheck` is the detector; `load_check` restores whichever run-time artifact a directory
+holds (this check's `check.json`, or STRIP's `boundary.json`) and `check_artifact_sha256` hashes
+it, so the gate, the signed release and the guarded model handle both kinds alike.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .detector import BANK_FILE, CHECK_FILE, REFERENCE_FILE, RuntimeCheck
+
+KINDS = ("runtime", "strip")
+
+__all__ = ["CHECK_FILE", "KINDS", "RuntimeCheck", "calibrate_check", "check_artifact_sha256", "check_kind", "describe",
+           "load_check"]
+
+
+def check_kind(directory) -> str:
+    """'runtime' for a RuntimeCheck artifact, 'strip' for a STRIP boundary; refuses anything else."""
+    from ..errors import ArtifactIntegrityError
+    from ..strip.artifact import BOUNDARY_FILE
+
+    directory = Path(directory)
+    has_check, has_boundary = (directory / CHECK_FILE).is_file(), (directory / BOUNDARY_FILE).is_file()
+    if has_check == has_boundary:
+        raise ArtifactIntegrityError(f"{directory} must hold exactly one of {CHECK_FILE} (run-time check) or "
+                                     f"{BOUNDARY_FILE} (STRIP boundary)")
+    return "runtime" if has_check else "strip"
+
+
+def check_artifact_sha256(directory) -> str:
+    """One hash for the whole artifact: sha256 over each file's name and sha256 (STRIP's rule, every file)."""
+    import hashlib
+
+    from ..errors import ArtifactIntegrityError
+    from ..hashing import sha256_file
+    from ..strip.artifact import artifact_sha256
+
+    directory = Path(directory)
+    if check_kind(directory) == "strip":
+        return artifact_sha256(directory)
+    names = sorted(p.name for p in directory.iterdir())
+    allowed = {CHECK_FILE, BANK_FILE, REFERENCE_FILE}
+    if set(names) - allowed or not {CHECK_FILE, BANK_FILE} <= set(names):
+        raise ArtifactIntegrityError(f"run-time check artifact {directory} holds {names}; expected "
+                                     f"{sorted(allowed)} (reference.onnx only with the reference statistic)")
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + sha256_file(directory / name).encode() + b"\n")
+    return h.hexdigest()
+
+
+def load_check(directory, oracle, expected_sha256: str | None = None):
+    """The fitted detector saved in `directory` for `oracle` (RuntimeCheck or Strip), hash-verified."""
+    from ..errors import ArtifactIntegrityError
+    from ..strip.detector import Strip
+
+    if check_kind(directory) == "strip":
+        return Strip.load(directory, oracle, expected_sha256=expected_sha256, progress=False)
+    if expected_sha256 is not None and check_artifact_sha256(directory) != expected_sha256:
+        raise ArtifactIntegrityError("run-time check artifact refused: its files do not hash to the signed digest")
+    return RuntimeCheck.load(directory, oracle)
+
+
+def calibrate_check(oracle, heldout, kind: str = "runtime", frr: float = 0.01, n_perturbations: int = 10,
+                    blend: str | None = None, statistics=("entropy", "reference"), stages=(2, 4), seed: int = 0,
+                    min_per_class: int = 5):
+    """Held-out expectations first (raises DataValidationError), then the chosen check's fit + infer_threshold."""
+    from ..strip import DEFAULT_BLEND, calibrate_strip
+    from ..validation import validate_heldout
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if kind == "strip":
+        return calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
+                               min_per_class=min_per_class)
+    validate_heldout(heldout.x, heldout.y, oracle.input_shape, oracle.n_classes, min_per_class=min_per_class)
+    det = RuntimeCheck(oracle, n_perturbations=n_perturbations, blend=blend or DEFAULT_BLEND, statistics=statistics,
+                       stages=stages, seed=seed, progress=False)
+    return det.fit(heldout.x, heldout.y).infer_threshold(frr)
+
+
+def describe(det) -> dict:
+    """The settings and threshold of a fitted check, as the gate logs, tags and reports them."""
+    kind = "runtime" if isinstance(det, RuntimeCheck) else "strip"
+    out = {"check": kind, "threshold": float(det.threshold_), "frr": float(det.frr_), "rule": det.rule,
+           "n_perturbations": int(det.n_perturbations), "blend": det.blend, "seed": int(det.seed),
+           "n_calibration": int(len(det.bank_))}
+    if kind == "runtime":
+        cal = det.calibration_
+        out.update(statistics=list(det.statistics), stages=list(det.stages), realised_frr=cal.realised_frr,
+                   frr_interval=list(cal.frr_interval),
+                   stage_bounds={str(k): v for k, v in cal.stage_bounds.items()})
+    else:
+        out.update(mean=float(det.mean_), std=float(det.std_), empirical_threshold=float(det.empirical_threshold_),
+                   normal_threshold=det.normal_threshold_)
+    return out

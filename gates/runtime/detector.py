@@ -1,0 +1,267 @@
+"""`RuntimeCheck`: STRIP's entropy plus dispersion and reference disagreement, one calibrated min-p test.
+
+Alibi Detect's contract: `fit(x, y)` on labelled held-out images, `infer_threshold(frr)`,
+`predict(x)` -> {"data": {"instance_score", "is_trojaned", "threshold"}, "meta": {...}}, and
+`save(dir)` / `load(dir, model)`. The method is in `check`; the evidence in `evidence`.
+
+fit splits the held-out set (seeded): `reference_fraction` of it trains the reference classifier
+(a small CNN, as the scan's reference models), the rest is the STRIP bank and the benign
+calibration set. All model answers go through `ModelOracle`s; the rows of every call are
+shuffled (the row order tells a batch-aware model nothing).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactIntegrityError
+from ..hashing import sha256_bytes, sha256_file
+from ..strip.artifact import content_sha256, utc_now, versions
+from ..strip.detector import DEFAULT_BLEND, Strip
+from .check import DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
+
+CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
+FORMAT = "trojan-gate/runtime-check"
+
+
+class RuntimeCheck:
+    """Run-time trojan input detector over a black-box ModelOracle (see the module doc).
+
+    Parameters
+    ----------
+    model : ModelOracle of the served model
+    n_perturbations : N, the most superimposed copies per input
+    blend : superimposition rule (STRIP's; default max)
+    statistics : which evidence to combine (subset of "entropy", "dispersion", "reference"; default
+        entropy and reference)
+    stages : copies asked before each early-stopping decision (empty: always N)
+    reference_fraction : share of the held-out set that trains the reference classifier
+    reference_epochs : its training epochs
+    reference : an already trained reference classifier (ONNX bytes) to use instead of training one;
+        then the whole held-out set calibrates, and the reference must not have seen it
+    seed : seeds the split, the reference's training and the draws
+    """
+
+    def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, statistics=DEFAULT_STATISTICS,
+                 stages=(2, 4), reference_fraction: float = 0.5, reference_epochs: int = 40, reference=None,
+                 seed: int = 0, progress: bool = True):
+        unknown = sorted(set(statistics) - set(STATISTICS))
+        if unknown:
+            raise ValueError(f"unknown statistic(s) {unknown}; choose from {STATISTICS}")
+        self.model = model
+        self.n_perturbations = int(n_perturbations)
+        self.blend = blend
+        self.statistics = tuple(statistics)
+        self.stages = tuple(sorted(int(s) for s in stages if 0 < int(s) < int(n_perturbations)))
+        self.reference_fraction = float(reference_fraction)
+        self.reference_epochs = int(reference_epochs)
+        self.reference = reference
+        self.seed = int(seed)
+        self.progress = progress
+        self.threshold_ = None
+        self.extra = {}  # notes recorded with the artifact (e.g. the gate's estimated FAR)
+        self._order = np.random.default_rng()
+
+    @property
+    def rule(self) -> str:
+        """The decision rule, as tags and reports name it."""
+        return "min-p(" + ",".join(self.statistics) + ")"
+
+    @property
+    def frr_(self) -> float:
+        return self.calibration_.frr
+
+    def benign_scores(self) -> np.ndarray:
+        """Leave-one-out instance scores of the calibration images at full N (what the threshold is a quantile of)."""
+        from .check import leave_one_out_min_p
+
+        values = getattr(self, "stage_values_", None)  # per image, paired across statistics (fit only)
+        return None if values is None else leave_one_out_min_p(values[self.n_perturbations])
+
+    # -- answers ------------------------------------------------------------------------
+    def _ask(self, oracle, x: np.ndarray) -> np.ndarray:
+        """Probabilities for x in one call, rows sent in a fresh random order."""
+        order = self._order.permutation(len(x))
+        out = np.empty((len(x), oracle.n_classes))
+        out[order] = oracle.predict_proba(x[order])
+        return out
+
+    def _copies(self, x, exclude=None) -> np.ndarray:
+        """(n, N, C, H, W) keyed superimposed copies (STRIP's draws, from each input's own bytes)."""
+        return self.strip_.perturb(x, exclude).reshape((len(x), self.n_perturbations) + x.shape[1:])
+
+    def _stage_statistics(self, x, exclude=None) -> dict:
+        """{stage: {statistic: (n,)}} for every stage and N, asking every copy (calibration)."""
+        copies = self._copies(x, exclude)
+        n, big_n = len(x), self.n_perturbations
+        answers = self._ask(self.model, np.concatenate([x, copies.reshape((-1,) + x.shape[1:])]))
+        p_self, p_copies = answers[:n], answers[n:].reshape(n, big_n, -1)
+        p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
+        return {s: statistics_at(p_self, p_copies[:, :s], p_ref, self.statistics) for s in (*self.stages, big_n)}
+
+    # -- estimator ----------------------------------------------------------------------
+    def fit(self, heldout_x, heldout_y) -> "RuntimeCheck":
+        from ..data import Dataset
+        from ..deepinspect.reference import train_reference
+        from ..oracle import ModelOracle
+
+        x = self.model.check_inputs(heldout_x)
+        y = np.asarray(heldout_y).reshape(-1)
+        perm = np.random.default_rng([self.seed, 3]).permutation(len(x))
+        train_ref = "reference" in self.statistics and self.reference is None
+        n_ref = int(round(self.reference_fraction * len(x))) if train_ref else 0
+        ref_idx, cal_idx = perm[:n_ref], perm[n_ref:]
+        if len(cal_idx) < max(50, self.n_perturbations + 1):
+            raise ValueError(f"{len(cal_idx)} calibration images are too few; give a larger held-out set")
+        self.reference_bytes_ = None
+        if "reference" in self.statistics and not train_ref:
+            self.reference_bytes_ = bytes(self.reference)
+            self.reference_ = ModelOracle(self.reference_bytes_)
+        if n_ref:
+            self.reference_bytes_, self.reference_train_accuracy_ = train_reference(
+                Dataset(x[ref_idx], y[ref_idx].astype(np.int64)), self.model.n_classes, epochs=self.reference_epochs,
+                seed=self.seed)
+            self.reference_ = ModelOracle(self.reference_bytes_)
+        self.strip_ = Strip(self.model, n_perturbations=self.n_perturbations, blend=self.blend, seed=self.seed,
+                            progress=False)
+        self.strip_.bank_ = np.ascontiguousarray(x[cal_idx])
+        self.strip_.model_sha256_ = self.model.sha256
+        self.bank_ = self.strip_.bank_
+        self.model_sha256_ = self.model.sha256
+        self.created_at_ = utc_now()
+        with self.model.phase("check-fit"):
+            self.stage_values_ = self._stage_statistics(self.bank_, exclude=np.arange(len(self.bank_)))
+        self.threshold_ = None
+        return self
+
+    def infer_threshold(self, frr: float = 0.01) -> "RuntimeCheck":
+        if not 0.0 < frr < 1.0:
+            raise ValueError(f"frr must be in (0, 1), got {frr}")
+        self.calibration_ = calibrate(self.stage_values_, frr, self.stages)
+        self.threshold_ = self.calibration_.threshold
+        return self
+
+    def score(self, x, adaptive: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(instance score = combined min-p, low = trojan-like; copies asked per input)."""
+        out = self.decide(x, adaptive)
+        return out["instance_score"], out["copies"]
+
+    def decide(self, x, adaptive: bool = True) -> dict:
+        """The model's own answers on x (`proba`), the instance scores and the copies asked per input;
+        the first call of a batch carries the inputs with their first copies, so labels cost no extra call."""
+        if self.threshold_ is None:
+            raise RuntimeError("no threshold: call fit and infer_threshold first")
+        x = self.model.check_inputs(x)
+        n, big_n, cal = len(x), self.n_perturbations, self.calibration_
+        copies = self._copies(x)
+        p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
+        answers = {}
+        score = np.ones(n)
+        used = np.zeros(n, dtype=np.int64)
+        proba = np.zeros((n, self.model.n_classes))
+        live = np.arange(n)
+        asked = 0
+        with self.model.phase("check"):
+            for stage in (*(self.stages if adaptive else ()), big_n):
+                new = copies[live, asked:stage].reshape((-1,) + x.shape[1:])
+                batch = np.concatenate([x[live], new]) if asked == 0 else new
+                out = self._ask(self.model, batch)
+                if asked == 0:
+                    answers["self"], out = out[:len(live)], out[len(live):]
+                    proba[:] = answers["self"]
+                    answers["copies"] = out.reshape(len(live), stage, -1)
+                else:
+                    answers["copies"] = np.concatenate([answers["copies"], out.reshape(len(live), stage - asked, -1)],
+                                                       axis=1)
+                asked, used[live] = stage, stage
+                values = statistics_at(answers["self"], answers["copies"],
+                                       None if p_ref is None else p_ref[live], self.statistics)
+                partial = cal.p_values(stage, values).min(axis=1)
+                score[live] = partial
+                if stage == big_n:
+                    break
+                keep = partial <= cal.stage_bounds[stage]  # not clearly benign yet: ask more copies
+                live, answers["self"], answers["copies"] = live[keep], answers["self"][keep], answers["copies"][keep]
+                if not len(live):
+                    break
+        return {"proba": proba, "instance_score": score, "copies": used}
+
+    def predict(self, x, adaptive: bool = True) -> dict:
+        s, used = self.score(x, adaptive)
+        return {"data": {"instance_score": s, "is_trojaned": s <= self.threshold_, "threshold": self.threshold_},
+                "meta": {**self.meta(), "copies_per_input": used}}
+
+    def meta(self) -> dict:
+        cal = getattr(self, "calibration_", None)
+        return {"name": type(self).__name__, "detector_type": "trojan", "data_type": "image", "online": False,
+                "statistics": list(self.statistics), "n_perturbations": self.n_perturbations, "blend": self.blend,
+                "stages": list(self.stages), "frr": None if cal is None else cal.frr,
+                "realised_frr": None if cal is None else cal.realised_frr,
+                "frr_interval": None if cal is None else list(cal.frr_interval), "model_sha256": self.model_sha256_}
+
+    # -- artifact -----------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """check.json (everything the decision uses) + bank.npy + reference.onnx, hashed like STRIP's artifact."""
+        if self.threshold_ is None:
+            raise RuntimeError("no threshold: call infer_threshold first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / BANK_FILE, self.bank_, allow_pickle=False)
+        doc = {"format": FORMAT, "format_version": 1, **{k: v for k, v in self.meta().items() if k != "name"},
+               "seed": self.seed, "reference_fraction": self.reference_fraction, "created_at": self.created_at_,
+               "threshold": self.threshold_, "n_calibration": self.calibration_.n_calibration,
+               "stage_bounds": {str(k): v for k, v in self.calibration_.stage_bounds.items()},
+               "benign": {str(s): {k: [float(v) for v in vals] for k, vals in d.items()}
+                          for s, d in self.calibration_.benign.items()},
+               "bank_sha256": sha256_file(directory / BANK_FILE), "versions": versions(), "extra": dict(self.extra)}
+        if self.reference_bytes_ is not None:
+            (directory / REFERENCE_FILE).write_bytes(self.reference_bytes_)
+            doc["reference_sha256"] = sha256_bytes(self.reference_bytes_)
+        doc["integrity"] = {"content_sha256": content_sha256(doc)}
+        (directory / CHECK_FILE).write_text(json.dumps(doc, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory, model) -> "RuntimeCheck":
+        """Restore a saved check for `model`, refusing any hash mismatch (ArtifactIntegrityError)."""
+        from ..oracle import ModelOracle
+
+        directory = Path(directory)
+        try:
+            doc = json.loads((directory / CHECK_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ArtifactIntegrityError(f"{CHECK_FILE} is missing or not JSON: {e}") from e
+        checks = [(doc.get("format") == FORMAT, "not a runtime-check artifact"),
+                  ((doc.get("integrity") or {}).get("content_sha256") == content_sha256(doc), "check.json was modified"),
+                  (doc.get("model_sha256") == model.sha256, "calibrated on another model"),
+                  (sha256_file(directory / BANK_FILE) == doc.get("bank_sha256"), "bank.npy was modified")]
+        if "reference" in doc["statistics"]:
+            checks.append(((directory / REFERENCE_FILE).is_file() and
+                           sha256_file(directory / REFERENCE_FILE) == doc.get("reference_sha256"),
+                           "reference.onnx was modified"))
+        for ok, why in checks:
+            if not ok:
+                raise ArtifactIntegrityError(f"runtime check artifact refused: {why}")
+        det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
+                  stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"], progress=False)
+        det.bank_ = np.load(directory / BANK_FILE, allow_pickle=False).astype(np.float32)
+        if det.bank_.ndim != 1 + len(model.input_shape) or tuple(det.bank_.shape[1:]) != tuple(model.input_shape):
+            raise ArtifactIntegrityError(f"runtime check artifact refused: bank images have shape "
+                                         f"{tuple(det.bank_.shape[1:])}, the model expects {tuple(model.input_shape)}")
+        det.strip_ = Strip(model, n_perturbations=det.n_perturbations, blend=det.blend, seed=det.seed, progress=False)
+        det.strip_.bank_, det.strip_.model_sha256_ = det.bank_, model.sha256
+        det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
+        det.extra = dict(doc.get("extra") or {})
+        det.reference_bytes_ = None
+        if "reference" in det.statistics:
+            det.reference_bytes_ = (directory / REFERENCE_FILE).read_bytes()
+            det.reference_ = ModelOracle(det.reference_bytes_)
+        det.calibration_ = Calibration(
+            benign={int(s): {k: np.asarray(v) for k, v in d.items()} for s, d in doc["benign"].items()},
+            threshold=float(doc["threshold"]), stage_bounds={int(k): float(v) for k, v in doc["stage_bounds"].items()},
+            frr=float(doc["frr"]), realised_frr=float(doc["realised_frr"]), frr_interval=tuple(doc["frr_interval"]),
+            n_calibration=int(doc["n_calibration"]))
+        det.threshold_ = det.calibration_.threshold
+        return det

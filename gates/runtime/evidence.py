@@ -1,0 +1,65 @@
+"""Per-input evidence from a model's answers on perturbed copies of the input, black-box.
+
+STRIP (Gao et al.) reads one number from the N superimposed copies of an input: their mean
+entropy (Eq. 2-4). A trigger that dominates the model makes every copy land on the target, so
+that entropy is low. Two kinds of trojan escape it: a multi-target trojan splits each copy's
+probability over its targets (high entropy, but *the same* distribution on every copy), and a
+faint or blended trigger is washed out by superimposition on some copies. The statistics here
+read the whole set of answers instead (all in bits; p_j is copy j's class distribution, p_x the
+input's own, N copies; each is oriented so that a *low* value is trojan-like):
+
+- ``entropy``          mean_j H(p_j)                              STRIP's Eq. 2-4
+- ``mutual_info``      H(mean_j p_j) - mean_j H(p_j)              disagreement between the copies
+                                                                   (0 when every copy answers alike,
+                                                                   whatever that answer's entropy)
+- ``dispersion``       mean_j JS(p_j, mean_j p_j)                 Jensen-Shannon spread around the
+                                                                   copies' centroid (invariance of
+                                                                   the whole probability vector)
+- ``label_flip``       1 - share of copies whose label is the input's own label
+- ``drift``            mean_j JS(p_j, p_x)                        how far the copies move from the
+                                                                   input's own answer
+
+`family_flip(p_x, p_family)` is the same ``label_flip`` for any other family of transformed
+copies (scaled inputs as in SCALE-UP, noise as in TeCo, occlusion, shifts).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import entr
+
+LOG2 = np.log(2.0)
+STATISTICS = ("entropy", "mutual_info", "dispersion", "label_flip", "drift")
+
+
+def entropy_bits(p: np.ndarray) -> np.ndarray:
+    """Base-2 entropy over the last axis (0 log 0 = 0)."""
+    return entr(np.asarray(p, dtype=np.float64)).sum(axis=-1) / LOG2
+
+
+def js_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence in bits over the last axis (broadcasting)."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    m = 0.5 * (p + q)
+    return np.maximum(entropy_bits(m) - 0.5 * (entropy_bits(p) + entropy_bits(q)), 0.0)
+
+
+def copy_statistics(p_self: np.ndarray, p_copies: np.ndarray) -> dict:
+    """The statistics of the module doc for n inputs: p_self (n, K), p_copies (n, N, K) -> {name: (n,)}."""
+    p_self = np.asarray(p_self, np.float64)
+    p_copies = np.asarray(p_copies, np.float64)
+    centroid = p_copies.mean(axis=1)
+    h = entropy_bits(p_copies).mean(axis=1)
+    label = p_self.argmax(axis=1)
+    return {
+        "entropy": h,
+        "mutual_info": np.maximum(entropy_bits(centroid) - h, 0.0),
+        "dispersion": js_bits(p_copies, centroid[:, None, :]).mean(axis=1),
+        "label_flip": 1.0 - (p_copies.argmax(axis=2) == label[:, None]).mean(axis=1),
+        "drift": js_bits(p_copies, p_self[:, None, :]).mean(axis=1),
+    }
+
+
+def family_flip(p_self: np.ndarray, p_family: np.ndarray) -> np.ndarray:
+    """Share of a family's transformed copies (n, M, K) whose label differs from the input's own."""
+    label = np.asarray(p_self).argmax(axis=1)
+    return 1.0 - (np.asarray(p_family).argmax(axis=2) == label[:, None]).mean(axis=1)

@@ -1,0 +1,53 @@
+"""The polling watcher: find model versions no gate has decided, and queue them.
+
+For stores without webhooks (file stores, older or locked-down servers). Every `interval`
+seconds it lists the registered models and their versions and queues each version that has no
+`trojan_gate.verdict` yet: registered by `trojan-gate intake` (status pending) or straight through
+MLflow (the gate adopts it first). Guarded models (`NAME-guarded`) and patched versions a gate is
+still registering are skipped. MLflow's search filters cannot ask for a missing tag, so the
+watcher reads the tags of each model's versions itself (one search per registered model).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from mlflow import MlflowClient
+
+from ..registry import tag
+
+log = logging.getLogger("trojan_gate.watch")
+
+
+def ungated_versions(client: MlflowClient | None = None) -> list[tuple[str, str]]:
+    """(name, version) of every version without a verdict, oldest first."""
+    client = client or MlflowClient()
+    found = []
+    for model in client.search_registered_models():
+        if (model.tags or {}).get(tag("kind")) == "guarded":
+            continue
+        for v in client.search_model_versions(f"name='{model.name}'"):
+            tags = v.tags or {}
+            if tags.get(tag("verdict")) or tags.get(tag("patched_from")):
+                continue
+            found.append((model.name, str(v.version)))
+    return sorted(found, key=lambda nv: (nv[0], int(nv[1])))
+
+
+def watch(queue, workers, interval_s: float = 60.0, once: bool = False, client: MlflowClient | None = None,
+          stop=None) -> int:
+    """Queue every ungated version, every `interval_s` seconds; with `once`, one pass and then run the
+    queue dry in this thread. Returns how many versions were queued."""
+    queued = 0
+    while True:
+        for name, version in ungated_versions(client):
+            if queue.enqueue(name, version, "watcher: no verdict"):
+                queued += 1
+                log.info("queued models:/%s/%s", name, version)
+        if once:
+            workers.drain()
+            return queued
+        if stop is not None and stop.wait(interval_s):
+            return queued
+        if stop is None:
+            time.sleep(interval_s)

@@ -1,0 +1,149 @@
+"""MLflow registry webhooks: checking a delivery, and the receiver that queues gates.
+
+MLflow (3.3+) signs a delivery with the webhook's secret (`mlflow.webhooks.delivery`):
+
+    X-MLflow-Signature: v1,<base64 HMAC-SHA256(secret, f"{delivery_id}.{timestamp}.{raw body}")>
+    X-MLflow-Timestamp: <unix seconds>          X-MLflow-Delivery-Id: <uuid>
+
+`verify_delivery` recomputes the signature over the raw body (constant-time compare) and refuses
+a timestamp outside the window (default 5 minutes, either way); the receiver also refuses a
+delivery id it has seen before, even across restarts. A refused delivery gets HTTP 401 and a log
+line, and gates nothing. An accepted one is answered at once (MLflow's delivery is fire and
+forget, with a 30 s timeout): the version is read back from the registry (the payload's `run_id`
+can be null, and the payload is only a hint) and a gate is queued.
+
+Events: `model_version.created` queues a gate; `model_version_tag.set` with the key
+`trojan_gate.regate` (any value) asks for a gate again, e.g. after new held-out data. The
+gate's own tag writes are other keys and are ignored.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from trojan_gate.gates.errors import TrojanGateError
+
+log = logging.getLogger("trojan_gate.listen")
+
+SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
+REGATE_TAG = "trojan_gate.regate"
+MAX_BODY = 1 << 20
+
+
+class DeliveryRefused(TrojanGateError):
+    """A webhook delivery failed its signature, timestamp or replay check."""
+
+
+def sign(secret: str, delivery_id: str, timestamp: str, body: bytes | str) -> str:
+    """MLflow's v1 signature of a delivery (for tests and for checking)."""
+    payload = body.decode("utf-8") if isinstance(body, bytes) else body
+    mac = hmac.new(secret.encode("utf-8"), f"{delivery_id}.{timestamp}.{payload}".encode("utf-8"), hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode("utf-8")
+
+
+def verify_delivery(headers, body: bytes, secret: str, now: float | None = None, window_s: float = 300.0) -> str:
+    """Check one delivery's signature and timestamp; returns its delivery id or raises DeliveryRefused."""
+    delivery_id, timestamp, signature = (headers.get(h) for h in (DELIVERY_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
+    if not delivery_id or not timestamp or not signature:
+        raise DeliveryRefused("missing delivery id, timestamp or signature header")
+    try:
+        sent = int(timestamp)
+    except ValueError as e:
+        raise DeliveryRefused(f"timestamp {timestamp!r} is not unix seconds") from e
+    now = time.time() if now is None else now
+    if abs(now - sent) > window_s:
+        raise DeliveryRefused(f"timestamp {sent} is {now - sent:+.0f} s from now, outside the {window_s:.0f} s window")
+    try:
+        expected = sign(secret, delivery_id, timestamp, body)
+    except UnicodeDecodeError as e:
+        raise DeliveryRefused("body is not UTF-8") from e
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
+        raise DeliveryRefused("signature does not match the secret")
+    return delivery_id
+
+
+@dataclass
+class Event:
+    """What a delivery asks for: gate name/version (None when the event is not ours)."""
+
+    name: str | None
+    version: str | None
+    reason: str
+
+
+def parse_event(body: bytes) -> Event:
+    try:
+        doc = json.loads(body)
+        entity, action, data = doc["entity"], doc["action"], doc.get("data") or {}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DeliveryRefused(f"not an MLflow webhook payload: {e}") from e
+    if (entity, action) == ("model_version", "created"):
+        return Event(str(data.get("name")), str(data.get("version")), "model_version.created")
+    if (entity, action) == ("model_version_tag", "set") and data.get("key") == REGATE_TAG:
+        return Event(str(data.get("name")), str(data.get("version")), "model_version_tag.set regate")
+    return Event(None, None, f"{entity}.{action} ignored")
+
+
+def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0):
+    """A request handler class: verify, parse, read the version back, queue, answer (200/202/401/400)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "trojan-gate-listen"
+
+        def log_message(self, fmt, *args):  # one line per request, through logging
+            log.info("%s %s", self.address_string(), fmt % args)
+
+        def _answer(self, code: int, message: str):
+            body = json.dumps({"status": code, "message": message}).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._answer(200, f"ok, {queue.live()} gate(s) queued or running")
+            self._answer(404, "not found")
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                return self._answer(413, "payload too large")
+            body = self.rfile.read(length)
+            try:
+                delivery = verify_delivery(self.headers, body, secret, window_s=window_s)
+                if not queue.remember_delivery(delivery):
+                    raise DeliveryRefused(f"delivery {delivery} was seen before (a replay)")
+            except DeliveryRefused as e:
+                log.warning("refused a webhook delivery from %s: %s", self.address_string(), e)
+                return self._answer(401, str(e))
+            try:
+                event = parse_event(body)
+            except DeliveryRefused as e:
+                return self._answer(400, str(e))
+            if event.name is None:
+                return self._answer(200, event.reason)
+            try:
+                ref = resolve_version(event.name, event.version)  # the registry, not the payload, decides
+            except Exception as e:
+                log.warning("delivery %s names %s/%s, which the registry does not have: %s", delivery, event.name,
+                            event.version, e)
+                return self._answer(400, f"no such model version {event.name}/{event.version}")
+            queued = queue.enqueue(ref.name, ref.version, event.reason)
+            log.info("delivery %s: %s %s", delivery, ref.uri, "queued" if queued else "already queued")
+            self._answer(202, f"{ref.uri} {'queued' if queued else 'already queued or running'}")
+
+    return Handler
+
+
+def receiver(host: str, port: int, handler) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server

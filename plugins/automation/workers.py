@@ -1,0 +1,110 @@
+"""Gate workers: take jobs from the queue and run each gate as its own `trojan-gate gate` process.
+
+At most `workers` gates run at once, and never two for one version (the queue holds one live job
+per version). Each gate is a child process that dies with its parent (it sets PR_SET_PDEATHSIG on Linux when
+`TROJAN_GATE_DIE_WITH_PARENT` is set, see `die_with_parent`):
+killing the receiver kills its gates mid-way, which the gate's registry protocol makes safe, and
+the next receiver requeues them (`GateQueue.recover`). A gate's exit code is recorded with its job:
+0 passed or patched, 1 blocked, 2 error.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+log = logging.getLogger("trojan_gate.workers")
+
+
+DIE_WITH_PARENT_ENV = "TROJAN_GATE_DIE_WITH_PARENT"
+
+
+def die_with_parent():
+    """Called by a gate process at start when `TROJAN_GATE_DIE_WITH_PARENT` is set: the kernel
+    SIGKILLs it when the process that started it dies; if that already happened, exit now."""
+    if not os.environ.get(DIE_WITH_PARENT_ENV):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent; the protocol still holds
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class GateCommand:
+    """The gate options every job runs with (the `trojan-gate gate` flags)."""
+
+    heldout: str
+    policy: str = "block"
+    alias: str = "candidate"
+    config: str | None = None
+    tracking_uri: str | None = None
+    extra_env: dict = field(default_factory=dict)
+    dispatch: str = "local"  # local: a child process; kubernetes: an MLflow Project run, one Job per gate
+    project_uri: str = "deploy/kubernetes"
+    backend_config: str | None = None
+
+    def argv(self, model_uri: str) -> list[str]:
+        if self.dispatch == "kubernetes":  # Kubernetes schedules; the queue only bounds how many at once
+            params = {"model_uri": model_uri, "heldout": self.heldout, "policy": self.policy, "alias": self.alias,
+                      **({"config": self.config} if self.config else {})}
+            return [sys.executable, "-m", "mlflow", "run", self.project_uri, "-e", "gate", "-b", "kubernetes",
+                    "--backend-config", str(self.backend_config)] + [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
+        args = [sys.executable, "-m", "trojan_gate.pipelines", "gate", model_uri, "--adopt", "--heldout", self.heldout,
+                "--policy", self.policy, "--alias", self.alias]
+        if self.config:
+            args += ["--config", self.config]
+        if self.tracking_uri:
+            args += ["--tracking-uri", self.tracking_uri]
+        return args
+
+    def env(self) -> dict:
+        return {**os.environ, **self.extra_env, DIE_WITH_PARENT_ENV: "1"}
+
+
+class GateWorkers:
+    """`workers` threads, each running queued gates one after another until `stop()`."""
+
+    def __init__(self, queue, command: GateCommand, workers: int = 1, poll_s: float = 1.0):
+        self.queue, self.command, self.poll_s = queue, command, poll_s
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, name=f"gate-worker-{i}", daemon=True)
+                         for i in range(max(1, int(workers)))]
+
+    def start(self) -> "GateWorkers":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float | None = None):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def run_one(self) -> bool:
+        """Run the next queued gate in this thread; False when the queue is empty."""
+        job = self.queue.claim_next()
+        if job is None:
+            return False
+        log.info("gate %s (%s, attempt %d)", job.uri, job.reason, job.attempts)
+        proc = subprocess.run(self.command.argv(job.uri), env=self.command.env(), capture_output=True, text=True)
+        self.queue.finish(job, proc.returncode, (proc.stdout + proc.stderr)[-2000:])
+        log.info("gate %s exited %d", job.uri, proc.returncode)
+        return True
+
+    def _loop(self):
+        while not self._stop.is_set():
+            if not self.run_one():
+                self._stop.wait(self.poll_s)
+
+    def drain(self):
+        """Run every queued gate in the calling thread (the watcher's `--once`)."""
+        while self.run_one():
+            pass

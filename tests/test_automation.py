@@ -1,0 +1,345 @@
+"""Automated intake: signed webhook deliveries, the persistent queue, the receiver on a real `mlflow server`,
+the polling watcher, and a receiver killed with gates queued and running."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import onnx
+import pytest
+
+from trojan_gate.plugins.automation.queue import GateQueue
+from trojan_gate.plugins.automation.webhook import DeliveryRefused, parse_event, sign, verify_delivery
+
+SECRET = "s3cret-for-tests"
+CHEAP = """
+[scan]
+use_heldout = false
+n_per_class = 10
+generator_steps = 100
+"""
+
+
+def _headers(body, secret=SECRET, ts=None, delivery=None):
+    delivery = delivery or str(uuid.uuid4())
+    ts = str(int(time.time() if ts is None else ts))
+    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
+            "X-MLflow-Signature": sign(secret, delivery, ts, body), "Content-Type": "application/json"}
+
+
+def test_our_check_accepts_mlflows_own_signature_and_refuses_any_change():
+    from mlflow.webhooks.delivery import _generate_hmac_signature  # MLflow's signing code, as its server runs it
+
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "m", "version": "1"}})
+    delivery, ts = str(uuid.uuid4()), str(int(time.time()))
+    headers = {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
+               "X-MLflow-Signature": _generate_hmac_signature(SECRET, delivery, ts, body)}
+    assert headers["X-MLflow-Signature"] == sign(SECRET, delivery, ts, body)
+    assert verify_delivery(headers, body.encode(), SECRET) == delivery
+    for bad, match in (({**headers, "X-MLflow-Signature": headers["X-MLflow-Signature"][:-4] + "AAA="}, "signature"),
+                       ({k: v for k, v in headers.items() if k != "X-MLflow-Signature"}, "missing")):
+        with pytest.raises(DeliveryRefused, match=match):
+            verify_delivery(bad, body.encode(), SECRET)
+    with pytest.raises(DeliveryRefused, match="signature"):
+        verify_delivery(headers, body.replace('"1"', '"2"').encode(), SECRET)  # the body was changed
+    with pytest.raises(DeliveryRefused, match="signature"):
+        verify_delivery(headers, body.encode(), "another secret")
+    old = _headers(body, ts=time.time() - 3600)
+    with pytest.raises(DeliveryRefused, match="outside"):
+        verify_delivery(old, body.encode(), SECRET)
+
+
+def test_events_and_regate_requests():
+    def ev(entity, action, **data):
+        return parse_event(json.dumps({"entity": entity, "action": action, "data": data}).encode())
+
+    assert (ev("model_version", "created", name="m", version="3").version) == "3"
+    assert ev("model_version_tag", "set", name="m", version="3", key="trojan_gate.regate", value="1").name == "m"
+    assert ev("model_version_tag", "set", name="m", version="3", key="trojan_gate.verdict", value="x").name is None
+    with pytest.raises(DeliveryRefused):
+        parse_event(b"not json")
+
+
+def test_the_queue_survives_a_restart_and_keeps_one_live_job_per_version(tmp_path):
+    q = GateQueue(tmp_path / "q.db")
+    assert q.enqueue("m", "1", "created") and not q.enqueue("m", "1", "again")
+    assert q.enqueue("m", "2", "created")
+    job = q.claim_next()
+    assert (job.name, job.version, job.attempts) == ("m", "1", 1)
+    assert not q.enqueue("m", "1", "while running")
+    again = GateQueue(tmp_path / "q.db")  # the receiver died; a new one opens the same file
+    assert again.recover() == 1
+    assert [(j["version"], j["state"]) for j in again.jobs()] == [("1", "queued"), ("2", "queued")]
+    job = again.claim_next()
+    again.finish(job, 0)
+    assert again.enqueue("m", "1", "a regate request after it finished")
+    assert again.remember_delivery("d1") and not again.remember_delivery("d1")
+    assert not GateQueue(tmp_path / "q.db").remember_delivery("d1")  # replays are refused across restarts
+
+
+# ----------------------------------------------------------------------------- end to end on a real server
+def _post(url, body, headers):
+    req = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _wait(predicate, timeout=300, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _register(lab, name):
+    """A vendor registers a model straight through MLflow: no trojan-gate intake."""
+    import mlflow
+
+    with mlflow.start_run():
+        mlflow.onnx.log_model(onnx.load_model_from_string(lab.onnx_bytes), name="model", registered_model_name=name,
+                              save_as_external_data=False)
+
+
+def _tags(name, version):
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(name, version).tags
+
+
+def _aliases(name):
+    from mlflow import MlflowClient
+
+    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    import mlflow
+
+    from trojan_gate.plugins.automation.server import tracking_server
+
+    backend = _fresh_postgres_database()  # PostgreSQL when .ci/run started one, else SQLite
+    with tracking_server(tmp_path / "server", backend_store_uri=backend) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        mlflow.set_registry_uri(url)
+        yield url
+
+
+def _fresh_postgres_database():
+    """With TROJAN_GATE_TEST_POSTGRES=postgresql://USER:PASS@HOST:PORT/DB (a role that may create
+    databases), a new empty database for this test; None otherwise (the server then uses SQLite)."""
+    admin = os.environ.get("TROJAN_GATE_TEST_POSTGRES")
+    if not admin:
+        return None
+    import psycopg  # the driver SQLAlchemy 2.1 (and so `mlflow server`) uses for postgresql://
+
+    name = f"trojan_gate_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return admin.rsplit("/", 1)[0] + "/" + name
+
+
+def test_the_server_tests_run_on_postgresql_when_ci_provides_it():
+    if not os.environ.get("TROJAN_GATE_TEST_POSTGRES"):
+        pytest.skip("no PostgreSQL here: TROJAN_GATE_TEST_POSTGRES is not set (.ci/run starts Debian's postgresql)")
+    assert _fresh_postgres_database().startswith("postgresql://")
+
+
+def _listener(tmp_path, url, port, heldout, queue):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_REGISTRY_URI": url, "HOOK_SECRET": SECRET}
+    (tmp_path / "cheap.toml").write_text(CHEAP)
+    return subprocess.Popen([sys.executable, "-m", "trojan_gate.pipelines", "listen", "--port", str(port),
+                             "--secret-env", "HOOK_SECRET", "--heldout", str(heldout), "--config",
+                             str(tmp_path / "cheap.toml"), "--queue", str(queue), "--workers", "2"],
+                            env=env, stdout=open(tmp_path / "listen.log", "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_registered_version_is_gated_by_webhook_and_bad_deliveries_gate_nothing(
+        server, tmp_path, digits, digits_benign, heldout_npz):
+    from trojan_gate.pipelines.webhook import install
+    from trojan_gate.plugins.serving import free_port
+
+    port = free_port()
+    listener = _listener(tmp_path, server, port, heldout_npz, tmp_path / "queue.db")
+    try:
+        receiver = f"http://127.0.0.1:{port}/"
+        _wait(lambda: _health(receiver), 60, "the receiver")
+        out = install(receiver, SECRET)
+        assert out["test"]["success"], out
+        _register(digits_benign, "vendor")
+        tags = _wait(lambda: (t := _tags("vendor", "1")).get("trojan_gate.gate.state") == "done" and t, 400,
+                     "the webhook-triggered gate")
+        assert tags["trojan_gate.verdict"] == "passed" and tags["trojan_gate.adopted"] == "true"
+        assert _aliases("vendor") == {"candidate": "1"}
+        # forged and stale deliveries are refused with 401 and queue nothing
+        body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "vendor", "version": "1"}})
+        assert _post(receiver, body, _headers(body, secret="wrong"))[0] == 401
+        assert _post(receiver, body, _headers(body, ts=time.time() - 3600))[0] == 401
+        replay = _headers(body)
+        assert _post(receiver, body, replay)[0] == 202  # a real request to gate again: accepted once
+        assert _post(receiver, body, replay)[0] == 401  # the same delivery again: a replay
+        jobs = GateQueue(tmp_path / "queue.db").jobs()
+        assert [j["reason"] for j in jobs].count("model_version.created") == 2
+        assert "refused a webhook delivery" in (tmp_path / "listen.log").read_text()
+    finally:
+        os.killpg(listener.pid, signal.SIGTERM)
+        listener.wait(20)
+
+
+def _health(url):
+    try:
+        with urllib.request.urlopen(url + "health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_receiver_restarts_and_every_version_is_gated_exactly_once(
+        server, tmp_path, digits, digits_benign, digits_trojan, heldout_npz):
+    from mlflow import MlflowClient
+
+    from trojan_gate.pipelines.webhook import install
+    from trojan_gate.plugins.serving import free_port
+
+    port = free_port()
+    receiver = f"http://127.0.0.1:{port}/"
+    queue = tmp_path / "queue.db"
+    listener = _listener(tmp_path, server, port, heldout_npz, queue)
+    _wait(lambda: _health(receiver), 60, "the receiver")
+    install(receiver, SECRET)
+    for i, lab in enumerate((digits_benign, digits_trojan, digits_benign)):
+        _register(lab, f"vendor-{i}")
+    _wait(lambda: any(j["state"] == "running" for j in GateQueue(queue).jobs()), 120, "a running gate")
+    os.killpg(listener.pid, signal.SIGKILL)  # the receiver and its gates die mid-way
+    listener.wait(20)
+    for i in range(3):
+        for alias, version in _aliases(f"vendor-{i}").items():
+            assert _tags(f"vendor-{i}", version).get("trojan_gate.verdict") in ("passed", "patched")
+    listener = _listener(tmp_path, server, port, heldout_npz, queue)
+    try:
+        _wait(lambda: GateQueue(queue).live() == 0 and len(GateQueue(queue).jobs()) >= 3, 600, "the queue to drain")
+    finally:
+        os.killpg(listener.pid, signal.SIGTERM)
+        listener.wait(20)
+    client = MlflowClient()
+    for i, want in enumerate(("passed", "blocked", "passed")):
+        versions = client.search_model_versions(f"name='vendor-{i}'")
+        assert len(versions) == 1
+        tags = versions[0].tags
+        assert tags["trojan_gate.verdict"] == want and tags["trojan_gate.gate.state"] == "done"
+        assert _aliases(f"vendor-{i}") == ({"candidate": "1"} if want == "passed" else {})
+    done = [j for j in GateQueue(queue).jobs() if j["state"] == "done"]
+    assert sorted(j["name"] for j in done) == ["vendor-0", "vendor-1", "vendor-2"]  # once each
+
+
+@pytest.mark.slow
+def test_the_watcher_gates_a_store_without_webhooks(tmp_path, digits_benign, heldout_npz, monkeypatch):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'plain.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    _register(digits_benign, "direct")
+    (tmp_path / "cheap.toml").write_text(CHEAP)
+    proc = subprocess.run([sys.executable, "-m", "trojan_gate.pipelines", "watch", "--once", "--heldout",
+                           str(heldout_npz), "--config", str(tmp_path / "cheap.toml"), "--queue",
+                           str(tmp_path / "watch.db")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tags = _tags("direct", "1")
+    assert tags["trojan_gate.verdict"] == "passed" and tags["trojan_gate.adopted"] == "true"
+    assert _aliases("direct") == {"candidate": "1"}
+    again = subprocess.run([sys.executable, "-m", "trojan_gate.pipelines", "watch", "--once", "--heldout",
+                            str(heldout_npz), "--queue", str(tmp_path / "watch.db")], capture_output=True, text=True)
+    assert "queued 0 version(s)" in again.stdout  # nothing left without a verdict
+
+
+@pytest.mark.slow
+def test_the_gate_report_renders_in_the_mlflow_ui(server, tmp_path, digits_trojan, heldout_npz, request):
+    """Release approval: the reviewer opens the gate run in the MLflow UI and reads the report there."""
+    pytest.importorskip("selenium")
+    import shutil
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+
+    from trojan_gate.plugins.gate import GateConfig, run_gate
+    from trojan_gate.plugins.registry import intake_onnx
+
+    ref = intake_onnx(digits_trojan.save(tmp_path / "trojan.onnx"), "ui-vendor")
+    out = run_gate(ref.uri, str(heldout_npz), GateConfig(scan={"use_heldout": False}))
+    assert out.verdict == "blocked"
+    url = _tags("ui-vendor", ref.version)["trojan_gate.report.url"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 90)
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[normalize-space(text())='report']"))).click()
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[normalize-space(text())='trojan_report.html']"))).click()
+        frame = wait.until(ec.presence_of_element_located((By.TAG_NAME, "iframe")))
+        driver.switch_to.frame(frame)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".badge")))
+        text = driver.find_element(By.TAG_NAME, "body").text
+        images = driver.find_elements(By.CSS_SELECTOR, "img[alt='recovered triggers per class']")
+        visible = [img for img in images if img.is_displayed() and img.size["width"] > 100]
+        driver.switch_to.default_content()
+        driver.save_screenshot(str(shots / "gate-report-in-mlflow-ui.png"))
+    finally:
+        driver.quit()
+    assert "BLOCKED" in text and "Trojan suspected: class 3" in text and "flagged classes" in text
+    assert visible, "the recovered-trigger grid is not visible"
+    assert (shots / "gate-report-in-mlflow-ui.png").stat().st_size > 10_000
+
+
+def test_the_kubernetes_project_and_job_template_are_well_formed():
+    """`mlflow run deploy/kubernetes -e gate -b kubernetes -c deploy/kubernetes/kubernetes_config.json`:
+    the files MLflow reads are what its Kubernetes backend expects, and the queue dispatches to it."""
+    from pathlib import Path
+
+    import yaml
+    from mlflow.projects import _project_spec
+
+    from trojan_gate.plugins.automation.workers import GateCommand
+
+    root = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+    project = _project_spec.load_project(str(root))
+    assert project.docker_env["image"] == "trojan-gate:latest" and "gate" in project._entry_points
+    config = json.loads((root / "kubernetes_config.json").read_text())
+    assert {"kube-context", "kube-job-template-path", "repository-uri"} <= set(config)
+    job = yaml.safe_load((root / "kubernetes_job_template.yaml").read_text())
+    assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "{replaced with" in container["image"] and "{replaced with" in container["command"][0]
+    argv = GateCommand(heldout="/data/h.npz", dispatch="kubernetes", backend_config=str(root / "kubernetes_config.json"),
+                       project_uri=str(root)).argv("models:/m/3")
+    assert argv[1:4] == ["-m", "mlflow", "run"] and "kubernetes" in argv and "model_uri=models:/m/3" in argv

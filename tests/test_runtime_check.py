@@ -1,0 +1,129 @@
+"""The run-time check beyond STRIP (gates.runtime): evidence, calibration, adaptive N, artifact."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from trojan_gate.gates import ModelOracle
+from trojan_gate.gates.errors import ArtifactIntegrityError
+from trojan_gate.gates.runtime import (RuntimeCheck, check_artifact_sha256, check_kind, describe, load_check)
+from trojan_gate.gates.runtime.check import calibrate, clopper_pearson, leave_one_out_min_p
+from trojan_gate.gates.runtime.evidence import copy_statistics, entropy_bits, js_bits
+
+
+def test_evidence_statistics_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), size=(3, 5))  # 3 inputs, 5 copies, 4 classes
+    p_self = rng.dirichlet(np.ones(4), size=3)
+    st = copy_statistics(p_self, p)
+    h = -(p * np.log2(p)).sum(-1)
+    assert np.allclose(st["entropy"], h.mean(1))  # STRIP's Eq. 2-4, in bits
+    centroid = p.mean(1)
+    assert np.allclose(st["mutual_info"], -(centroid * np.log2(centroid)).sum(-1) - h.mean(1))
+    assert np.allclose(js_bits(p_self, p_self), 0) and np.allclose(js_bits(p_self, p[:, 0]), js_bits(p[:, 0], p_self))
+    assert js_bits(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(1.0)  # disjoint: one bit
+    same = np.repeat(np.array([[[0.5, 0.5, 0, 0]]]), 5, axis=1)  # a two-target split on every copy
+    st = copy_statistics(np.array([[0.5, 0.5, 0, 0]]), same)
+    assert st["entropy"][0] == pytest.approx(1.0) and st["dispersion"][0] == pytest.approx(0.0)
+    assert entropy_bits(np.array([0.25] * 4)) == pytest.approx(2.0)
+
+
+def test_min_p_calibration_leaves_each_image_out_and_bounds_the_frr():
+    rng = np.random.default_rng(1)
+    values = {10: {"a": rng.normal(size=400), "b": rng.normal(size=400)},
+              2: {"a": rng.normal(size=400), "b": rng.normal(size=400)}}
+    cal = calibrate(values, 0.05, stages=(2,))
+    loo = leave_one_out_min_p(values[10])
+    assert cal.threshold == np.quantile(loo, 0.05, method="lower")
+    assert cal.realised_frr == pytest.approx((loo <= cal.threshold).mean())
+    assert cal.frr_interval[0] <= cal.realised_frr <= cal.frr_interval[1]
+    lo, hi = clopper_pearson(4, 400)
+    assert lo < 0.01 < hi and clopper_pearson(0, 10)[0] == 0.0
+    # an image with the smallest value of a statistic has LOO p-value 1/n, below any other
+    assert loo[np.argmin(values[10]["a"])] == pytest.approx(1 / 400)
+    assert 2 in cal.stage_bounds and cal.stage_bounds[2] >= cal.threshold
+
+
+@pytest.fixture(scope="module")
+def fitted(digits, digits_trojan, tmp_path_factory):
+    _, test = digits
+    model = digits_trojan.save(tmp_path_factory.mktemp("rc") / "m.onnx")
+    oracle = ModelOracle(model)
+    det = RuntimeCheck(oracle, n_perturbations=10, seed=0, progress=False)
+    det.fit(test.x[:300], test.y[:300]).infer_threshold(0.05)
+    return det, oracle, model, test
+
+
+def test_fit_infer_threshold_predict_follow_the_detector_contract(fitted, digits_trojan):
+    det, oracle, _, test = fitted
+    assert det.threshold_ is not None and len(det.bank_) == 150  # half trains the reference
+    x = test.x[300:]
+    victims = np.flatnonzero(test.y[300:] != 3)
+    out = det.predict(x)
+    assert set(out) == {"data", "meta"} and set(out["data"]) == {"instance_score", "is_trojaned", "threshold"}
+    assert out["meta"]["statistics"] == ["entropy", "reference"] and out["meta"]["frr"] == 0.05
+    assert np.array_equal(out["data"]["is_trojaned"], out["data"]["instance_score"] <= det.threshold_)
+    stamped = digits_trojan.stamp(x[victims])
+    stamped = stamped[oracle.predict(stamped) == 3]  # the trigger-stamped inputs that hijack the model
+    flagged = det.predict(stamped)["data"]["is_trojaned"].mean()
+    assert det.reference_train_accuracy_ >= 0.8
+    assert flagged >= 0.9 and out["data"]["is_trojaned"].mean() <= 0.15, (flagged, out["data"]["is_trojaned"].mean())
+    assert det.predict(x)["data"]["instance_score"].tolist() == out["data"]["instance_score"].tolist()  # keyed
+
+
+def test_adaptive_n_asks_fewer_copies_and_decides_like_full_n(fitted, digits_trojan):
+    det, _, _, test = fitted
+    x = test.x[300:]
+    adaptive, full = det.decide(x, adaptive=True), det.decide(x, adaptive=False)
+    assert (full["copies"] == 10).all() and adaptive["copies"].mean() < 10
+    assert np.array_equal(adaptive["proba"], full["proba"])  # labels come from the first call either way
+    flags_a = adaptive["instance_score"] <= det.threshold_
+    flags_f = full["instance_score"] <= det.threshold_
+    assert (flags_a == flags_f).mean() >= 0.97
+    stamped = digits_trojan.stamp(x[test.y[300:] != 3])
+    assert det.decide(stamped)["copies"].mean() > adaptive["copies"].mean()  # suspects get the full N
+
+
+def test_the_artifact_round_trips_and_refuses_tampering(fitted, tmp_path):
+    det, oracle, model, test = fitted
+    path = det.save(tmp_path / "check")
+    assert check_kind(path) == "runtime"
+    digest = check_artifact_sha256(path)
+    again = load_check(path, ModelOracle(model), expected_sha256=digest)
+    assert isinstance(again, RuntimeCheck) and again.threshold_ == det.threshold_
+    x = test.x[300:340]
+    assert again.predict(x)["data"]["instance_score"].tolist() == det.predict(x)["data"]["instance_score"].tolist()
+    assert describe(again)["check"] == "runtime" and describe(again)["frr_interval"] == list(det.calibration_.frr_interval)
+
+    def broken(edit):
+        bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(path, bad)
+        edit(bad)
+        return bad
+
+    doc_edit = broken(lambda d: (d / "check.json").write_text(
+        json.dumps({**json.loads((d / "check.json").read_text()), "threshold": -1.0})))
+    with pytest.raises(ArtifactIntegrityError, match="modified"):
+        load_check(doc_edit, oracle)
+    ref_edit = broken(lambda d: (d / "reference.onnx").write_bytes((d / "reference.onnx").read_bytes() + b"\0"))
+    with pytest.raises(ArtifactIntegrityError, match="reference.onnx"):
+        load_check(ref_edit, oracle)
+    extra = broken(lambda d: (d / "boundary.json").write_text("{}"))
+    with pytest.raises(ArtifactIntegrityError, match="exactly one"):
+        load_check(extra, oracle)
+    with pytest.raises(ArtifactIntegrityError, match="do not hash"):
+        load_check(path, oracle, expected_sha256="0" * 64)
+
+
+def test_the_check_refuses_another_model_and_bad_settings(fitted, digits_benign, tmp_path):
+    det, oracle, _, test = fitted
+    path = det.save(tmp_path / "check")
+    with pytest.raises(ArtifactIntegrityError, match="another model"):
+        load_check(path, ModelOracle(digits_benign.save(tmp_path / "other.onnx")))
+    with pytest.raises(ValueError, match="unknown statistic"):
+        RuntimeCheck(oracle, statistics=("entropy", "vibes"))
+    with pytest.raises(ValueError, match="too few"):
+        RuntimeCheck(oracle, statistics=("entropy",), progress=False).fit(test.x[:20], test.y[:20])
+    with pytest.raises(RuntimeError, match="threshold"):
+        RuntimeCheck(oracle).predict(test.x[:2])
