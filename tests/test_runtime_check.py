@@ -20,7 +20,11 @@ def test_evidence_statistics_follow_their_definitions():
     h = -(p * np.log2(p)).sum(-1)
     assert np.allclose(st["entropy"], h.mean(1))  # STRIP's Eq. 2-4, in bits
     centroid = p.mean(1)
-    assert np.allclose(st["mutual_info"], -(centroid * np.log2(centroid)).sum(-1) - h.mean(1))
+    def h_bits(q):
+        return -(q * np.log2(q)).sum(-1)
+
+    js = h_bits((p + centroid[:, None]) / 2) - 0.5 * (h_bits(p) + h_bits(centroid)[:, None])
+    assert np.allclose(st["dispersion"], js.mean(1))  # JS spread around the centroid
     assert np.allclose(js_bits(p_self, p_self), 0) and np.allclose(js_bits(p_self, p[:, 0]), js_bits(p[:, 0], p_self))
     assert js_bits(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(1.0)  # disjoint: one bit
     same = np.repeat(np.array([[[0.5, 0.5, 0, 0]]]), 5, axis=1)  # a two-target split on every copy

@@ -9,18 +9,12 @@ read the whole set of answers instead (all in bits; p_j is copy j's class distri
 input's own, N copies; each is oriented so that a *low* value is trojan-like):
 
 - ``entropy``          mean_j H(p_j)                              STRIP's Eq. 2-4
-- ``mutual_info``      H(mean_j p_j) - mean_j H(p_j)              disagreement between the copies
-                                                                   (0 when every copy answers alike,
-                                                                   whatever that answer's entropy)
 - ``dispersion``       mean_j JS(p_j, mean_j p_j)                 Jensen-Shannon spread around the
                                                                    copies' centroid (invariance of
                                                                    the whole probability vector)
-- ``label_flip``       1 - share of copies whose label is the input's own label
-- ``drift``            mean_j JS(p_j, p_x)                        how far the copies move from the
-                                                                   input's own answer
 
-`family_flip(p_x, p_family)` is the same ``label_flip`` for any other family of transformed
-copies (scaled inputs as in SCALE-UP, noise as in TeCo, occlusion, shifts).
+Copy agreement (mutual information, top-class vote share, drift from the input's answer) and
+other perturbation families were measured and not kept (docs/experiments.md, "Run-time check").
 """
 from __future__ import annotations
 
@@ -28,7 +22,7 @@ import numpy as np
 from scipy.special import entr
 
 LOG2 = np.log(2.0)
-STATISTICS = ("entropy", "mutual_info", "dispersion", "label_flip", "drift")
+STATISTICS = ("entropy", "dispersion")
 
 
 def entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -45,21 +39,9 @@ def js_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def copy_statistics(p_self: np.ndarray, p_copies: np.ndarray) -> dict:
     """The statistics of the module doc for n inputs: p_self (n, K), p_copies (n, N, K) -> {name: (n,)}."""
-    p_self = np.asarray(p_self, np.float64)
     p_copies = np.asarray(p_copies, np.float64)
     centroid = p_copies.mean(axis=1)
-    h = entropy_bits(p_copies).mean(axis=1)
-    label = p_self.argmax(axis=1)
     return {
-        "entropy": h,
-        "mutual_info": np.maximum(entropy_bits(centroid) - h, 0.0),
+        "entropy": entropy_bits(p_copies).mean(axis=1),
         "dispersion": js_bits(p_copies, centroid[:, None, :]).mean(axis=1),
-        "label_flip": 1.0 - (p_copies.argmax(axis=2) == label[:, None]).mean(axis=1),
-        "drift": js_bits(p_copies, p_self[:, None, :]).mean(axis=1),
     }
-
-
-def family_flip(p_self: np.ndarray, p_family: np.ndarray) -> np.ndarray:
-    """Share of a family's transformed copies (n, M, K) whose label differs from the input's own."""
-    label = np.asarray(p_self).argmax(axis=1)
-    return 1.0 - (np.asarray(p_family).argmax(axis=2) == label[:, None]).mean(axis=1)
