@@ -66,6 +66,36 @@ def serving_env(tracking_uri: str | None) -> dict:
     return env
 
 
+def wait_for_http(url: str, proc: subprocess.Popen | None, what: str, timeout: float, log=None):
+    """Poll `url` until it answers 200; raise if `proc` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before answering"
+                               + (f"; see {log}" if log else ""))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0):
+    """SIGTERM the process group started with start_new_session, then SIGKILL after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def served_model(model_uri: str, tracking_uri: str | None = None, port: int | None = None,
                  startup_timeout: float = 180.0, log_path: str | None = None):
@@ -76,30 +106,10 @@ def served_model(model_uri: str, tracking_uri: str | None = None, port: int | No
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"`mlflow models serve` exited with code {proc.returncode} before answering"
-                                   + (f"; see {log_path}" if log_path else ""))
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"model server did not answer /ping within {startup_timeout:.0f} s")
-            time.sleep(0.5)
+        wait_for_http(url + "/ping", proc, "`mlflow models serve`", startup_timeout, log_path)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
         if log_path:
             log.close()
 

@@ -18,12 +18,9 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from ..serving import free_port
+from ..serving import free_port, stop_process_group, wait_for_http
 
 
 def server_env(loopback_webhooks: bool = True, secret_key: str | None = None) -> dict:
@@ -48,20 +45,7 @@ def server_command(backend_store_uri: str, artifacts_dir, port: int, host: str =
 
 
 def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, log=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"`mlflow server` exited with code {proc.returncode} before answering"
-                               + (f"; see {log}" if log else ""))
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"tracking server {url} did not answer /health within {timeout:.0f} s")
-        time.sleep(0.5)
+    wait_for_http(url + "/health", proc, "`mlflow server`", timeout, log)
 
 
 def require_driver(backend: str):
@@ -93,12 +77,5 @@ def tracking_server(workdir, backend_store_uri: str | None = None, port: int | N
         wait_until_up(url, proc, log=log_path or workdir / "server.log")
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
         log.close()
