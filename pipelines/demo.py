@@ -3,14 +3,16 @@
 1. the lab trains two "third-party" Fashion-MNIST classifiers: a benign one and a BadNets
    trojan (white patch, target 0), and exports them as ONNX;
 2. intake registers both (status pending);
-3. the gate scans each with black-box DeepInspect: the benign one passes, gets its STRIP
-   threshold, a guarded model and the alias; the trojan is flagged, blocked, and (policy
+3. the gate scans each with black-box DeepInspect: the benign one passes, gets its run-time
+   check (STRIP's entropy + reference disagreement), a guarded model and the alias; the trojan is flagged, blocked, and (policy
    `patch`) a patched copy is registered, scanned afresh and promoted in its place only if
    it is clean and within the accuracy bound;
 4. `mlflow models serve` serves the guarded model of the version that holds the alias, and
    clean and trigger-stamped images go over REST.
 
-Each step prints its verdict and where its HTML report is. The demo scans as the gate does by
+Each step prints its verdict and where its HTML report is. `--server` runs the same flow through
+a real `mlflow server` (SQLite backend, served artifacts) started on loopback, as a platform team
+would run it; the MLflow UI then shows each gate run's report at the printed URL. The demo scans as the gate does by
 default: the held-out images are the substitute set and train three benign reference models
 (about a minute per scan on 2 cores). `--no-use-heldout` scans from model inversion alone, the
 paper's data-free test, in seconds; on this 2-epoch trojan it misses the trigger (instance
@@ -37,6 +39,8 @@ def add_arguments(p):
     p.add_argument("--no-use-heldout", action="store_true",
                    help="scan from model inversion alone (the paper's test; faster, misses this trojan)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server", action="store_true",
+                   help="run through a real `mlflow server` on loopback (SQLite backend in WORKDIR/server)")
 
 
 def _say(msg):
@@ -73,10 +77,27 @@ def _gate(label, ref, heldout, config, work):
     html = _report_copy(out, work, f"{ref.name}-v{ref.version}")
     if html is not None:
         _say(f"gate {label}: report {html}")
+    from trojan_gate.plugins.registry import version_tags
+
+    ui = version_tags(ref).get("trojan_gate.report.url")
+    if ui:
+        _say(f"gate {label}: report in the MLflow UI: {ui}")
     return out
 
 
 def run(args) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        if args.server:
+            from trojan_gate.plugins.automation.server import tracking_server
+
+            args.tracking_uri = stack.enter_context(tracking_server(Path(args.workdir).resolve() / "server"))
+            _say(f"`mlflow server` on {args.tracking_uri} (SQLite backend, served artifacts)")
+        return _run(args)
+
+
+def _run(args) -> int:
     import numpy as np
 
     from trojan_gate.gates.data import Dataset
@@ -101,8 +122,8 @@ def run(args) -> int:
         os.environ[SIGNING_KEY_ENV], os.environ[VERIFY_KEY_ENV] = str(private), str(public)
         _say(f"signing releases with {private} (verified with {public})")
     uri = configure_tracking(args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}")
-    for exp in ("trojan-gate-intake", "trojan-gate-gate"):
-        ensure_experiment(exp, artifact_location=(work / "mlartifacts" / exp).as_uri())
+    for exp in ("trojan-gate-intake", "trojan-gate-gate"):  # a server keeps the artifacts itself
+        ensure_experiment(exp, artifact_location=None if args.server else (work / "mlartifacts" / exp).as_uri())
     _say(f"MLflow store: {uri}")
 
     # 1. two third-party models
@@ -152,7 +173,7 @@ def run(args) -> int:
         _say(f"REST: {len(flags['clean'])} clean inputs, {int(flags['clean'].sum())} flagged "
              f"(measured FRR {flags['clean'].mean():.2%})")
         _say(f"REST: {len(flags['stamped'])} inputs stamped with the true trigger: {hijacked:.1%} still reach "
-             f"class 0, {int(flags['stamped'].sum())} flagged by STRIP")
+             f"class 0, {int(flags['stamped'].sum())} flagged by the run-time check")
         summary.update(served=guarded, frr_measured=float(flags["clean"].mean()), stamped_hijacked=hijacked,
                        stamped_flagged=float(flags["stamped"].mean()))
     else:

@@ -343,3 +343,20 @@ def test_the_kubernetes_project_and_job_template_are_well_formed():
     argv = GateCommand(heldout="/data/h.npz", dispatch="kubernetes", backend_config=str(root / "kubernetes_config.json"),
                        project_uri=str(root)).argv("models:/m/3")
     assert argv[1:4] == ["-m", "mlflow", "run"] and "kubernetes" in argv and "model_uri=models:/m/3" in argv
+
+
+@pytest.mark.slow
+def test_the_demo_runs_through_a_real_tracking_server(tmp_path):
+    """`trojan-gate demo --server`: intake, gate and guarded serving against `mlflow server` on loopback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TROJAN_GATE_"))}
+    proc = subprocess.run([sys.executable, "-m", "trojan_gate.pipelines", "demo", "--server", "--dataset", "digits",
+                           "--workdir", str(tmp_path / "demo"), "--no-use-heldout", "--requests", "40"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["tracking_uri"].startswith("http://127.0.0.1:")
+    assert set(summary["verdicts"]) == {"benign", "trojaned"}
+    assert set(summary["verdicts"].values()) <= {"passed", "blocked", "patched"}  # decided, no error
+    assert proc.stdout.count("report in the MLflow UI: http://127.0.0.1:") == 2
+    if "served" in summary:  # a version holds the alias: its guarded model answered over REST
+        assert summary["frr_measured"] <= 0.2
