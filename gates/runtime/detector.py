@@ -155,7 +155,7 @@ class RuntimeCheck:
             raise RuntimeError("no threshold: call fit and infer_threshold first")
         x = self.model.check_inputs(x)
         n, big_n, cal = len(x), self.n_perturbations, self.calibration_
-        copies = self._copies(x)
+        idx = self.strip_.draw_indices(x)  # copies are built stage by stage, only for inputs still asked
         p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
         answers = {}
         score = np.ones(n)
@@ -165,7 +165,7 @@ class RuntimeCheck:
         asked = 0
         with self.model.phase("check"):
             for stage in (*(self.stages if adaptive else ()), big_n):
-                new = copies[live, asked:stage].reshape((-1,) + x.shape[1:])
+                new = self.strip_.copies_at(x[live], idx[live, asked:stage])
                 batch = np.concatenate([x[live], new]) if asked == 0 else new
                 out = self._ask(self.model, batch)
                 if asked == 0:

@@ -154,10 +154,8 @@ class Strip:
         Draws N distinct bank images per input from its own bytes (never bank[exclude[i]] for
         input i), gathers them straight into `out` and superimposes x in place.
         """
-        self._check_fitted()
         n, big_n = len(x), self.n_perturbations
-        key = detector_key(self.seed, self.model.sha256)
-        idx = keyed_indices(input_seeds(x, key), len(self.bank_), big_n, exclude)
+        idx = self.draw_indices(x, exclude)
         shape = (n * big_n,) + self.bank_.shape[1:]
         if out is None:
             out = np.empty(shape, dtype=np.float32)
@@ -165,6 +163,20 @@ class Strip:
             raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
         np.take(self.bank_, idx.ravel(), axis=0, out=out)
         view = out.reshape((n, big_n) + self.bank_.shape[1:])
+        BLEND_RULES[self.blend](view, x[:, None], view)
+        return out
+
+    def draw_indices(self, x: np.ndarray, exclude=None) -> np.ndarray:
+        """(n, N) bank indices of each input's copies, drawn from its own bytes (see `perturb`)."""
+        self._check_fitted()
+        key = detector_key(self.seed, self.model.sha256)
+        return keyed_indices(input_seeds(x, key), len(self.bank_), self.n_perturbations, exclude)
+
+    def copies_at(self, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """(n * k, C, H, W) copies of x (n inputs) superimposed on bank[idx] (n, k): a slice of `perturb`."""
+        n, k = idx.shape
+        out = np.take(self.bank_, idx.ravel(), axis=0)
+        view = out.reshape((n, k) + self.bank_.shape[1:])
         BLEND_RULES[self.blend](view, x[:, None], view)
         return out
 

@@ -84,22 +84,22 @@ def evaluate(oracle, lab, test, split, reference, args) -> dict:
 
 
 def throughput(oracle, strip_x, rc, x, repeats: int = 10) -> dict:
-    """Inputs per second at batch 256: the plain model, STRIP's guard, the check's guard."""
+    """Inputs per second at batch 256 (median of `repeats` interleaved runs): plain model, STRIP guard, check guard."""
     from trojan_gate.gates import GuardedClassifier, Strip
 
     strip = Strip(oracle, n_perturbations=10, progress=False).fit(strip_x).infer_threshold(0.01)
     runs = {"plain": lambda: oracle.predict_proba(x), "STRIP guard": GuardedClassifier(oracle, strip).predict,
             "check guard": GuardedClassifier(oracle, rc).predict}
-    out = {}
-    for name, fn in runs.items():
-        f = (lambda: fn(x)) if name != "plain" else fn
+    calls = {name: (lambda fn=fn: fn(x)) if name != "plain" else fn for name, fn in runs.items()}
+    times = {name: [] for name in calls}
+    for f in calls.values():  # warm-up
         f()
-        times = []
-        for _ in range(repeats):
+    for _ in range(repeats):  # interleaved, so a change of load hits every runner alike
+        for name, f in calls.items():
             t0 = time.perf_counter()
             f()
-            times.append(time.perf_counter() - t0)
-        out[name] = len(x) / float(np.median(times))
+            times[name].append(time.perf_counter() - t0)
+    out = {name: len(x) / float(np.median(t)) for name, t in times.items()}
     return out
 
 
@@ -162,7 +162,7 @@ def markdown(rows, speed, ref_acc, args) -> str:
                      + " | ".join(cells) + f" | {r['check'][2]:.2f} / {r['check'][3]:.2f} | {100 * lo:.2f}–{100 * hi:.2f}% |")
     if speed:
         plain, calls = speed["plain"], rows[0][2]["check"][2]
-        lines += ["", "Throughput at batch 256 (inputs/s, median of 10, first model): " + ", ".join(
+        lines += ["", "Throughput at batch 256 (inputs/s, median of 10 interleaved runs, first model): " + ", ".join(
             f"{k} {v:.0f}" for k, v in speed.items()) + f"; STRIP guard = {speed['STRIP guard'] / (plain / 11):.2f} x "
             f"plain/11; check guard = {speed['check guard'] / (plain / calls):.2f} x plain/{calls:.2f} (its mean "
             "queries per clean input)."]
