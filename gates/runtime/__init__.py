@@ -31,11 +31,8 @@ def check_kind(directory) -> str:
 
 def check_artifact_sha256(directory) -> str:
     """One hash for the whole artifact: sha256 over each file's name and sha256 (STRIP's rule, every file)."""
-    import hashlib
-
     from ..errors import ArtifactIntegrityError
-    from ..hashing import sha256_file
-    from ..strip.artifact import artifact_sha256
+    from ..strip.artifact import artifact_sha256, files_sha256
 
     directory = Path(directory)
     if check_kind(directory) == "strip":
@@ -45,10 +42,7 @@ def check_artifact_sha256(directory) -> str:
     if set(names) - allowed or not {CHECK_FILE, BANK_FILE} <= set(names):
         raise ArtifactIntegrityError(f"run-time check artifact {directory} holds {names}; expected "
                                      f"{sorted(allowed)} (reference.onnx only with the reference statistic)")
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode() + b"\0" + sha256_file(directory / name).encode() + b"\n")
-    return h.hexdigest()
+    return files_sha256(directory, names, label="run-time check artifact")
 
 
 def load_check(directory, oracle, expected_sha256: str | None = None):

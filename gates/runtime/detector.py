@@ -73,8 +73,10 @@ class RuntimeCheck:
     def frr_(self) -> float:
         return self.calibration_.frr
 
-    def benign_scores(self) -> np.ndarray:
-        """Leave-one-out instance scores of the calibration images at full N (what the threshold is a quantile of)."""
+    @property
+    def benign_scores_(self) -> np.ndarray | None:
+        """Leave-one-out instance scores of the calibration images at full N (what the threshold is a
+        quantile of); Strip's attribute of the same name. None after `load` (the pairing is not saved)."""
         from .check import leave_one_out_min_p
 
         values = getattr(self, "stage_values_", None)  # per image, paired across statistics (fit only)

@@ -50,16 +50,21 @@ def content_sha256(doc: dict) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in doc.items() if k != "integrity"})).hexdigest()
 
 
-def artifact_sha256(directory) -> str:
-    """One hash for the whole artifact: sha256 over the names and sha256 of both files."""
+def files_sha256(directory, names, label: str = "boundary artifact") -> str:
+    """sha256 over each named file's name and sha256, in the order given (a missing file is refused)."""
     directory = Path(directory)
     h = hashlib.sha256()
-    for name in (BOUNDARY_FILE, BANK_FILE):
+    for name in names:
         path = directory / name
         if not path.is_file():
-            raise ArtifactIntegrityError(f"boundary artifact is missing {name} in {directory}")
+            raise ArtifactIntegrityError(f"{label} is missing {name} in {directory}")
         h.update(name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return h.hexdigest()
+
+
+def artifact_sha256(directory) -> str:
+    """One hash for the whole artifact: sha256 over the names and sha256 of both files."""
+    return files_sha256(directory, (BOUNDARY_FILE, BANK_FILE))
 
 
 def write_artifact(directory, doc: dict, bank: np.ndarray) -> Path:

@@ -126,7 +126,7 @@ def calibrate(state: GateState):
                           min_per_class=cfg.min_per_class)
     checkpoint("strip.fitted")
     view = describe(det)
-    view["benign_scores"] = np.asarray(det.benign_scores() if s.check == "runtime" else det.benign_scores_)
+    view["benign_scores"] = np.asarray(det.benign_scores_)
     if s.estimate_far and state.scan.generator is not None:
         classes = state.scan.flagged_classes or None  # the suspected trojan's own triggers when patched
         stamped = hijacking_inputs(oracle, state.scan.generator.stamp, state.heldout.x, state.heldout.y,
