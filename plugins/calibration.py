@@ -27,6 +27,7 @@ from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.hashing import sha256_file
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.runtime import calibrate_check, check_artifact_sha256, describe
+from trojan_gate.gates.runtime.check import DEFAULT_STAGES, DEFAULT_STATISTICS
 
 from .guarded_pyfunc import CODE_FILE, guarded_signature
 from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx, version_tags
@@ -129,7 +130,7 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
                          blend: str | None = None, seed: int = 0, min_per_class: int = 5,
                          guarded_name: str | None = None, experiment: str = "trojan-gate-calibrate",
                          onnx_path=None, policy: str = "reject", check: str = "runtime",
-                         statistics=("entropy", "reference"), stages=(2, 4)) -> CalibrationOutcome:
+                         statistics=DEFAULT_STATISTICS, stages=DEFAULT_STAGES) -> CalibrationOutcome:
     """Verify the version's ONNX, calibrate the run-time check (`check`: runtime | strip) on held-out
     data, attach it and register the guard.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .check import DEFAULT_STAGES, DEFAULT_STATISTICS
 from .detector import BANK_FILE, CHECK_FILE, REFERENCE_FILE, RuntimeCheck
 
 KINDS = ("runtime", "strip")
@@ -58,7 +59,7 @@ def load_check(directory, oracle, expected_sha256: str | None = None):
 
 
 def calibrate_check(oracle, heldout, kind: str = "runtime", frr: float = 0.01, n_perturbations: int = 10,
-                    blend: str | None = None, statistics=("entropy", "reference"), stages=(2, 4), seed: int = 0,
+                    blend: str | None = None, statistics=DEFAULT_STATISTICS, stages=DEFAULT_STAGES, seed: int = 0,
                     min_per_class: int = 5):
     """Held-out expectations first (raises DataValidationError), then the chosen check's fit + infer_threshold."""
     from ..strip import DEFAULT_BLEND, calibrate_strip

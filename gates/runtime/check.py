@@ -38,7 +38,8 @@ from scipy import stats as sps
 from .evidence import copy_statistics, js_bits
 
 STATISTICS = ("entropy", "dispersion", "reference")
-DEFAULT_STATISTICS = ("entropy", "reference")  # dispersion: little gain, a draw-sensitive low tail (docs/strip.md)
+DEFAULT_STATISTICS = ("entropy", "reference")  # dispersion: little gain, a draw-sensitive low tail (docs/experiments.md)
+DEFAULT_STAGES = (2, 4)  # copies asked before each early-stopping decision
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

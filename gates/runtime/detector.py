@@ -20,7 +20,7 @@ from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
 from ..strip.artifact import content_sha256, utc_now, versions
 from ..strip.detector import DEFAULT_BLEND, Strip
-from .check import DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
+from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
 
 CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
 FORMAT = "trojan-gate/runtime-check"
@@ -45,7 +45,7 @@ class RuntimeCheck:
     """
 
     def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, statistics=DEFAULT_STATISTICS,
-                 stages=(2, 4), reference_fraction: float = 0.5, reference_epochs: int = 40, reference=None,
+                 stages=DEFAULT_STAGES, reference_fraction: float = 0.5, reference_epochs: int = 40, reference=None,
                  seed: int = 0, progress: bool = True):
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from trojan_gate.gates import __version__
 from trojan_gate.gates.errors import TrojanGateError
+from trojan_gate.gates.runtime.check import DEFAULT_STAGES, DEFAULT_STATISTICS
 
 POLICIES = ("block", "patch")
 GATE_KEYS = ("policy", "alias", "seed", "max_accuracy_drop", "min_per_class", "timeout_s")
@@ -81,8 +82,8 @@ class StripSettings:
     estimate, and the serving policy signed into the release (no client chooses it per request)."""
 
     check: str = "runtime"
-    statistics: list = field(default_factory=lambda: ["entropy", "reference"])
-    stages: list = field(default_factory=lambda: [2, 4])
+    statistics: list = field(default_factory=lambda: list(DEFAULT_STATISTICS))
+    stages: list = field(default_factory=lambda: list(DEFAULT_STAGES))
     frr: float = 0.01
     n_perturbations: int = 10
     blend: str = "max"
