@@ -114,7 +114,7 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
         if state.verdict == PATCHED:
             new_tags = {**steps.scan_tags(state.fresh), **steps.strip_tags(state), "gate.policy": config.policy,
                         **links}
-        new_fp = config.fingerprint(state.patch.sha256) if state.verdict == PATCHED else ""
+        new_fp = state.patched_fingerprint if state.verdict == PATCHED else ""
         finish(client, ref, state.run_id, state.verdict, state.fingerprint, config.alias, source_tags,
                new_ref=state.new_ref, new_tags=new_tags, new_fingerprint=new_fp)
     except GateSuperseded as e:

@@ -50,6 +50,11 @@ class GateState:
         return {"passed": self.ref, "patched": self.new_ref}.get(self.verdict)
 
     @property
+    def patched_fingerprint(self) -> str:
+        """The reuse fingerprint of the patched version ("" when there is no patch)."""
+        return self.config.fingerprint(self.patch.sha256) if self.patch is not None else ""
+
+    @property
     def deadline(self) -> float | None:
         """time.monotonic() value past which the gate stops (None: no limit)."""
         return None if self.config.timeout_s is None else self.started + float(self.config.timeout_s)

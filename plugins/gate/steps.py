@@ -140,7 +140,7 @@ def calibrate(state: GateState):
                               "estimated_far_classes": "all" if classes is None else [int(c) for c in classes]})
     require_claim(state.client, state.ref, state.run_id)
     verdict = {"verdict": state.verdict, "gate_run_id": state.run_id, "source": state.ref.uri,
-               "fingerprint": state.fingerprint if final == state.ref else cfg.fingerprint(state.patch.sha256),
+               "fingerprint": state.fingerprint if final == state.ref else state.patched_fingerprint,
                "flagged_classes": list(state.scan.flagged_classes), "config": cfg.resolved(),
                "serving": serving_settings(s.policy)}
     outcome = attach_strip(final, det, onnx_path, verdict, client=state.client)
