@@ -18,12 +18,21 @@ import numpy as np
 
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
-from ..strip.artifact import content_sha256, utc_now, versions
+from ..strip.artifact import content_sha256, load_bank, utc_now, versions
 from ..strip.detector import DEFAULT_BLEND, Strip
 from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
 
 CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
 FORMAT = "trojan-gate/runtime-check"
+
+
+def _attach_bank(check: "RuntimeCheck", bank: np.ndarray):
+    """Give a check (in fit and load) the held-out images its copies are superimposed on, and STRIP's
+    keyed draws over them."""
+    check.bank_ = bank
+    check.strip_ = Strip(check.model, n_perturbations=check.n_perturbations, blend=check.blend, seed=check.seed,
+                         progress=False)
+    check.strip_.bank_, check.strip_.model_sha256_ = bank, check.model.sha256
 
 
 class RuntimeCheck:
@@ -126,11 +135,7 @@ class RuntimeCheck:
                 Dataset(x[ref_idx], y[ref_idx].astype(np.int64)), self.model.n_classes, epochs=self.reference_epochs,
                 seed=self.seed)
             self.reference_ = ModelOracle(self.reference_bytes_)
-        self.strip_ = Strip(self.model, n_perturbations=self.n_perturbations, blend=self.blend, seed=self.seed,
-                            progress=False)
-        self.strip_.bank_ = np.ascontiguousarray(x[cal_idx])
-        self.strip_.model_sha256_ = self.model.sha256
-        self.bank_ = self.strip_.bank_
+        _attach_bank(self, np.ascontiguousarray(x[cal_idx]))
         self.model_sha256_ = self.model.sha256
         self.created_at_ = utc_now()
         with self.model.phase("check-fit"):
@@ -248,12 +253,7 @@ class RuntimeCheck:
                 raise ArtifactIntegrityError(f"runtime check artifact refused: {why}")
         det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
                   stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"], progress=False)
-        det.bank_ = np.load(directory / BANK_FILE, allow_pickle=False).astype(np.float32)
-        if det.bank_.ndim != 1 + len(model.input_shape) or tuple(det.bank_.shape[1:]) != tuple(model.input_shape):
-            raise ArtifactIntegrityError(f"runtime check artifact refused: bank images have shape "
-                                         f"{tuple(det.bank_.shape[1:])}, the model expects {tuple(model.input_shape)}")
-        det.strip_ = Strip(model, n_perturbations=det.n_perturbations, blend=det.blend, seed=det.seed, progress=False)
-        det.strip_.bank_, det.strip_.model_sha256_ = det.bank_, model.sha256
+        _attach_bank(det, load_bank(directory / BANK_FILE, model.input_shape))
         det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
         det.extra = dict(doc.get("extra") or {})
         det.reference_bytes_ = None

@@ -85,14 +85,14 @@ def write_artifact(directory, doc: dict, bank: np.ndarray) -> Path:
     return directory
 
 
-def read_artifact(directory, model_sha256: str | None = None,
-                  expected_sha256: str | None = None) -> tuple[dict, np.ndarray]:
-    """Read and verify an artifact; return (document, bank).
+def read_artifact(directory, model_sha256: str | None = None, expected_sha256: str | None = None,
+                  input_shape=None) -> tuple[dict, np.ndarray]:
+    """Read and verify an artifact; return (document, bank as float32).
 
     Refuses with ArtifactIntegrityError, naming what mismatched, when a file is missing or
     unreadable, the JSON was edited (content sha256), the bank differs from the one recorded
-    (bank sha256), the artifact differs from a pinned `expected_sha256`, or the model it was
-    calibrated on is not `model_sha256`.
+    (bank sha256), the artifact differs from a pinned `expected_sha256`, the model it was
+    calibrated on is not `model_sha256`, or the bank's images are not of `input_shape`.
     """
     directory = Path(directory)
     json_path, bank_path = directory / BOUNDARY_FILE, directory / BANK_FILE
@@ -124,11 +124,21 @@ def read_artifact(directory, model_sha256: str | None = None,
     if model_sha256 is not None and doc.get("model_sha256") != model_sha256:
         raise ArtifactIntegrityError(f"model sha256 mismatch: the boundary was calibrated on model "
                                      f"{doc.get('model_sha256')}, but the model given is {model_sha256}")
-    try:
-        bank = np.load(bank_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ArtifactIntegrityError(f"{BANK_FILE} is not a readable array: {e}") from e
+    bank = load_bank(bank_path, input_shape)
     if list(bank.shape) != doc.get("bank_shape"):
         raise ArtifactIntegrityError(f"{BANK_FILE} shape {list(bank.shape)} differs from recorded "
                                      f"{doc.get('bank_shape')}")
     return doc, bank
+
+
+def load_bank(path, input_shape=None) -> np.ndarray:
+    """A saved perturbation bank as contiguous float32, never unpickled; refuses (ArtifactIntegrityError)
+    a file that is not a plain array, or images of another shape than `input_shape` when given."""
+    try:
+        bank = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{BANK_FILE} is not a readable array: {e}") from e
+    if input_shape is not None and (bank.ndim != 1 + len(input_shape) or tuple(bank.shape[1:]) != tuple(input_shape)):
+        raise ArtifactIntegrityError(f"bank images have shape {tuple(bank.shape[1:])}, "
+                                     f"the model expects {tuple(input_shape)}")
+    return np.ascontiguousarray(bank, dtype=np.float32)

@@ -154,17 +154,7 @@ class Strip:
         Draws N distinct bank images per input from its own bytes (never bank[exclude[i]] for
         input i), gathers them straight into `out` and superimposes x in place.
         """
-        n, big_n = len(x), self.n_perturbations
-        idx = self.draw_indices(x, exclude)
-        shape = (n * big_n,) + self.bank_.shape[1:]
-        if out is None:
-            out = np.empty(shape, dtype=np.float32)
-        elif out.shape != shape or out.dtype != np.float32:
-            raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
-        np.take(self.bank_, idx.ravel(), axis=0, out=out)
-        view = out.reshape((n, big_n) + self.bank_.shape[1:])
-        BLEND_RULES[self.blend](view, x[:, None], view)
-        return out
+        return self.copies_at(x, self.draw_indices(x, exclude), out=out)
 
     def draw_indices(self, x: np.ndarray, exclude=None) -> np.ndarray:
         """(n, N) bank indices of each input's copies, drawn from its own bytes (see `perturb`)."""
@@ -172,10 +162,17 @@ class Strip:
         key = detector_key(self.seed, self.model.sha256)
         return keyed_indices(input_seeds(x, key), len(self.bank_), self.n_perturbations, exclude)
 
-    def copies_at(self, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """(n * k, C, H, W) copies of x (n inputs) superimposed on bank[idx] (n, k): a slice of `perturb`."""
+    def copies_at(self, x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(n * k, C, H, W) copies of x (n inputs) superimposed on bank[idx] (n, k), input i's in rows
+        i*k .. i*k + k - 1: gathered straight into `out` (float32 of that shape, when given) and
+        superimposed in place. `perturb` is this with all N draws; the run-time check asks it stage by stage."""
         n, k = idx.shape
-        out = np.take(self.bank_, idx.ravel(), axis=0)
+        shape = (n * k,) + self.bank_.shape[1:]
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+        np.take(self.bank_, idx.ravel(), axis=0, out=out)
         view = out.reshape((n, k) + self.bank_.shape[1:])
         BLEND_RULES[self.blend](view, x[:, None], view)
         return out
@@ -283,14 +280,12 @@ class Strip:
             from ..oracle import ModelOracle
 
             model = ModelOracle(model)
-        doc, bank = read_artifact(directory, model_sha256=model.sha256, expected_sha256=expected_sha256)
-        if tuple(bank.shape[1:]) != tuple(model.input_shape):
-            raise ArtifactIntegrityError(f"bank images have shape {tuple(bank.shape[1:])}, "
-                                         f"the model expects {tuple(model.input_shape)}")
+        doc, bank = read_artifact(directory, model_sha256=model.sha256, expected_sha256=expected_sha256,
+                                  input_shape=model.input_shape)
         try:
             det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], seed=doc["seed"],
                       rule=doc["rule"], **kwargs)
-            det.bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+            det.bank_ = bank
             det.model_sha256_ = doc["model_sha256"]
             det.benign_scores_ = np.asarray(doc["benign_scores"], dtype=np.float64)
             det.mean_, det.std_, det.frr_ = float(doc["mean"]), float(doc["std"]), float(doc["frr"])
