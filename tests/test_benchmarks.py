@@ -27,12 +27,14 @@ def test_the_summary_says_the_gap_reads_the_df_alone_while_fn_counts_links():
 def test_the_benchmarks_share_one_zoo_and_refuse_unknown_names():
     import pytest
 
-    from trojan_gate.pipelines.benchmarks.zoo import (DEEPINSPECT_MODELS, PATCH_MODELS, STRIP_TRIGGERS, ZOO,
-                                                      entries, lab_config)
+    from trojan_gate.pipelines.benchmarks.zoo import (DEEPINSPECT_MODELS, PATCH_MODELS, RUNTIME_MODELS,
+                                                      STRIP_TRIGGERS, ZOO, entries, lab_config)
 
-    for name in list(DEEPINSPECT_MODELS) + list(PATCH_MODELS.values()) + list(STRIP_TRIGGERS.values()):
+    for name in (list(DEEPINSPECT_MODELS) + list(PATCH_MODELS.values()) + list(STRIP_TRIGGERS.values())
+                 + list(RUNTIME_MODELS.values())):
         assert name in ZOO
-    assert PATCH_MODELS["patch"] == STRIP_TRIGGERS["patch"] == "patch-small"  # one model, one definition
+    assert PATCH_MODELS["patch"] == STRIP_TRIGGERS["patch"] == RUNTIME_MODELS["patch"] == "patch-small"  # one model, one definition
+    assert lab_config(ZOO[RUNTIME_MODELS["watermark"]], epochs=2, arch="deep").trigger == "watermark"
     cfg = lab_config(ZOO["multi5-small"], epochs=6)
     assert cfg.targets == (0, 2, 3, 6, 8) and cfg.seed == 2 and cfg.epochs == 6
     with pytest.raises(ValueError, match="unknown zoo model"):

@@ -1,7 +1,8 @@
 """`trojan-gate benchmark strip`: the run-time check against STRIP, per trigger kind and architecture.
 
-For each lab trojan of the zoo (small patch, large pattern, blend, watermark, three and five
-targets; `--archs small,deep`) trained on Fashion-MNIST, the test split is cut (seeded) into a
+For each lab trojan of the shared zoo (`zoo.RUNTIME_MODELS`: small patch on class 0, large pattern
+on 2, blend on 6, watermark on 0, three and five targets; trained at `--seed`, each `--archs`
+architecture from the same entries) on Fashion-MNIST, the test split is cut (seeded) into a
 held-out set (the defender's: STRIP's bank, the check's calibration set and, for `reference`, the
 training set of a clean reference classifier), clean evaluation inputs, and stamped inputs
 (true class not a target; only those the trojan really hijacks count towards FAR). Per detector:
@@ -23,16 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .zoo import ZOO, ZooEntry, lab_config
+from .timing import interleaved_medians
+from .zoo import RUNTIME_MODELS, ZOO, lab_config
 
 HELP = "the run-time check (entropy, dispersion, reference disagreement, adaptive N) against STRIP, per trigger kind"
 
-TRIGGERS = {"patch": ("patch", (0,)), "pattern": ("pattern", (0,)), "blend": ("blend", (0,)),
-            "watermark": ("watermark", (0,)), "multi3": ("patch", (1, 4, 7)), "multi5": ("patch", (0, 2, 3, 6, 8))}
-
 
 def add_arguments(p):
-    p.add_argument("--triggers", default=",".join(TRIGGERS), help=f"subset of {','.join(TRIGGERS)}")
+    p.add_argument("--triggers", default=",".join(RUNTIME_MODELS), help=f"subset of {','.join(RUNTIME_MODELS)}")
     p.add_argument("--archs", default="small", help="comma list of lab architectures (small, deep)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=30000)
@@ -42,11 +41,6 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="lab, split and detector seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the markdown tables here")
-
-
-def _entry(trigger: str, arch: str) -> ZooEntry:
-    kind, targets = TRIGGERS[trigger]
-    return ZooEntry(f"{trigger}-{arch}", kind, targets, arch=arch)
 
 
 def _rates(flags_clean, flags_troj) -> tuple[float, float]:
@@ -88,19 +82,12 @@ def throughput(oracle, strip_x, rc, x, repeats: int = 10) -> dict:
     from trojan_gate.gates import GuardedClassifier, Strip
 
     strip = Strip(oracle, n_perturbations=10, progress=False).fit(strip_x).infer_threshold(0.01)
-    runs = {"plain": lambda: oracle.predict_proba(x), "STRIP guard": GuardedClassifier(oracle, strip).predict,
-            "check guard": GuardedClassifier(oracle, rc).predict}
-    calls = {name: (lambda fn=fn: fn(x)) if name != "plain" else fn for name, fn in runs.items()}
-    times = {name: [] for name in calls}
-    for f in calls.values():  # warm-up
+    strip_guard, check_guard = GuardedClassifier(oracle, strip), GuardedClassifier(oracle, rc)
+    runners = {"plain": lambda: oracle.predict_proba(x), "STRIP guard": lambda: strip_guard.predict(x),
+               "check guard": lambda: check_guard.predict(x)}
+    for f in runners.values():  # warm-up
         f()
-    for _ in range(repeats):  # interleaved, so a change of load hits every runner alike
-        for name, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
-    out = {name: len(x) / float(np.median(t)) for name, t in times.items()}
-    return out
+    return {name: len(x) / seconds for name, seconds in interleaved_medians(runners, repeats).items()}
 
 
 def run(args) -> int:
@@ -121,12 +108,15 @@ def run(args) -> int:
     ref_test = float((ModelOracle(reference).predict(test.x[clean]) == test.y[clean]).mean())
     print(f"reference classifier: {len(ref_part)} held-out images, clean accuracy {ref_test:.3f} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    triggers = args.triggers.split(",")
+    unknown = sorted(set(triggers) - set(RUNTIME_MODELS))
+    if unknown:
+        raise ValueError(f"unknown trigger(s) {unknown}; choose from {','.join(RUNTIME_MODELS)}")
     rows, speed = [], None
     for arch in args.archs.split(","):
-        for trigger in args.triggers.split(","):
-            entry = ZOO.get(f"{trigger}-{arch}") or _entry(trigger, arch)
-            lab = train_lab_model(train, test, lab_config(entry, args.epochs, seed=args.seed), progress=False,
-                                  threads=args.threads)
+        for trigger in triggers:
+            config = lab_config(ZOO[RUNTIME_MODELS[trigger]], args.epochs, arch=arch, seed=args.seed)
+            lab = train_lab_model(train, test, config, progress=False, threads=args.threads)
             oracle = ModelOracle(lab.onnx_bytes)
             res = evaluate(oracle, lab, test, (held, clean, rest), reference, args)
             if speed is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import EXIT_OK
+from .timing import interleaved_medians
 from .zoo import STRIP_TRIGGERS, ZOO, lab_config
 
 HELP = "STRIP FAR/FRR (Table III layout) and guarded-serving cost on Fashion-MNIST lab models"
@@ -142,20 +143,14 @@ def timing(oracle, x_held, x_eval, rule, seed, repeats) -> dict:
     fns = {"plain_1": lambda: oracle.predict_proba(one), "guarded_1": lambda: guard.predict(one),
            "plain_256": lambda: oracle.predict_proba(batch), "guarded_256": lambda: guard.predict(batch),
            "perturb_256": lambda: det.perturb(batch)}
-    times = {k: [] for k in fns}
     for k, fn in fns.items():  # warm-up, and one counted run to read calls and queries off the ledger
         fn()
         q0, c0 = oracle.queries, _calls(oracle)
         fn()
         out[k + "_calls_per_predict"] = _calls(oracle) - c0
         out[k + "_queries_per_predict"] = oracle.queries - q0
-    for _ in range(repeats):  # interleaved, so plain and guarded see the same machine load
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    for k, v in times.items():
-        out[k + "_s"] = float(np.median(v))
+    # interleaved, so plain and guarded see the same machine load
+    out.update({k + "_s": v for k, v in interleaved_medians(fns, repeats).items()})
     out["plain_throughput"] = len(batch) / out["plain_256_s"]
     out["guarded_throughput"] = len(batch) / out["guarded_256_s"]
     out["guarded_over_plain_div_11"] = out["guarded_throughput"] / (out["plain_throughput"] / 11)

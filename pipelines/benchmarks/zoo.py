@@ -16,7 +16,7 @@ import numpy as np
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    trigger: str  # none | patch | checker | pattern | blend
+    trigger: str  # none | patch | checker | pattern | blend | watermark
     targets: tuple
     arch: str = "small"
     seed: int = 0
@@ -42,12 +42,15 @@ ZOO = {e.name: e for e in (
     ZooEntry("pattern-small-t0", "pattern", (0,)),
     ZooEntry("blend-small-t0", "blend", (0,)),
     ZooEntry("blend-small-t5", "blend", (5,)),
+    ZooEntry("watermark-small-t0", "watermark", (0,)),
 )}
 
 DEEPINSPECT_MODELS = ("benign-small-s0", "benign-small-s1", "benign-deep-s0", "patch-small", "pattern-small",
                       "blend-small", "multi-patch-small", "patch-deep", "multi-259-small", "multi5-small")
 STRIP_TRIGGERS = {"patch": "patch-small", "checker": "checker-small-t0", "pattern": "pattern-small-t0",
                   "blend": "blend-small-t0", "multi": "multi-patch-small"}
+RUNTIME_MODELS = {"patch": "patch-small", "pattern": "pattern-small", "blend": "blend-small",
+                  "watermark": "watermark-small-t0", "multi3": "multi-patch-small", "multi5": "multi5-small"}
 PATCH_MODELS = {"patch": "patch-small", "pattern": "pattern-small", "blend": "blend-small-t5",
                 "multi": "multi-patch-small"}
 
