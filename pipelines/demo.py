@@ -112,13 +112,12 @@ def _run(args) -> int:
     shutil.rmtree(work / "reports", ignore_errors=True)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         os.environ.pop(var, None)  # under `mlflow run` the demo keeps its own store
-    from trojan_gate.plugins.signing import SIGNING_KEY_ENV, VERIFY_KEY_ENV, generate_keypair
+    from trojan_gate.plugins.signing import SIGNING_KEY_ENV, VERIFY_KEY_ENV, generate_keypair, keypair_paths
 
     if not os.environ.get(SIGNING_KEY_ENV):  # the demo signs its releases with a key pair of its own
-        keys = work / "keys"
-        private, public = (keys / "signing-key.pem", keys / "verify-key.pem")
+        private, public = keypair_paths(work / "keys")
         if not (private.is_file() and public.is_file()):
-            private, public = generate_keypair(keys)
+            private, public = generate_keypair(work / "keys")
         os.environ[SIGNING_KEY_ENV], os.environ[VERIFY_KEY_ENV] = str(private), str(public)
         _say(f"signing releases with {private} (verified with {public})")
     uri = configure_tracking(args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}")

@@ -33,15 +33,20 @@ class SigningError(TrojanGateError):
     """No usable signing or verification key."""
 
 
+def keypair_paths(directory) -> tuple[Path, Path]:
+    """Where a key pair lives in `directory`: (`signing-key.pem`, `verify-key.pem`)."""
+    directory = Path(directory)
+    return directory / "signing-key.pem", directory / "verify-key.pem"
+
+
 def generate_keypair(directory) -> tuple[Path, Path]:
     """An EC P-256 key pair as PEM files `signing-key.pem` (private, mode 600) and `verify-key.pem`."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    Path(directory).mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / "signing-key.pem", directory / "verify-key.pem"
+    private, public = keypair_paths(directory)
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
