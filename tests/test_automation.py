@@ -15,6 +15,7 @@ import pytest
 
 from trojan_gate.plugins.automation.queue import GateQueue
 from trojan_gate.plugins.automation.webhook import DeliveryRefused, parse_event, sign, verify_delivery
+from trojan_gate.plugins.serving import wait_for_http
 
 SECRET = "s3cret-for-tests"
 CHEAP = """
@@ -80,6 +81,24 @@ def test_the_queue_survives_a_restart_and_keeps_one_live_job_per_version(tmp_pat
     assert again.enqueue("m", "1", "a regate request after it finished")
     assert again.remember_delivery("d1") and not again.remember_delivery("d1")
     assert not GateQueue(tmp_path / "q.db").remember_delivery("d1")  # replays are refused across restarts
+
+
+def test_the_watcher_reads_every_page_of_the_registry(mlflow_store, tmp_path):
+    """MLflow's searches return one page at a time: with one result per page the watcher still finds
+    every ungated version, and skips decided versions and guarded models."""
+    from mlflow import MlflowClient
+
+    from trojan_gate.plugins.automation.watcher import ungated_versions
+
+    client = MlflowClient()
+    for name, versions in (("a", 2), ("b", 1), ("c", 1), ("a-guarded", 1)):
+        client.create_registered_model(name, tags={"trojan_gate.kind": "guarded"} if name.endswith("guarded") else None)
+        for _ in range(versions):
+            client.create_model_version(name, source=str(tmp_path))
+    client.set_model_version_tag("b", "1", "trojan_gate.verdict", "passed")
+    want = [("a", "1"), ("a", "2"), ("c", "1")]
+    assert ungated_versions(client, page_size=1) == want
+    assert ungated_versions(client) == want
 
 
 # ----------------------------------------------------------------------------- end to end on a real server
@@ -177,7 +196,7 @@ def test_a_registered_version_is_gated_by_webhook_and_bad_deliveries_gate_nothin
     listener = _listener(tmp_path, server, port, heldout_npz, tmp_path / "queue.db")
     try:
         receiver = f"http://127.0.0.1:{port}/"
-        _wait(lambda: _health(receiver), 60, "the receiver")
+        wait_for_http(receiver + "health", listener, "the receiver", 60)
         out = install(receiver, SECRET)
         assert out["test"]["success"], out
         _register(digits_benign, "vendor")
@@ -200,14 +219,6 @@ def test_a_registered_version_is_gated_by_webhook_and_bad_deliveries_gate_nothin
         listener.wait(20)
 
 
-def _health(url):
-    try:
-        with urllib.request.urlopen(url + "health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_a_killed_receiver_restarts_and_every_version_is_gated_exactly_once(
         server, tmp_path, digits, digits_benign, digits_trojan, heldout_npz):
@@ -220,7 +231,7 @@ def test_a_killed_receiver_restarts_and_every_version_is_gated_exactly_once(
     receiver = f"http://127.0.0.1:{port}/"
     queue = tmp_path / "queue.db"
     listener = _listener(tmp_path, server, port, heldout_npz, queue)
-    _wait(lambda: _health(receiver), 60, "the receiver")
+    wait_for_http(receiver + "health", listener, "the receiver", 60)
     install(receiver, SECRET)
     for i, lab in enumerate((digits_benign, digits_trojan, digits_benign)):
         _register(lab, f"vendor-{i}")

@@ -5,7 +5,8 @@ seconds it lists the registered models and their versions and queues each versio
 `trojan_gate.verdict` yet: registered by `trojan-gate intake` (status pending) or straight through
 MLflow (the gate adopts it first). Guarded models (`NAME-guarded`) and patched versions a gate is
 still registering are skipped. MLflow's search filters cannot ask for a missing tag, so the
-watcher reads the tags of each model's versions itself (one search per registered model).
+watcher reads the tags of each model's versions itself (one search per registered model), page
+after page.
 """
 from __future__ import annotations
 
@@ -19,14 +20,28 @@ from ..registry import tag
 log = logging.getLogger("trojan_gate.watch")
 
 
-def ungated_versions(client: MlflowClient | None = None) -> list[tuple[str, str]]:
-    """(name, version) of every version without a verdict, oldest first."""
+def every_page(search, **kwargs):
+    """Every result of an MLflow search, page after page (one call returns one page and a token:
+    `search_registered_models` stops at 100 models unless asked for the next page)."""
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def ungated_versions(client: MlflowClient | None = None, page_size: int | None = None) -> list[tuple[str, str]]:
+    """(name, version) of every version without a verdict, oldest first (`page_size`: results per
+    search call, MLflow's default when None)."""
     client = client or MlflowClient()
+    size = {} if page_size is None else {"max_results": int(page_size)}
     found = []
-    for model in client.search_registered_models():
+    for model in every_page(client.search_registered_models, **size):
         if (model.tags or {}).get(tag("kind")) == "guarded":
             continue
-        for v in client.search_model_versions(f"name='{model.name}'"):
+        for v in every_page(client.search_model_versions, filter_string=f"name='{model.name}'", **size):
             tags = v.tags or {}
             if tags.get(tag("verdict")) or tags.get(tag("patched_from")):
                 continue
