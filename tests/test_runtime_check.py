@@ -113,6 +113,23 @@ def test_the_artifact_round_trips_and_refuses_tampering(fitted, tmp_path):
     ref_edit = broken(lambda d: (d / "reference.onnx").write_bytes((d / "reference.onnx").read_bytes() + b"\0"))
     with pytest.raises(ArtifactIntegrityError, match="reference.onnx"):
         load_check(ref_edit, oracle)
+    no_bank = broken(lambda d: (d / "bank.npy").unlink())
+    with pytest.raises(ArtifactIntegrityError, match="bank.npy is missing"):
+        load_check(no_bank, oracle)
+    not_object = broken(lambda d: (d / "check.json").write_text("[1, 2]"))
+    with pytest.raises(ArtifactIntegrityError, match="not a JSON object"):
+        load_check(not_object, oracle)
+
+    def drop_field(d):  # an attacker who re-hashes the document: a missing field is refused by name, no crash
+        from trojan_gate.gates.strip.artifact import content_sha256
+
+        doc = json.loads((d / "check.json").read_text())
+        del doc["stage_bounds"]
+        doc["integrity"] = {"content_sha256": content_sha256(doc)}
+        (d / "check.json").write_text(json.dumps(doc))
+
+    with pytest.raises(ArtifactIntegrityError, match="lacks or mangles a field"):
+        load_check(broken(drop_field), oracle)
     extra = broken(lambda d: (d / "boundary.json").write_text("{}"))
     with pytest.raises(ArtifactIntegrityError, match="exactly one"):
         load_check(extra, oracle)

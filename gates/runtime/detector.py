@@ -240,30 +240,40 @@ class RuntimeCheck:
             doc = json.loads((directory / CHECK_FILE).read_text())
         except (OSError, ValueError) as e:
             raise ArtifactIntegrityError(f"{CHECK_FILE} is missing or not JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise ArtifactIntegrityError(f"runtime check artifact refused: {CHECK_FILE} is not a JSON object")
+
+        def intact(name, recorded):  # the file is there and hashes to what check.json recorded
+            return (directory / name).is_file() and sha256_file(directory / name) == recorded
+
         checks = [(doc.get("format") == FORMAT, "not a runtime-check artifact"),
                   ((doc.get("integrity") or {}).get("content_sha256") == content_sha256(doc), "check.json was modified"),
                   (doc.get("model_sha256") == model.sha256, "calibrated on another model"),
-                  (sha256_file(directory / BANK_FILE) == doc.get("bank_sha256"), "bank.npy was modified")]
-        if "reference" in doc["statistics"]:
-            checks.append(((directory / REFERENCE_FILE).is_file() and
-                           sha256_file(directory / REFERENCE_FILE) == doc.get("reference_sha256"),
-                           "reference.onnx was modified"))
+                  (intact(BANK_FILE, doc.get("bank_sha256")), "bank.npy is missing or was modified")]
+        if "reference" in (doc.get("statistics") or ()):
+            checks.append((intact(REFERENCE_FILE, doc.get("reference_sha256")), "reference.onnx was modified"))
         for ok, why in checks:
             if not ok:
                 raise ArtifactIntegrityError(f"runtime check artifact refused: {why}")
-        det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
-                  stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"], progress=False)
+        try:
+            det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
+                      stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"],
+                      progress=False)
+            det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
+            det.extra = dict(doc.get("extra") or {})
+            det.calibration_ = Calibration(
+                benign={int(s): {k: np.asarray(v) for k, v in d.items()} for s, d in doc["benign"].items()},
+                threshold=float(doc["threshold"]),
+                stage_bounds={int(k): float(v) for k, v in doc["stage_bounds"].items()}, frr=float(doc["frr"]),
+                realised_frr=float(doc["realised_frr"]), frr_interval=tuple(doc["frr_interval"]),
+                n_calibration=int(doc["n_calibration"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactIntegrityError(f"runtime check artifact refused: {CHECK_FILE} lacks or mangles a field: "
+                                         f"{e!r}") from e
         _attach_bank(det, load_bank(directory / BANK_FILE, model.input_shape))
-        det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
-        det.extra = dict(doc.get("extra") or {})
         det.reference_bytes_ = None
         if "reference" in det.statistics:
             det.reference_bytes_ = (directory / REFERENCE_FILE).read_bytes()
             det.reference_ = ModelOracle(det.reference_bytes_)
-        det.calibration_ = Calibration(
-            benign={int(s): {k: np.asarray(v) for k, v in d.items()} for s, d in doc["benign"].items()},
-            threshold=float(doc["threshold"]), stage_bounds={int(k): float(v) for k, v in doc["stage_bounds"].items()},
-            frr=float(doc["frr"]), realised_frr=float(doc["realised_frr"]), frr_interval=tuple(doc["frr_interval"]),
-            n_calibration=int(doc["n_calibration"]))
         det.threshold_ = det.calibration_.threshold
         return det
