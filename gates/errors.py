@@ -44,3 +44,7 @@ class DataValidationError(TrojanGateError):
 
 class ArtifactIntegrityError(TrojanGateError):
     """A boundary artifact does not verify (hash mismatch, missing file, wrong model)."""
+
+
+class CalibrationMismatchError(TrojanGateError):
+    """A scan calibration was built for another task (input shape, classes or held-out data)."""

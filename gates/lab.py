@@ -32,67 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import WithSoftmax, build_model
 from .data import Dataset, load_digits_dataset, load_fashion_mnist
 
-ARCHITECTURES = ("small", "deep")
 TRIGGERS = ("none", "patch", "checker", "pattern", "blend", "watermark")
-
-
-# ----------------------------------------------------------------------------- models
-class SmallCNN(nn.Module):
-    """Two conv layers and two dense ones; ~80k parameters at 28x28."""
-
-    def __init__(self, in_shape=(1, 28, 28), n_classes=10, width=16, hidden=48):
-        super().__init__()
-        c, h, w = in_shape
-        self.features = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        flat = 2 * width * (h // 4) * (w // 4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class DeepCNN(nn.Module):
-    """Six conv layers (VGG-style blocks) and a dense head."""
-
-    def __init__(self, in_shape=(1, 28, 28), n_classes=10, width=32):
-        super().__init__()
-        c, h, w = in_shape
-
-        def block(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.ReLU()]
-
-        self.features = nn.Sequential(
-            *block(c, width), nn.MaxPool2d(2),
-            *block(width, 2 * width), nn.MaxPool2d(2),
-            *block(2 * width, 2 * width),
-        )
-        flat = 2 * width * (h // 4) * (w // 4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, n_classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class WithSoftmax(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return torch.softmax(self.net(x), dim=1)
-
-
-def build_model(arch: str, in_shape, n_classes) -> nn.Module:
-    if arch == "small":
-        return SmallCNN(in_shape, n_classes)
-    if arch == "deep":
-        return DeepCNN(in_shape, n_classes)
-    raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
 # ----------------------------------------------------------------------------- triggers

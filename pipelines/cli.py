@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "intake": "trojan_gate.pipelines.intake",
     "calibrate": "trojan_gate.pipelines.calibrate",
     "check": "trojan_gate.pipelines.check",
+    "calibrate-scan": "trojan_gate.pipelines.calibrate_scan",
     "scan": "trojan_gate.pipelines.scan",
     "gate": "trojan_gate.pipelines.gate",
     "promote": "trojan_gate.pipelines.promote",

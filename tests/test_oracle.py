@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from trojan_gate.gates.errors import InputShapeError, ModelLoadError, QueryBudgetExceeded
-from trojan_gate.gates.lab import SmallCNN, export_onnx
+from trojan_gate.gates.architectures import SmallCNN
+from trojan_gate.gates.lab import export_onnx
 from trojan_gate.gates.oracle import ModelOracle
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from trojan_gate.gates.errors import InputShapeError
-from trojan_gate.gates.lab import LabConfig, SmallCNN, train_lab_model
+from trojan_gate.gates.architectures import SmallCNN
+from trojan_gate.gates.lab import LabConfig, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.patching import (Patcher, PatchResult, onnx_to_torch, torch_to_onnx, trojan_activation_rates,
                                         uniform_soup)

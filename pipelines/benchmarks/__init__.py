@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "run a benchmark (strip, strip-paper, deepinspect, patch, hostile) and print its table"
+HELP = "run a benchmark (strip, strip-paper, deepinspect, detection, patch, hostile) and print its table"
 
 BENCHMARKS = {
     "strip": "trojan_gate.pipelines.benchmarks.runtime",
     "strip-paper": "trojan_gate.pipelines.benchmarks.strip",
     "deepinspect": "trojan_gate.pipelines.benchmarks.deepinspect",
+    "detection": "trojan_gate.pipelines.benchmarks.detection",
     "patch": "trojan_gate.pipelines.benchmarks.patch",
     "hostile": "trojan_gate.pipelines.benchmarks.hostile",
 }

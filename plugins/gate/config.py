@@ -11,6 +11,9 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     timeout_s = 3600
 
     [scan]
+    decision = "calibrated"   # calibrated (a task calibration decides when one matches) | paper (double MAD)
+    calibration = "auto"      # auto: the registered calibration of the task | a directory | models:/NAME/V | none
+    paper_beside = true       # also run DeepInspect and report the paper's test beside the calibrated decision
     use_heldout = true        # the held-out data gives the scan its substitute set and references
     cutoff = 2.0
     budget = 2000000          # oracle queries per scan
@@ -52,10 +55,18 @@ class ConfigError(TrojanGateError):
     """A gate setting is unknown or out of range; the message names it."""
 
 
+DECISIONS = ("calibrated", "paper")
+SCAN_KEYS = ("decision", "calibration", "paper_beside", "use_heldout", "cutoff", "budget")
+
+
 @dataclass
 class ScanSettings:
-    """How the gate scans: held-out data use, threshold, query budget and DeepInspect options."""
+    """How the gate scans: which decision decides, the task calibration, held-out data use,
+    threshold, query budget and DeepInspect options."""
 
+    decision: str = "calibrated"
+    calibration: str = "auto"
+    paper_beside: bool = True
     use_heldout: bool = True
     cutoff: float = 2.0
     budget: int | None = None
@@ -67,11 +78,17 @@ class ScanSettings:
         _known("scan", self.options, ScanConfig.field_names())
         if not float(self.cutoff) > 0:
             raise ConfigError(f"scan.cutoff must be positive, not {self.cutoff!r}")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"scan.decision must be one of {DECISIONS}, not {self.decision!r}")
+        if not isinstance(self.calibration, str) or not self.calibration:
+            raise ConfigError(f"scan.calibration must be auto, none, a directory or models:/NAME/V, "
+                              f"not {self.calibration!r}")
 
     def resolved(self) -> dict:
         from trojan_gate.gates.deepinspect import ScanConfig
 
-        return {"use_heldout": bool(self.use_heldout), "cutoff": float(self.cutoff), "budget": self.budget,
+        return {"decision": self.decision, "calibration": self.calibration, "paper_beside": bool(self.paper_beside),
+                "use_heldout": bool(self.use_heldout), "cutoff": float(self.cutoff), "budget": self.budget,
                 **ScanConfig(**self.options).to_dict()}
 
 
@@ -155,7 +172,7 @@ class GateConfig:
         gate = dict(doc.get("gate") or {})
         _known("gate", gate, GATE_KEYS)
         scan = dict(doc.get("scan") or {})
-        settings = {k: scan.pop(k) for k in ("use_heldout", "cutoff", "budget") if k in scan}
+        settings = {k: scan.pop(k) for k in SCAN_KEYS if k in scan}
         return cls(**gate, scan=ScanSettings(**settings, options=scan), patch=dict(doc.get("patch") or {}),
                    strip=StripSettings(**_section("strip", doc.get("strip") or {}, StripSettings)))
 
@@ -177,8 +194,7 @@ class GateConfig:
     def to_dict(self) -> dict:
         """The settings file's layout (only what was set)."""
         return {"gate": {k: getattr(self, k) for k in GATE_KEYS},
-                "scan": {"use_heldout": self.scan.use_heldout, "cutoff": self.scan.cutoff,
-                         "budget": self.scan.budget, **self.scan.options},
+                "scan": {**{k: getattr(self.scan, k) for k in SCAN_KEYS}, **self.scan.options},
                 "patch": dict(self.patch), "strip": asdict(self.strip)}
 
     def resolved(self) -> dict:
@@ -190,11 +206,12 @@ class GateConfig:
         doc["patch"] = Patcher(**{**self.patch, "seed": self.seed}).get_params()
         return doc
 
-    def fingerprint(self, model_sha256: str) -> str:
-        """sha256 over the resolved configuration (timeout aside), the model and the package version."""
+    def fingerprint(self, model_sha256: str, calibration_sha256: str | None = None) -> str:
+        """sha256 over the resolved configuration (timeout aside), the model, the scan calibration
+        that will decide (None: the paper's test) and the package version."""
         doc = self.resolved()
         doc["gate"].pop("timeout_s", None)
-        doc.update(model_sha256=model_sha256, gate_version=__version__)
+        doc.update(model_sha256=model_sha256, gate_version=__version__, calibration_sha256=calibration_sha256)
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ from trojan_gate.gates.faults import checkpoint
 
 from ..registry import ensure_experiment, resolve, set_tags, tag
 from . import steps
+from .calibration_choice import choose_calibration
 from .config import GateConfig
 from .state import GateState
 from .verdict import (BLOCKED, ERROR, EXIT_CODES, PASSED, PATCHED, GateSuperseded, claim, fail, finish,
@@ -58,14 +59,18 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
 
     heldout : labelled clean data (Dataset, or a path to .npz / an image folder)
     force : gate again even when a complete record for this configuration exists
-    scan_fn : scan_fn(oracle, heldout, config) -> ScanResult; default `steps.default_scan`
+    scan_fn : scan_fn(oracle, heldout, config) -> DeepInspect ScanResult (the paper's test); default
+        `steps.default_scan`. Whether it decides or is reported beside the calibrated decision is
+        `config.scan`'s choice (see `calibration_choice`).
     """
     config = config or GateConfig()
     scan_fn = scan_fn or steps.default_scan
     client = MlflowClient()
     ref = resolve(model_uri, client=client)
     with version_lock(ref):
-        fingerprint = config.fingerprint(client.get_model_version(ref.name, ref.version).tags.get(tag("sha256"), ""))
+        model_tags = dict(client.get_model_version(ref.name, ref.version).tags)
+        choice = choose_calibration(config.scan, model_tags, heldout, client)
+        fingerprint = config.fingerprint(model_tags.get(tag("sha256"), ""), choice.sha256)
         if not force:
             record = recorded_outcome(client, ref, fingerprint, config.alias)
             if record is not None:
@@ -76,7 +81,8 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
         ensure_experiment(experiment)
         with mlflow.start_run(run_name=f"gate-{ref.name}-v{ref.version}") as run:
             state = GateState(ref=ref, config=config, client=client, run_id=run.info.run_id,
-                              fingerprint=fingerprint, workdir=Path(tempfile.mkdtemp(prefix="trojan-gate-gate-")))
+                              fingerprint=fingerprint, workdir=Path(tempfile.mkdtemp(prefix="trojan-gate-gate-")),
+                              calibration_choice=choice)
             return _run(state, heldout, scan_fn)
 
 
@@ -99,7 +105,7 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
         steps.scan_model(state, scan_fn)
         checkpoint("gate.scanned")
         state.check_deadline("the decision")
-        if state.scan.is_trojaned and config.policy == "patch":
+        if state.decision.is_trojaned and config.policy == "patch":
             steps.patch_model(state, scan_fn)
         if state.verdict in (PASSED, PATCHED):
             state.check_deadline("STRIP calibration")
@@ -108,11 +114,11 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
         # the report and its link go with the verdict, so a record complete enough to reuse links its own report
         report, report_uri = steps.write_gate_report(state)
         links = {"report": report_uri, **report_link(state.run_id)}
-        source_tags = {**steps.scan_tags(state.scan), "gate.policy": config.policy, **links,
+        source_tags = {**state.decision.tags(), "gate.policy": config.policy, **links,
                        **(steps.strip_tags(state) if state.verdict == PASSED else {})}
         new_tags = None
         if state.verdict == PATCHED:
-            new_tags = {**steps.scan_tags(state.fresh), **steps.strip_tags(state), "gate.policy": config.policy,
+            new_tags = {**state.fresh_decision.tags(), **steps.strip_tags(state), "gate.policy": config.policy,
                         **links}
         new_fp = state.patched_fingerprint if state.verdict == PATCHED else ""
         finish(client, ref, state.run_id, state.verdict, state.fingerprint, config.alias, source_tags,

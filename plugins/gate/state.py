@@ -34,9 +34,13 @@ class GateState:
     onnx_path: Path | None = None
     oracle: object = None  # ModelOracle of the version under test
     heldout: object = None  # validated Dataset
-    scan: object = None  # ScanResult of the version
+    calibration_choice: object = None  # CalibrationChoice: the scan calibration named before the run
+    calibration: object = None  # the loaded, verified ScanCalibration (None: the paper's test decides)
+    decision: object = None  # ScanDecision of the version (what decided, both tests' results)
+    scan: object = None  # DeepInspect ScanResult of the version (None when it did not run)
     patch: object = None  # PatchResult when a patch was tried
-    fresh: object = None  # ScanResult of the patched model
+    fresh_decision: object = None  # ScanDecision of the patched model
+    fresh: object = None  # DeepInspect ScanResult of the patched model
     new_ref: VersionRef | None = None  # the registered patched version
     strip: object = None  # fitted Strip of the version that passed
     strip_report: dict | None = None  # the STRIP part of the report (scores, estimate)

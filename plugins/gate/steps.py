@@ -32,20 +32,27 @@ def default_scan(oracle, heldout, config):
                        **s.options).scan(oracle, heldout=heldout if s.use_heldout else None)
 
 
-def scan_tags(scan) -> dict:
-    """The scan's decision as registry tags (one vocabulary: is_trojaned, instance_score, threshold)."""
-    return {"scan.is_trojaned": str(bool(scan.is_trojaned)).lower(),
-            "scan.instance_score": f"{scan.instance_score:.4f}", "scan.threshold": f"{scan.threshold:g}",
-            "scan.flagged_classes": ",".join(map(str, scan.flagged_classes)),
-            "scan.queries": str(scan.queries), "scan.seconds": f"{scan.seconds:.1f}"}
+def log_scan(decision, prefix: str, workdir: Path):
+    """The deciding verdict's metrics, both tests' results (decision.json) and DeepInspect's full result."""
+    mlflow.log_metrics({f"{prefix}instance_score": decision.instance_score,
+                        f"{prefix}flagged_classes": float(len(decision.flagged_classes)),
+                        f"{prefix}is_trojaned": float(decision.is_trojaned),
+                        f"{prefix}queries": float(decision.queries), f"{prefix}seconds": float(decision.seconds)})
+    if decision.calibrated is not None:
+        mlflow.log_metric(f"{prefix}false_block_probability", decision.calibrated.false_block_probability)
+    if decision.paper is not None:
+        mlflow.log_metrics({f"{prefix}paper_instance_score": decision.paper.instance_score,
+                            f"{prefix}paper_is_trojaned": float(decision.paper.is_trojaned)})
+        mlflow.log_artifact(str(decision.paper.to_json(workdir / f"{prefix}scan.json")), artifact_path="scan")
+    mlflow.log_dict(decision.to_dict(), f"scan/{prefix}decision.json")
 
 
-def log_scan(scan, prefix: str, workdir: Path):
-    mlflow.log_metrics({f"{prefix}instance_score": scan.instance_score,
-                        f"{prefix}flagged_classes": float(len(scan.flagged_classes)),
-                        f"{prefix}is_trojaned": float(scan.is_trojaned),
-                        f"{prefix}queries": float(scan.queries), f"{prefix}seconds": float(scan.seconds)})
-    mlflow.log_artifact(str(scan.to_json(workdir / f"{prefix}scan.json")), artifact_path="scan")
+def _decide(state: GateState, oracle, scan_fn, calibration, paper_beside: bool):
+    from trojan_gate.gates.metascan.decision import decide
+
+    choice = state.calibration_choice
+    return decide(oracle, state.heldout, calibration, lambda o, h: scan_fn(o, h, state.config),
+                  paper_beside=paper_beside, reason=choice.reason, source=choice.source or "")
 
 
 def fetch_model(state: GateState):
@@ -65,9 +72,15 @@ def validate_data(state: GateState, heldout):
 
 
 def scan_model(state: GateState, scan_fn):
-    state.scan = scan_fn(state.oracle, state.heldout, state.config)
-    log_scan(state.scan, "", state.workdir)
-    state.verdict = PASSED if not state.scan.is_trojaned else BLOCKED
+    """The calibrated decision when a calibration of this task was chosen (verified and matched
+    here, refused by name otherwise), DeepInspect beside it or deciding alone (see `decision`)."""
+    from . import calibration_choice
+
+    state.calibration = calibration_choice.load(state.calibration_choice, state.client)
+    state.decision = _decide(state, state.oracle, scan_fn, state.calibration, state.config.scan.paper_beside)
+    state.scan = state.decision.paper
+    log_scan(state.decision, "", state.workdir)
+    state.verdict = PASSED if not state.decision.is_trojaned else BLOCKED
 
 
 def patch_model(state: GateState, scan_fn):
@@ -78,22 +91,27 @@ def patch_model(state: GateState, scan_fn):
     cfg, scan = state.config, state.scan
     with state.oracle.phase("patch"):
         patch = Patcher(**cfg.patch, seed=cfg.seed, progress=False).fit(
-            state.oracle.model_bytes, scan.inverted_x, scan.inverted_y, scan.generator.stamp, scan.flagged_classes,
+            state.oracle.model_bytes, scan.inverted_x, scan.inverted_y, scan.generator.stamp,
+            state.decision.flagged_classes,
             heldout=(state.heldout.x, state.heldout.y), deadline=state.deadline).result_
     state.patch = patch
     checkpoint("patch.fitted")
     patched_path = patch.save(state.workdir / "patched" / "model.onnx")
     state.check_deadline("the patched model's scan")
-    state.fresh = scan_fn(ModelOracle(patch.onnx_bytes, deadline=state.deadline), state.heldout, cfg)
+    # the patched model is scanned afresh by both tests: each must find it clean
+    state.fresh_decision = _decide(state, ModelOracle(patch.onnx_bytes, deadline=state.deadline), scan_fn,
+                                   state.calibration, paper_beside=True)
+    state.fresh = state.fresh_decision.paper
     checkpoint("patch.rescanned")
-    log_scan(state.fresh, "patched_", state.workdir)
+    log_scan(state.fresh_decision, "patched_", state.workdir)
     drop, drop_se = patch.accuracy_drop, patch.accuracy_drop_se
     mlflow.log_metrics({"patch_activation_rate_before": patch.before["trojan_activation_rate"],
                         "patch_activation_rate_after": patch.after["trojan_activation_rate"],
                         **({"patch_accuracy_drop": drop} if drop is not None else {}),
                         **({"patch_accuracy_drop_se": drop_se} if drop_se is not None else {})})
     mlflow.log_dict(patch.to_dict(), "patch/patch.json")
-    if state.fresh.is_trojaned or not patch.within_accuracy_drop(cfg.max_accuracy_drop):
+    if state.fresh_decision.is_trojaned or state.fresh.is_trojaned or not patch.within_accuracy_drop(
+            cfg.max_accuracy_drop):
         state.verdict = BLOCKED
         return
     require_claim(state.client, state.ref, state.run_id)
@@ -105,7 +123,7 @@ def patch_model(state: GateState, scan_fn):
                                     "patch.activation_rate_after": f"{patch.after['trojan_activation_rate']:.4f}",
                                     "patch.accuracy_drop": "" if drop is None else f"{drop:.4f}",
                                     "patch.accuracy_drop_se": "" if drop_se is None else f"{drop_se:.4f}",
-                                    "patch.source_instance_score": f"{scan.instance_score:.4f}"})
+                                    "patch.source_instance_score": f"{state.decision.instance_score:.4f}"})
     checkpoint("patch.registered")
     state.verdict = PATCHED
 
@@ -127,8 +145,8 @@ def calibrate(state: GateState):
     checkpoint("strip.fitted")
     view = describe(det)
     view["benign_scores"] = np.asarray(det.benign_scores_)
-    if s.estimate_far and state.scan.generator is not None:
-        classes = state.scan.flagged_classes or None  # the suspected trojan's own triggers when patched
+    if s.estimate_far and state.scan is not None and state.scan.generator is not None:
+        classes = state.decision.flagged_classes or None  # the suspected trojan's own triggers when patched
         stamped = hijacking_inputs(oracle, state.scan.generator.stamp, state.heldout.x, state.heldout.y,
                                    seed=cfg.seed, classes=classes)
         if len(stamped.x):
@@ -141,7 +159,7 @@ def calibrate(state: GateState):
     require_claim(state.client, state.ref, state.run_id)
     verdict = {"verdict": state.verdict, "gate_run_id": state.run_id, "source": state.ref.uri,
                "fingerprint": state.fingerprint if final == state.ref else state.patched_fingerprint,
-               "flagged_classes": list(state.scan.flagged_classes), "config": cfg.resolved(),
+               "flagged_classes": list(state.decision.flagged_classes), "config": cfg.resolved(),
                "serving": serving_settings(s.policy)}
     outcome = attach_strip(final, det, onnx_path, verdict, client=state.client)
     checkpoint("strip.attached")
@@ -164,14 +182,16 @@ def patch_view(state: GateState) -> dict | None:
     patch, fresh = state.patch, state.fresh
     if patch is None:
         return None
-    return {"before": {**patch.before, "instance_score": state.scan.instance_score},
-            "after": {**patch.after, "instance_score": fresh.instance_score if fresh else None},
+    fresh_decision = state.fresh_decision
+    return {"before": {**patch.before, "instance_score": state.decision.instance_score},
+            "after": {**patch.after, "instance_score": fresh_decision.instance_score if fresh_decision else None},
             "source_version": state.ref.version, "new_version": state.new_ref.version if state.new_ref else None,
             "passed": state.verdict == PATCHED, "accuracy_drop": patch.accuracy_drop,
             "accuracy_drop_se": patch.accuracy_drop_se, "n_eval": patch.n_eval,
             "max_accuracy_drop": state.config.max_accuracy_drop,
             "accuracy_within_bound": patch.within_accuracy_drop(state.config.max_accuracy_drop),
-            "fresh_flagged_classes": list(fresh.flagged_classes) if fresh else None,
+            "fresh_flagged_classes": list(fresh_decision.flagged_classes) if fresh_decision else None,
+            "fresh_paper_flagged_classes": list(fresh.flagged_classes) if fresh else None,
             "sha256": patch.sha256, "epochs_run": patch.epochs_run, "seconds": round(patch.seconds, 1),
             "n_train": patch.n_train, "eval_source": patch.eval_source}
 
@@ -184,7 +204,8 @@ def write_gate_report(state: GateState) -> tuple[dict, str]:
             "policy": state.config.policy, "alias": state.config.alias, "config": state.config.resolved()}
     out = state.workdir / "report"
     json_path, _ = write_report(out, kind="gate", model_name=state.ref.name, version=state.ref.version,
-                                verdict=state.verdict, scan=state.scan, strip=state.strip_report,
+                                verdict=state.verdict, scan=state.scan, decision=state.decision,
+                                strip=state.strip_report,
                                 patch=patch_view(state), errors=state.errors, meta=meta)
     mlflow.log_artifacts(str(out), artifact_path="report")
     return json.loads(Path(json_path).read_text()), mlflow.get_artifact_uri("report")

@@ -122,11 +122,12 @@ def error_entry(e) -> dict:
 
 
 def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, patch=None, errors=(),
-                 meta=None) -> dict:
+                 meta=None, decision=None) -> dict:
     """The machine report: format, kind, summary, findings (by severity), errors, scan/strip/patch, meta.
 
     `kind` is "scan" (verdict clean | trojaned | error) or "gate" (passed | patched | blocked |
-    error). `meta` may carry `class_names` (used in finding titles) and anything else worth
+    error). `decision` is the scan's `ScanDecision` (which test decided and both results); without
+    it the DeepInspect result decides, as before calibrated scans existed. `meta` may carry `class_names` (used in finding titles) and anything else worth
     keeping (run ids, times, data sizes); library versions and the creation time are added.
     """
     if kind not in KINDS:
@@ -137,23 +138,31 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
     meta = dict(meta or {})
     names = meta.get("class_names")
     scan_d = jsonable(scan.to_dict()) if scan is not None else None
+    decision_d = jsonable(decision.to_dict()) if decision is not None else None
     strip_d = strip_summary(strip)
     patch_d = patch_summary(patch)
     errs = [error_entry(e) for e in errors]
-    found = jsonable(findings(verdict, scan_d, strip_d, patch_d, errs, names))
+    found = jsonable(findings(verdict, scan_d, strip_d, patch_d, errs, names, decision_d))
+    decided = decision_d or scan_d
     by_sev = {s: sum(1 for x in found if x["severity"] == s) for s in SEVERITIES}
     summary = {
         "verdict": verdict,
         "verdict_meaning": VERDICTS[verdict][1],
         "model": {"name": str(model_name), "version": None if version is None else str(version),
                   "sha256": scan_d["model_sha256"] if scan_d else meta.get("model_sha256")},
-        "scan_completed": scan_d is not None,
-        "is_trojaned": None if scan_d is None else scan_d["is_trojaned"],
-        "instance_score": None if scan_d is None else scan_d["instance_score"],
-        "threshold": None if scan_d is None else scan_d["threshold"],
-        "flagged_classes": [] if scan_d is None else scan_d["flagged_classes"],
-        "queries": None if scan_d is None else scan_d["queries"],
-        "seconds": None if scan_d is None else scan_d["seconds"],
+        "scan_completed": decided is not None,
+        "decided_by": "paper" if decision_d is None and scan_d is not None else (decision_d or {}).get("decided_by"),
+        "decision_reason": None if decision_d is None else decision_d["reason"],
+        "calibration": None if decision_d is None else decision_d["calibration"],
+        "false_block_probability": (decision_d.get("calibrated") or {}).get("false_block_probability")
+        if decision_d else None,
+        "paper_is_trojaned": None if scan_d is None else scan_d["is_trojaned"],
+        "is_trojaned": None if decided is None else decided["is_trojaned"],
+        "instance_score": None if decided is None else decided["instance_score"],
+        "threshold": None if decided is None else decided["threshold"],
+        "flagged_classes": [] if decided is None else decided["flagged_classes"],
+        "queries": None if decided is None else decided["queries"],
+        "seconds": None if decided is None else decided["seconds"],
         "strip_threshold": None if strip_d is None else strip_d["threshold"],
         "patched": bool(patch_d and patch_d.get("passed")),
         "new_version": None if patch_d is None else patch_d.get("new_version"),
@@ -163,21 +172,21 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
     meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     meta["versions"] = {**versions(), **(meta.get("versions") or {})}
     return jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "summary": summary,
-                      "findings": found, "errors": errs, "scan": scan_d, "strip": strip_d,
+                      "findings": found, "errors": errs, "decision": decision_d, "scan": scan_d, "strip": strip_d,
                       "patch": patch_d, "meta": meta})
 
 
 def write_report(directory, *, kind: str, model_name, version, verdict, scan, strip=None, patch=None, errors=(),
-                 meta=None, basename: str = "trojan_report") -> tuple[Path, Path]:
+                 meta=None, basename: str = "trojan_report", decision=None) -> tuple[Path, Path]:
     """Build, render and write `<basename>.json` and `<basename>.html` into `directory`."""
     from .html import render_html
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rep = build_report(kind=kind, model_name=model_name, version=version, verdict=verdict, scan=scan, strip=strip,
-                       patch=patch, errors=errors, meta=meta)
+                       patch=patch, errors=errors, meta=meta, decision=decision)
     json_path = directory / f"{basename}.json"
     html_path = directory / f"{basename}.html"
     json_path.write_text(json.dumps(rep, indent=2, allow_nan=False))
-    html_path.write_text(render_html(rep, scan=scan, strip=strip), encoding="utf-8")
+    html_path.write_text(render_html(rep, scan=scan, strip=strip, decision=decision), encoding="utf-8")
     return json_path, html_path

@@ -166,3 +166,25 @@ def strip_figure(strip: dict) -> str:
     ax.set_ylabel("density")
     ax.legend(fontsize=8, frameon=False)
     return png(fig)
+
+
+def calibrated_figure(benign_scores, trojan_scores, score, threshold) -> str:
+    """The calibrated decision: benign (and trojaned) calibration shadows' scores, the threshold at
+    the stated false-block rate and the scanned model's score."""
+    benign = np.asarray(benign_scores, dtype=np.float64)
+    trojan = np.asarray(trojan_scores if trojan_scores is not None else [], dtype=np.float64)
+    values = np.concatenate([benign, trojan, [float(score), float(threshold)]])
+    lo, hi = float(values.min()), float(values.max())
+    bins = np.linspace(lo - 0.05 * (hi - lo or 1.0), hi + 0.05 * (hi - lo or 1.0), 41)
+    fig = figure(7, 3.2)
+    ax = fig.add_subplot(111)
+    ax.hist(benign, bins=bins, color="#8c959f", alpha=0.8, label=f"benign shadows (n = {benign.size})")
+    if trojan.size:
+        ax.hist(trojan, bins=bins, color="#fb8f44", alpha=0.6, label=f"trojaned shadows (n = {trojan.size})")
+    ax.axvline(float(threshold), color="#cf222e", lw=1.6, ls="--", label=f"threshold {float(threshold):.2f}")
+    ax.axvline(float(score), color="#0969da", lw=2.2, label=f"this model {float(score):.2f}")
+    ax.set_xlabel("meta-classifier score (high = trojan-like)")
+    ax.set_ylabel("calibration shadows")
+    ax.set_title("Calibrated decision: this model against shadow models of the task")
+    ax.legend(fontsize=8, frameon=False)
+    return png(fig)

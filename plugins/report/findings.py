@@ -32,10 +32,45 @@ def _co_target_finding(scan: dict, k: int, names) -> dict:
             "class": int(k), "deviation_factor": scan["deviation_factors"][k], "linked_to": j}
 
 
-def scan_findings(scan: dict | None, names) -> list[dict]:
+def decision_findings(decision: dict | None, names) -> list[dict]:
+    """What decided the scan, and the calibrated verdict with its false-block probability."""
+    if decision is None:
+        return []
+    cal = decision.get("calibrated")
+    if decision["decided_by"] == "paper":
+        return [{"severity": "LOW", "title": "Decided by the paper's test (no calibrated decision)",
+                 "detail": decision["reason"] + ". DeepInspect's double-MAD test depends on the scan's draw "
+                                                "(docs/deepinspect.md)."}]
+    fbp = cal["false_block_probability"]
+    paper = decision.get("paper")
+    beside = ("the paper's test was not run" if paper is None else
+              f"the paper's test reads {'trojaned' if paper['is_trojaned'] else 'clean'}"
+              + (f" (classes {', '.join(class_name(c, names) for c in paper['flagged_classes'])})"
+                 if paper["flagged_classes"] else ""))
+    if cal["is_trojaned"]:
+        classes = ", ".join(class_name(c, names) for c in cal["flagged_classes"])
+        return [{"severity": "CRITICAL", "title": f"Trojan suspected by the calibrated decision: {classes}",
+                 "detail": f"Score {cal['instance_score']:.3f} > threshold {cal['threshold']:.3f}: benign models of "
+                           f"this task score as high with probability {fbp:.3f} (calibration "
+                           f"{(decision.get('calibration') or {}).get('sha256', '')[:16]}); {beside}."}]
+    return [{"severity": "INFO", "title": "No trojan found by the calibrated decision",
+             "detail": f"Score {cal['instance_score']:.3f} <= threshold {cal['threshold']:.3f} (benign models of this "
+                       f"task score as high with probability {fbp:.3f}); {beside}."}]
+
+
+def scan_findings(scan: dict | None, names, decision: dict | None = None) -> list[dict]:
+    if scan is None and decision is not None and decision["decided_by"] == "calibrated":
+        return []  # the paper's test was not asked for: the calibrated decision's finding says so
     if scan is None:
         return [{"severity": "HIGH", "title": "DeepInspect scan did not complete",
                  "detail": "No trojan verdict could be reached; the model is not cleared."}]
+    if decision is not None and decision["decided_by"] == "calibrated":
+        return [dict(f, severity="MEDIUM" if f["severity"] == "CRITICAL" else f["severity"],
+                     title=f"Paper's test (reported beside): {f['title']}") for f in _paper_findings(scan, names)]
+    return _paper_findings(scan, names)
+
+
+def _paper_findings(scan: dict, names) -> list[dict]:
     out = []
     dfs, stats_, rates, threshold = scan["deviation_factors"], scan["statistics"], scan["success_rates"], scan["threshold"]
     linked = set(scan.get("co_targets") or [])
@@ -138,9 +173,10 @@ def strip_findings(strip: dict | None, verdict: str) -> list[dict]:
 
 
 def findings(verdict: str, scan: dict | None, strip: dict | None, patch: dict | None, errors: list,
-             names) -> list[dict]:
+             names, decision: dict | None = None) -> list[dict]:
     """Every finding of a report, most severe first."""
-    out = scan_findings(scan, names) + patch_findings(patch, names) + strip_findings(strip, verdict)
+    out = (decision_findings(decision, names) + scan_findings(scan, names, decision) + patch_findings(patch, names)
+           + strip_findings(strip, verdict))
     out += [{"severity": "HIGH", "title": f"Error: {e['type']}", "detail": e["message"]} for e in errors]
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda x: order[x["severity"]])

@@ -15,7 +15,7 @@ import numpy as np
 from trojan_gate.gates.deepinspect.reference import reference_level
 
 from .document import FORMAT, FORMAT_VERSION, VERDICTS
-from .figures import deviation_figure, strip_figure, trigger_grid_figure
+from .figures import calibrated_figure, deviation_figure, strip_figure, trigger_grid_figure
 from .format import class_name, fmt, num, pct
 
 SEVERITY_COLOURS = {"CRITICAL": "#82071e", "HIGH": "#cf222e", "MEDIUM": "#bf8700", "LOW": "#0969da",
@@ -60,8 +60,9 @@ def _section_summary(rep) -> str:
     colour = VERDICTS[s["verdict"]][0]
     rows = [("model", _e(f"{s['model']['name']} version {s['model']['version']}")),
             ("model sha256", f"<code>{_e(s['model']['sha256'])}</code>"),
-            ("instance score (max deviation factor)", _e(None if s["instance_score"] is None
-                                         else f"{fmt(s['instance_score'], 3)} (threshold {s['threshold']:g})")),
+            ("decided by", _e(s.get("decided_by"))),
+            ("instance score", _e(None if s["instance_score"] is None
+                                  else f"{fmt(s['instance_score'], 3)} (threshold {fmt(s['threshold'], 3)})")),
             ("flagged classes", _e(", ".join(map(str, s["flagged_classes"])) or "none")),
             ("oracle queries", _e(s["queries"])),
             ("scan seconds", _e(s["seconds"])),
@@ -82,9 +83,37 @@ def _section_findings(rep) -> str:
     return _table(("severity", "finding", "detail"), rows)
 
 
+def _section_decision(rep) -> str:
+    d = rep.get("decision")
+    if d is None:
+        return "<p>Decided by the paper's test (DeepInspect's double MAD); no calibrated decision was asked for.</p>"
+    parts = [f"<p><b>Decided by:</b> {_e(d['decided_by'])}. {_e(d['reason'])}.</p>"]
+    cal = d.get("calibrated")
+    if cal is not None:
+        if cal.get("benign_null"):
+            parts.append(_img(calibrated_figure(cal["benign_null"], cal.get("trojaned_calibration"),
+                                                cal["instance_score"], cal["threshold"]), "calibrated decision"))
+        rows = [("score", _e(fmt(cal["instance_score"], 3))), ("threshold", _e(fmt(cal["threshold"], 3))),
+                ("false-block probability", _e(fmt(cal["false_block_probability"], 3))),
+                ("flagged classes", _e(", ".join(map(str, cal["flagged_classes"])) or "none")),
+                ("calibration", _e((d.get("calibration") or {}).get("source") or "")),
+                ("calibration sha256", f"<code>{_e((d.get('calibration') or {}).get('sha256'))}</code>"),
+                ("queries", _e(cal["queries"]))]
+        parts.append(_table(("", ""), [(f"<b>{_e(a)}</b>", b) for a, b in rows]))
+    paper = d.get("paper")
+    parts.append("<p>The paper's test (DeepInspect, double MAD): " + (
+        "not run." if paper is None else
+        f"{'trojaned' if paper['is_trojaned'] else 'clean'}, flagged {_e(paper['flagged_classes'] or 'none')}, "
+        f"max deviation factor {_e(fmt(paper['instance_score'], 3))} (seed {_e(paper['seed'])}).") + "</p>")
+    return "".join(parts)
+
+
 def _section_scan(rep) -> str:
     d = rep.get("scan")
     if d is None:
+        if (rep.get("decision") or {}).get("decided_by") == "calibrated":
+            return _placeholder("DeepInspect was not run: the calibrated decision found the model clean and the "
+                                "settings do not ask for the paper's test beside it.")
         return _placeholder("No DeepInspect scan result: the scan did not complete (see Errors).")
     names = (rep.get("meta") or {}).get("class_names")
     parts = [_img(deviation_figure(d["deviation_factors"], d["threshold"], d["flagged_classes"]),
@@ -184,7 +213,7 @@ def _section_errors(rep) -> str:
     return _table(("type", "message"), [(_e(e["type"]), f"<pre>{_e(e['message'])}</pre>") for e in rep["errors"]])
 
 
-def render_html(report: dict, scan=None, strip=None) -> str:
+def render_html(report: dict, scan=None, strip=None, decision=None) -> str:
     """One self-contained HTML page for `report` (from `build_report`)."""
     s = report["summary"]
     what = "gate report" if report.get("kind") == "gate" else "scan report"
@@ -193,6 +222,7 @@ def render_html(report: dict, scan=None, strip=None) -> str:
     sections = [
         ("Verdict", _section_summary(report)),
         ("Findings", _section_findings(report)),
+        ("Scan decision", _section_decision(report)),
         ("DeepInspect deviation factors", _section_scan(report)),
         ("Recovered triggers", _section_triggers(report, scan)),
     ]

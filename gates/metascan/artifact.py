@@ -1,0 +1,99 @@
+"""A scan calibration on disk: `calibration.json` + `meta.npz`, written and verified.
+
+`meta.npz` holds every learned array (the queries, the meta-classifier's weights, the benign
+null scores), saved and read without pickles. `calibration.json` holds the task it belongs to
+(input shape, classes, held-out sha256), the decision's settings and threshold, the pool's
+summary and measured power, versions, the sha256 of `meta.npz` and its own content sha256, so
+an edited threshold or a swapped array is refused by name. `calibration_sha256(dir)` pins the
+whole directory (both files): it is the calibration's identity in reports and registry tags.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactIntegrityError
+from ..hashing import sha256_file
+from ..strip.artifact import content_sha256, files_sha256, utc_now, versions
+
+CALIBRATION_FILE = "calibration.json"
+ARRAYS_FILE = "meta.npz"
+FORMAT = "trojan-gate/scan-calibration"
+FORMAT_VERSION = 1
+
+
+def calibration_sha256(directory) -> str:
+    return files_sha256(directory, (CALIBRATION_FILE, ARRAYS_FILE), label="scan calibration")
+
+
+def save_calibration(calibration, directory) -> Path:
+    """Write a fitted `ScanCalibration` to `directory`; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {f"meta.{k}": np.asarray(v, np.float32) for k, v in calibration.meta_.state().items()}
+    arrays["null"] = np.asarray(calibration.null_, np.float64)
+    arrays["class_null"] = np.asarray(calibration.class_null_, np.float64)
+    tmp = directory / (ARRAYS_FILE + ".part.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(directory / ARRAYS_FILE)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": utc_now(), "versions": versions(),
+           "task": calibration.task_, "params": calibration.get_params(), "threshold": calibration.threshold_,
+           "pool": calibration.pool_, "power": calibration.power_, "seconds": calibration.seconds_,
+           "arrays_sha256": sha256_file(directory / ARRAYS_FILE)}
+    doc["params"]["families"] = list(doc["params"]["families"])
+    doc["params"]["attacks"] = list(doc["params"]["attacks"])
+    doc["params"]["architectures"] = list(doc["params"]["architectures"])
+    doc["integrity"] = {"content_sha256": content_sha256(doc)}
+    part = directory / (CALIBRATION_FILE + ".part")
+    part.write_text(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    part.replace(directory / CALIBRATION_FILE)
+    return directory
+
+
+def load_calibration(directory, expected_sha256: str | None = None):
+    """Read and verify a saved calibration; returns a fitted `ScanCalibration`.
+
+    Refuses (ArtifactIntegrityError, naming what) a missing file, a directory that differs from
+    a pinned `expected_sha256`, an edited document, a replaced `meta.npz`, another format
+    version, or arrays of the wrong shapes.
+    """
+    from .calibration import ScanCalibration
+    from .meta import QueryMetaClassifier
+
+    directory = Path(directory)
+    actual = calibration_sha256(directory)
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise ArtifactIntegrityError(f"scan calibration sha256 mismatch: expected {expected_sha256}, found {actual}")
+    try:
+        doc = json.loads((directory / CALIBRATION_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} is not a {FORMAT} document")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} has format version {doc.get('format_version')}; this "
+                                     f"trojan-gate reads version {FORMAT_VERSION} (run calibrate-scan again)")
+    if (doc.get("integrity") or {}).get("content_sha256") != content_sha256(doc):
+        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} content sha256 mismatch (the document was modified)")
+    if sha256_file(directory / ARRAYS_FILE) != doc.get("arrays_sha256"):
+        raise ArtifactIntegrityError(f"{ARRAYS_FILE} sha256 mismatch (the learned arrays were modified or replaced)")
+    try:
+        with np.load(directory / ARRAYS_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        params = doc["params"]
+        task = doc["task"]
+        k = int(task["n_classes"])
+        meta = QueryMetaClassifier.from_state({n[5:]: v for n, v in arrays.items() if n.startswith("meta.")}, k,
+                                              int(params["hidden"]))
+        null, class_null = arrays["null"], arrays["class_null"]
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise ArtifactIntegrityError(f"scan calibration in {directory} is incomplete or malformed: {e}") from e
+    if tuple(meta.queries_.shape[1:]) != tuple(task["input_shape"]) or class_null.shape != (len(null), k):
+        raise ArtifactIntegrityError("scan calibration arrays do not match its task (queries or null shapes)")
+    cal = ScanCalibration(**{n: v for n, v in params.items()})
+    cal.meta_, cal.null_, cal.class_null_ = meta, np.sort(null), class_null
+    cal.threshold_, cal.task_, cal.pool_, cal.power_ = float(doc["threshold"]), task, doc["pool"], doc["power"]
+    cal.seconds_, cal.sha256_, cal.document_ = doc.get("seconds", {}), actual, doc
+    return cal
