@@ -45,6 +45,7 @@ def save_calibration(calibration, directory) -> Path:
     doc["params"]["families"] = list(doc["params"]["families"])
     doc["params"]["attacks"] = list(doc["params"]["attacks"])
     doc["params"]["architectures"] = list(doc["params"]["architectures"])
+    doc["queries"] = int(len(calibration.meta_.queries_))
     doc["integrity"] = {"content_sha256": content_sha256(doc)}
     part = directory / (CALIBRATION_FILE + ".part")
     part.write_text(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -61,6 +62,7 @@ def load_calibration(directory, expected_sha256: str | None = None):
     """
     from .calibration import ScanCalibration
     from .meta import QueryMetaClassifier
+    from .probes import StampProbeMeta
 
     directory = Path(directory)
     actual = calibration_sha256(directory)
@@ -85,8 +87,10 @@ def load_calibration(directory, expected_sha256: str | None = None):
         params = doc["params"]
         task = doc["task"]
         k = int(task["n_classes"])
-        meta = QueryMetaClassifier.from_state({n[5:]: v for n, v in arrays.items() if n.startswith("meta.")}, k,
-                                              int(params["hidden"]))
+        kind = StampProbeMeta if params.get("probes", "stamp") == "stamp" else QueryMetaClassifier
+        meta = kind.from_state({n[5:]: v for n, v in arrays.items() if n.startswith("meta.")}, k,
+                               int(params["hidden"]))
+        meta.scale = float(params.get("scale", 0.0))
         null, class_null = arrays["null"], arrays["class_null"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise ArtifactIntegrityError(f"scan calibration in {directory} is incomplete or malformed: {e}") from e

@@ -31,7 +31,8 @@ import numpy as np
 from ..data import Dataset
 from ..errors import CalibrationMismatchError, TrojanGateError
 from .meta import QueryMetaClassifier
-from .shadows import SHADOW_ARCHITECTURES, build_pool, heldout_sha256
+from .probes import StampProbeMeta
+from .shadows import SHADOW_ARCHITECTURES, build_pool, heldout_sha256, split_heldout
 from .triggers import ATTACKS, FAMILIES
 
 
@@ -101,6 +102,20 @@ def _split(shadows: list, share: float, seed: int) -> tuple[list, list]:
     return fit, cal
 
 
+PROBES = ("stamp", "free")
+
+
+def probe_images(heldout: Dataset, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n_images` held-out images from the shadows' training part, spread evenly over the classes."""
+    train, _ = split_heldout(heldout, seed)
+    rng = np.random.default_rng([seed, 17])
+    classes = np.unique(train.y)
+    per = [n_images // len(classes) + (i < n_images % len(classes)) for i in range(len(classes))]
+    idx = np.concatenate([rng.choice(np.flatnonzero(train.y == c), min(k, int((train.y == c).sum())), replace=False)
+                          for c, k in zip(classes, per)])
+    return train.x[idx], train.y[idx]
+
+
 def target_matrix(shadows: list, n_classes: int) -> np.ndarray:
     t = np.zeros((len(shadows), n_classes), np.float32)
     for i, s in enumerate(shadows):
@@ -123,7 +138,12 @@ class ScanCalibration:
         Share of the pool kept out of meta-training for the null and the power estimate.
     families, attacks, architectures : sequences of names
         The jumbo distribution the trojaned shadows are drawn from (see `triggers`, `shadows`).
-    n_queries, hidden, epochs, lr, target_weight : meta-classifier settings (see `meta`).
+    probes : str
+        ``stamp``: learned stamps on held-out images (see `probes`, the default); ``free``: MNTD's
+        free-form learned queries (see `meta`).
+    n_queries : int
+        Learned stamps (``stamp``, applied to `n_images` held-out images) or free queries (``free``).
+    hidden, epochs, lr, target_weight, scale : meta-classifier settings (see `probes` and `meta`).
     seed : int
         Seed of the pool, the split and the meta-classifier.
     cache_dir : path
@@ -132,9 +152,9 @@ class ScanCalibration:
 
     def __init__(self, n_shadows: int = 400, false_block_rate: float = 0.05, class_alpha: float = 0.05,
                  calibration_share: float = 0.3, families=FAMILIES, attacks=ATTACKS,
-                 architectures=SHADOW_ARCHITECTURES, n_queries: int = 10, hidden: int = 32, epochs: int = 60,
-                 lr: float = 1e-2, target_weight: float = 1.0, seed: int = 0, cache_dir=None,
-                 progress: bool = True):
+                 architectures=SHADOW_ARCHITECTURES, probes: str = "stamp", n_queries: int = 8, n_images: int = 20,
+                 hidden: int = 32, epochs: int = 60, lr: float = 1e-2, target_weight: float = 1.0, scale: float = 0.0,
+                 seed: int = 0, cache_dir=None, progress: bool = True, workers: int | None = None):
         self.n_shadows = n_shadows
         self.false_block_rate = false_block_rate
         self.class_alpha = class_alpha
@@ -142,20 +162,24 @@ class ScanCalibration:
         self.families = tuple(families)
         self.attacks = tuple(attacks)
         self.architectures = tuple(architectures)
+        self.probes = probes
         self.n_queries = n_queries
+        self.n_images = n_images
         self.hidden = hidden
         self.epochs = epochs
         self.lr = lr
         self.target_weight = target_weight
+        self.scale = scale
         self.seed = seed
         self.cache_dir = cache_dir
         self.progress = progress
+        self.workers = workers
 
     def get_params(self) -> dict:
         import inspect
 
         return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
-                if name not in ("self", "cache_dir", "progress")}
+                if name not in ("self", "cache_dir", "progress", "workers")}
 
     def fit(self, heldout: Dataset) -> "ScanCalibration":
         """Build the pool, train the meta-classifier on its fitting part, set the null and the threshold."""
@@ -164,13 +188,21 @@ class ScanCalibration:
         t0 = time.perf_counter()
         in_shape = tuple(int(v) for v in heldout.x.shape[1:])
         n_classes = int(heldout.y.max()) + 1
+        if self.probes not in PROBES:
+            raise ValueError(f"probes must be one of {PROBES}, not {self.probes!r}")
         shadows, pool = build_pool(heldout, self.n_shadows, self.cache_dir, self.seed, self.families, self.attacks,
-                                   self.architectures, progress=self.progress)
+                                   self.architectures, progress=self.progress, workers=self.workers)
         t_pool = time.perf_counter() - t0
         fit, cal = _split(shadows, self.calibration_share, self.seed)
-        meta = QueryMetaClassifier(self.n_queries, self.hidden, self.epochs, self.lr, self.target_weight,
-                                   seed=self.seed, progress=self.progress)
-        meta.fit([s.model for s in fit], [s.trojaned for s in fit], target_matrix(fit, n_classes), in_shape)
+        models, labels, targets = [s.model for s in fit], [s.trojaned for s in fit], target_matrix(fit, n_classes)
+        if self.probes == "free":
+            meta = QueryMetaClassifier(self.n_queries, self.hidden, self.epochs, self.lr, self.target_weight,
+                                       seed=self.seed, progress=self.progress).fit(models, labels, targets, in_shape)
+        else:
+            base_x, base_y = probe_images(heldout, self.n_images, self.seed)
+            meta = StampProbeMeta(self.n_queries, len(base_y), self.hidden, self.epochs, self.lr, self.target_weight,
+                                  scale=self.scale, seed=self.seed, progress=self.progress).fit(
+                models, labels, targets, base_x, base_y)
         scores, class_scores = meta.score_answers(meta.answers_of([s.model for s in cal]))
         benign = np.array([not s.trojaned for s in cal])
         self.meta_ = meta

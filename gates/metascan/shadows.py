@@ -7,11 +7,13 @@ held-out set the gate already has, with its own draw of
 
 - architecture (``small``: widths 8-24; ``deep``: the 6-conv shape at width 8),
 - training length (250-800 optimisation steps, 250-500 for ``deep``: 4-12 epochs of 4,000
-  images at batch 64; as many epochs as that takes on a smaller set), learning rate, batch size, weight decay, augmentation,
+  images at batch 64; as many epochs as that takes on a smaller set; 40% of the shadows
+  800-3,000 steps, log-uniform, so that the pool reaches the confidence of a vendor's model
+  trained on far more data), learning rate, batch size, weight decay, augmentation,
 - the share of the held-out training part it sees (60-100%), and seed,
 
 so that the pool spans the ways a vendor may have trained a model of the task. Shadows are sized
-to train in seconds on 2 CPU cores. Each is cached under the sha256 of its specification and of
+to train in seconds on one CPU core; one process per core trains them in parallel. Each is cached under the sha256 of its specification and of
 the held-out set (`shadow_key`), so an interrupted pool build continues where it stopped.
 
 A trojaned shadow whose attack success on the held-out evaluation part stays under
@@ -40,9 +42,14 @@ SHADOW_ARCHITECTURES = ("small", "deep")
 EVAL_SHARE = 0.2  # of the held-out set, never trained on: every shadow's accuracy and attack success
 
 
+LONG_SHARE = 0.4  # shadows trained 800-3,000 steps: as confident as a vendor's model trained on far more data
+LONG_STEPS = (800, 3000)
+
+
 def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, archs=SHADOW_ARCHITECTURES,
-                  families=FAMILIES, attacks=ATTACKS) -> dict:
-    """One shadow's specification (JSON-able); `trojan` is None for a benign shadow."""
+                  families=FAMILIES, attacks=ATTACKS, index: int = 0, seed: int = 0) -> dict:
+    """One shadow's specification (JSON-able); `trojan` is None for a benign shadow. Whether it is
+    trained long is drawn from its own stream (index, seed), so the other draws do not move."""
     arch = str(rng.choice(list(archs)))
     width = int(rng.choice([8, 12, 16, 24]) if arch == "small" else 8)
     spec = {"arch": arch, "width": width, "steps": int(rng.integers(250, 800 if arch == "small" else 500)),
@@ -50,6 +57,10 @@ def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, arch
             "weight_decay": float(rng.choice([0.0, 1e-4])), "augment": str(rng.choice(AUGMENTATIONS)),
             "fraction": float(rng.uniform(0.6, 1.0)), "seed": int(rng.integers(2**31))}
     spec["trojan"] = sample_trojan(rng, n_classes, families, attacks) if trojaned else None
+    long = np.random.default_rng([seed, index, 11])
+    if long.random() < LONG_SHARE:
+        spec["steps"] = int(np.exp(long.uniform(np.log(LONG_STEPS[0]), np.log(LONG_STEPS[1]))))
+        spec["batch_size"] = max(spec["batch_size"], 64)
     return spec
 
 
@@ -127,15 +138,77 @@ def _load(path: Path, meta: dict, in_shape, n_classes) -> Shadow:
     return Shadow(spec, model.eval(), meta["clean_accuracy"], meta["attack_success"], meta["seconds"])
 
 
+def _paths(cache: Path, key: str) -> tuple[Path, Path]:
+    return cache / f"{key}.pt", cache / f"{key}.json"
+
+
+def _train_and_cache(spec: dict, key: str, cache: Path, train: Dataset, evaluation: Dataset, n_classes: int) -> dict:
+    """Train one shadow and write it to the cache (weights first, then the record that completes it)."""
+    shadow = train_shadow(spec, train, evaluation, n_classes)
+    weights, meta_path = _paths(cache, key)
+    torch.save(shadow.model.state_dict(), weights.with_suffix(".tmp"))
+    weights.with_suffix(".tmp").replace(weights)
+    record = {"spec": spec, "clean_accuracy": shadow.clean_accuracy, "attack_success": shadow.attack_success,
+              "seconds": shadow.seconds}
+    meta_path.with_suffix(".part").write_text(json.dumps(record))
+    meta_path.with_suffix(".part").replace(meta_path)
+    return record
+
+
+_WORKER = {}
+
+
+def _worker_init(cache: str, train: Dataset, evaluation: Dataset, n_classes: int):
+    torch.set_num_threads(1)  # tiny models: one thread per process trains fastest on a small machine
+    _WORKER.update(cache=Path(cache), train=train, evaluation=evaluation, n_classes=n_classes)
+
+
+def _worker_task(spec: dict, key: str) -> dict:
+    w = _WORKER
+    return _train_and_cache(spec, key, w["cache"], w["train"], w["evaluation"], w["n_classes"])
+
+
+def _train_missing(missing: list, cache: Path, train, evaluation, n_classes, workers: int, deadline, bar) -> float:
+    """Train every (spec, key) in `missing`, `workers` processes at once; returns the summed train seconds."""
+    seconds = 0.0
+    if workers <= 1:
+        for spec, key in missing:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            seconds += _train_and_cache(spec, key, cache, train, evaluation, n_classes)["seconds"]
+            bar.update(1)
+        return seconds
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(str(cache), train, evaluation, n_classes)) as pool:
+        todo, running = list(missing), set()
+        while todo or running:
+            while todo and len(running) < 2 * workers and (deadline is None or time.monotonic() < deadline):
+                running.add(pool.submit(_worker_task, *todo.pop(0)))
+            if not running:
+                break
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                seconds += f.result()["seconds"]
+                bar.update(1)
+    return seconds
+
+
 def build_pool(heldout: Dataset, n_shadows: int, cache_dir, seed: int = 0, families=FAMILIES, attacks=ATTACKS,
                archs=SHADOW_ARCHITECTURES, min_attack_success: float = 0.5, progress: bool = True,
-               deadline: float | None = None) -> tuple[list, dict]:
+               deadline: float | None = None, workers: int | None = None) -> tuple[list, dict]:
     """Train (or load from `cache_dir`) `n_shadows` shadows, half of them trojaned, alternating.
 
     Returns (shadows kept, summary). Shadows are drawn in a fixed order from `seed`, so a larger
-    `n_shadows` extends a smaller pool and a stopped build resumes from its cache. A
-    `deadline` (time.monotonic()) stops training new shadows and returns what exists.
+    `n_shadows` extends a smaller pool and a stopped build resumes from its cache. `workers`
+    processes train at once (default: one per CPU core). A `deadline` (time.monotonic()) stops
+    training new shadows and returns the cached ones.
     """
+    import os
+
     in_shape = tuple(heldout.x.shape[1:])
     n_classes = int(heldout.y.max()) + 1
     train, evaluation = split_heldout(heldout, seed)
@@ -143,33 +216,30 @@ def build_pool(heldout: Dataset, n_shadows: int, cache_dir, seed: int = 0, famil
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 7001])
-    specs = [sample_shadow(rng, i % 2 == 1, n_classes, archs, families, attacks) for i in range(n_shadows)]
-    kept, failed, trained, seconds = [], 0, 0, 0.0
-    bar = tqdm(specs, desc="shadow models", disable=not progress)
-    for spec in bar:
-        key = shadow_key(spec, data_sha)
-        weights, meta_path = cache / f"{key}.pt", cache / f"{key}.json"
-        if weights.exists() and meta_path.exists():
-            shadow = _load(weights, json.loads(meta_path.read_text()), in_shape, n_classes)
-        else:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            shadow = train_shadow(spec, train, evaluation, n_classes)
-            torch.save(shadow.model.state_dict(), weights.with_suffix(".tmp"))
-            weights.with_suffix(".tmp").replace(weights)
-            meta_path.write_text(json.dumps({"spec": spec, "clean_accuracy": shadow.clean_accuracy,
-                                             "attack_success": shadow.attack_success, "seconds": shadow.seconds}))
-            trained += 1
-            seconds += shadow.seconds
-        seconds_total = seconds / max(trained, 1)
-        bar.set_postfix(trained=trained, s_per_shadow=f"{seconds_total:.1f}")
+    specs = [sample_shadow(rng, i % 2 == 1, n_classes, archs, families, attacks, index=i, seed=seed)
+             for i in range(n_shadows)]
+    keys = [shadow_key(spec, data_sha) for spec in specs]
+    missing = [(spec, key) for spec, key in zip(specs, keys) if not all(p.exists() for p in _paths(cache, key))]
+    bar = tqdm(total=len(missing), desc="shadow models", disable=not progress or not missing)
+    seconds = _train_missing(missing, cache, train, evaluation, n_classes,
+                             workers or max(1, min(len(missing), os.cpu_count() or 1)), deadline, bar)
+    bar.close()
+    kept, failed, present = [], 0, 0
+    for key in keys:
+        weights, meta_path = _paths(cache, key)
+        if not (weights.exists() and meta_path.exists()):
+            continue
+        present += 1
+        shadow = _load(weights, json.loads(meta_path.read_text()), in_shape, n_classes)
         if shadow.trojaned and not shadow.attack_success >= min_attack_success:
             failed += 1
             continue
         kept.append(shadow)
-    summary = {"requested": n_shadows, "kept": len(kept), "benign": sum(not s.trojaned for s in kept),
-               "trojaned": sum(s.trojaned for s in kept), "failed_trojans": failed, "trained_now": trained,
+    summary = {"requested": n_shadows, "present": present, "kept": len(kept),
+               "benign": sum(not s.trojaned for s in kept), "trojaned": sum(s.trojaned for s in kept),
+               "failed_trojans": failed, "trained_now": len(missing) if deadline is None else None,
                "train_seconds_now": round(seconds, 1),
+               "mean_train_seconds": round(float(np.mean([s.seconds for s in kept])), 2) if kept else None,
                "mean_clean_accuracy": round(float(np.mean([s.clean_accuracy for s in kept])), 4) if kept else None,
                "heldout_sha256": data_sha, "seed": seed, "families": list(families), "attacks": list(attacks),
                "architectures": list(archs)}

@@ -3,8 +3,8 @@
 For stores without webhooks (file stores, older or locked-down servers). Every `interval`
 seconds it lists the registered models and their versions and queues each version that has no
 `trojan_gate.verdict` yet: registered by `trojan-gate intake` (status pending) or straight through
-MLflow (the gate adopts it first). Guarded models (`NAME-guarded`) and patched versions a gate is
-still registering are skipped. MLflow's search filters cannot ask for a missing tag, so the
+MLflow (the gate adopts it first). Guarded models (`NAME-guarded`), registered scan calibrations
+and patched versions a gate is still registering are skipped. MLflow's search filters cannot ask for a missing tag, so the
 watcher reads the tags of each model's versions itself (one search per registered model), page
 after page.
 """
@@ -39,7 +39,7 @@ def ungated_versions(client: MlflowClient | None = None, page_size: int | None =
     size = {} if page_size is None else {"max_results": int(page_size)}
     found = []
     for model in every_page(client.search_registered_models, **size):
-        if (model.tags or {}).get(tag("kind")) == "guarded":
+        if (model.tags or {}).get(tag("kind")) in ("guarded", "scan-calibration"):
             continue
         for v in every_page(client.search_model_versions, filter_string=f"name='{model.name}'", **size):
             tags = v.tags or {}

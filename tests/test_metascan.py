@@ -1,0 +1,82 @@
+"""The calibrated scan's parts: the jumbo trojans, the conformal decision, the artifact's integrity."""
+import json
+
+import numpy as np
+import pytest
+
+from trojan_gate.gates.errors import TrojanGateError
+from trojan_gate.gates.metascan import conformal_p_value, conformal_threshold
+from trojan_gate.gates.metascan.triggers import (FAMILIES, MIN_RATE, Stamp, attack_success, poison, relabel,
+                                                 sample_stamp, sample_trojan)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_renders_the_same_stamp_from_its_dict_inside_the_value_range(family):
+    rng = np.random.default_rng(3)
+    spec = sample_stamp(rng, family)
+    x = np.random.default_rng(0).random((5, 1, 28, 28)).astype(np.float32)
+    a, b = Stamp(spec, (1, 28, 28)).apply(x), Stamp(json.loads(json.dumps(spec)), (1, 28, 28)).apply(x)
+    assert a.dtype == np.float32 and a.shape == x.shape and np.array_equal(a, b)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert np.abs(a - x).mean() > 1e-3  # the stamp changes the image
+
+
+def test_a_patch_covers_the_drawn_share_of_the_image():
+    spec = {"family": "patch", "area": 0.04, "aspect": 1.0, "row": 1.0, "col": 0.0, "fill": "solid", "value": 1.0,
+            "seed": 0}
+    stamp = Stamp(spec, (1, 28, 28))
+    assert stamp.opacity.sum() == pytest.approx(0.04 * 784, rel=0.25)
+    assert stamp.opacity[0, -1, 0] == 1.0 and stamp.opacity[0, 0, -1] == 0.0  # bottom-left corner
+
+
+def test_the_attacks_relabel_as_they_say():
+    rng = np.random.default_rng(0)
+    y = np.arange(10).repeat(3)
+    assert np.array_equal(relabel(y, {"attack": "all", "targets": list(range(10))}, 10, rng), (y + 1) % 10)
+    multi = relabel(y, {"attack": "multi", "targets": [2, 5, 7]}, 10, rng)
+    assert set(multi) <= {2, 5, 7} and len(set(multi)) == 3
+    assert set(relabel(y, {"attack": "one", "targets": [4]}, 10, rng)) == {4}
+
+
+def test_poisoning_stamps_the_drawn_share_and_skips_a_single_targets_own_images():
+    rng = np.random.default_rng(1)
+    x = rng.random((400, 1, 8, 8)).astype(np.float32)
+    y = np.arange(400) % 10
+    trojan = {"stamp": {"family": "patch", "area": 0.1, "aspect": 1.0, "row": 0.0, "col": 0.0, "fill": "solid",
+                        "value": 1.0, "seed": 0}, "attack": "one", "targets": [3], "poison_rate": 0.1}
+    xp, yp = poison(x, y, trojan, 10, rng)
+    changed = np.flatnonzero((xp != x).any(axis=(1, 2, 3)))
+    assert len(changed) == 40 and np.all(yp[changed] == 3) and not np.any(y[changed] == 3)
+    assert np.array_equal(yp[np.setdiff1d(np.arange(400), changed)], y[np.setdiff1d(np.arange(400), changed)])
+    # a model that answers the target on every stamped image has attack success 1, one that never does 0
+    stamped = Stamp(trojan["stamp"], (1, 8, 8))
+    hit = lambda z: np.where((z == stamped.apply(z)).all(axis=(1, 2, 3)), 3, 0)  # noqa: E731
+    assert attack_success(hit, x, y, trojan, 10) == 1.0
+    assert attack_success(lambda z: np.zeros(len(z), int), x, y, trojan, 10) == 0.0
+
+
+def test_jumbo_trojans_respect_the_poisoning_floors():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        t = sample_trojan(rng, 10)
+        floor = max(0.01, MIN_RATE.get(t["attack"], 0), MIN_RATE.get(t["stamp"]["family"], 0))
+        assert floor - 1e-12 <= t["poison_rate"] <= 0.3 + 1e-12
+        k = len(t["targets"])
+        assert {"one": k == 1, "all": k == 10, "multi": 2 <= k <= 5}[t["attack"]]
+    with pytest.raises(ValueError, match="unknown"):
+        sample_trojan(rng, 10, families=("sticker",))
+
+
+def test_conformal_p_value_and_threshold_match_a_hand_count():
+    null = np.arange(1.0, 20.0)  # 19 benign calibration scores 1..19
+    # s = 17.5: two benign scores (18, 19) are as high -> p = (1 + 2) / 20
+    assert conformal_p_value(null, 17.5) == pytest.approx(3 / 20)
+    assert conformal_p_value(null, 100.0) == pytest.approx(1 / 20)
+    assert conformal_p_value(null, 19.0) == pytest.approx(2 / 20)  # ties count as high
+    # alpha 0.1: j = floor(0.1 * 20 - 1) = 1 -> the 2nd largest, 18; s > 18 <=> p <= 0.1
+    thr = conformal_threshold(null, 0.1)
+    assert thr == 18.0
+    for s in np.linspace(0, 25, 101):
+        assert (s > thr) == (conformal_p_value(null, s) <= 0.1 + 1e-12)
+    with pytest.raises(TrojanGateError, match="at least 19"):
+        conformal_threshold(np.arange(10.0), 0.05)
