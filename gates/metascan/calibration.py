@@ -153,7 +153,7 @@ class ScanCalibration:
     def __init__(self, n_shadows: int = 400, false_block_rate: float = 0.05, class_alpha: float = 0.05,
                  calibration_share: float = 0.3, families=FAMILIES, attacks=ATTACKS,
                  architectures=SHADOW_ARCHITECTURES, probes: str = "stamp", n_queries: int = 8, n_images: int = 20,
-                 hidden: int = 32, epochs: int = 60, lr: float = 1e-2, target_weight: float = 1.0, scale: float = 0.0,
+                 hidden: int = 32, epochs: int = 60, lr: float = 1e-2, target_weight: float = 1.0, scale: float = 3.0,
                  seed: int = 0, cache_dir=None, progress: bool = True, workers: int | None = None):
         self.n_shadows = n_shadows
         self.false_block_rate = false_block_rate
