@@ -80,3 +80,17 @@ def test_conformal_p_value_and_threshold_match_a_hand_count():
         assert (s > thr) == (conformal_p_value(null, s) <= 0.1 + 1e-12)
     with pytest.raises(TrojanGateError, match="at least 19"):
         conformal_threshold(np.arange(10.0), 0.05)
+
+
+def test_the_calibration_that_decides_enters_the_verdicts_reuse_fingerprint():
+    from trojan_gate.plugins.gate import GateConfig
+    from trojan_gate.plugins.gate.config import ConfigError
+
+    base = GateConfig().fingerprint("ab" * 32)
+    assert GateConfig().fingerprint("ab" * 32, "c" * 64) != base
+    assert GateConfig().fingerprint("ab" * 32, "c" * 64) != GateConfig().fingerprint("ab" * 32, "d" * 64)
+    assert GateConfig(scan={"decision": "paper"}).fingerprint("ab" * 32) != base
+    with pytest.raises(ConfigError, match="scan.decision"):
+        GateConfig(scan={"decision": "vote"})
+    doc = GateConfig().to_dict()
+    assert doc["scan"]["calibration"] == "auto" and GateConfig.from_dict(doc).fingerprint("ab" * 32) == base
