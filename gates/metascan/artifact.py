@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_file
-from ..strip.artifact import content_sha256, files_sha256, utc_now, versions
+from ..strip.artifact import content_sha256, files_sha256, read_document, utc_now, versions
 
 CALIBRATION_FILE = "calibration.json"
 ARRAYS_FILE = "meta.npz"
@@ -68,17 +68,8 @@ def load_calibration(directory, expected_sha256: str | None = None):
     actual = calibration_sha256(directory)
     if expected_sha256 is not None and actual != expected_sha256:
         raise ArtifactIntegrityError(f"scan calibration sha256 mismatch: expected {expected_sha256}, found {actual}")
-    try:
-        doc = json.loads((directory / CALIBRATION_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} is not readable JSON: {e}") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} is not a {FORMAT} document")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} has format version {doc.get('format_version')}; this "
-                                     f"trojan-gate reads version {FORMAT_VERSION} (run calibrate-scan again)")
-    if (doc.get("integrity") or {}).get("content_sha256") != content_sha256(doc):
-        raise ArtifactIntegrityError(f"{CALIBRATION_FILE} content sha256 mismatch (the document was modified)")
+    doc = read_document(directory / CALIBRATION_FILE, FORMAT, FORMAT_VERSION, "run calibrate-scan again",
+                        "the calibration document")
     if sha256_file(directory / ARRAYS_FILE) != doc.get("arrays_sha256"):
         raise ArtifactIntegrityError(f"{ARRAYS_FILE} sha256 mismatch (the learned arrays were modified or replaced)")
     try:

@@ -43,6 +43,40 @@ class _Meta(nn.Module):
         return self.model_head(z)[:, 0], self.class_head(z)
 
 
+def seeded(seed: int) -> torch.Generator:
+    """torch's global seed and a generator of the same seed (initial queries, weights, shadow order)."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train_jointly(net: nn.Module, score, models: list, trojaned, targets, settings, gen) -> list:
+    """Adam on L = BCE(s, trojaned) + lambda mean_t BCE(s_t, targets) over the frozen shadow `models`,
+    `settings.batch` shadows a step for `settings.epochs` epochs; `score(models)` -> (s, s_t) runs the
+    learned queries through them. Returns the mean loss per epoch."""
+    trojaned = torch.as_tensor(np.asarray(trojaned, np.float32))
+    targets = torch.as_tensor(np.asarray(targets, np.float32))
+    for m in models:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    n, losses = len(models), []
+    for _ in tqdm(range(settings.epochs), desc="meta-classifier", disable=not settings.progress):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, settings.batch):
+            b = perm[i:i + settings.batch]
+            s, s_t = score([models[j] for j in b])
+            loss = bce(s, trojaned[b]) + settings.target_weight * bce(s_t, targets[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+        losses.append(total / n)
+    return losses
+
+
 class QueryMetaClassifier:
     """MNTD meta-classifier with jointly tuned queries (see the module's equations).
 
@@ -82,33 +116,12 @@ class QueryMetaClassifier:
     def fit(self, models: list, trojaned, targets, in_shape) -> "QueryMetaClassifier":
         """Train on shadow models (torch, logits) taking inputs of `in_shape` (C, H, W), their labels
         (n,) and target indicators (n, K)."""
-        trojaned = torch.as_tensor(np.asarray(trojaned, np.float32))
-        targets = torch.as_tensor(np.asarray(targets, np.float32))
-        n, k = targets.shape
-        gen = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        for m in models:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+        gen = seeded(self.seed)
         self.in_shape_ = tuple(int(v) for v in in_shape)
-        self.n_classes_ = k
-        net = _Meta(self.in_shape_, k, self.n_queries, self.hidden, gen)
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr)
-        bce = nn.functional.binary_cross_entropy_with_logits
-        self.loss_ = []
-        for _ in tqdm(range(self.epochs), desc="meta-classifier", disable=not self.progress):
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for i in range(0, n, self.batch):
-                b = perm[i:i + self.batch]
-                s, s_t = net(self._answers([models[j] for j in b], net.queries()))
-                loss = bce(s, trojaned[b]) + self.target_weight * bce(s_t, targets[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(b)
-            self.loss_.append(total / n)
+        self.n_classes_ = int(np.shape(targets)[1])
+        net = _Meta(self.in_shape_, self.n_classes_, self.n_queries, self.hidden, gen)
+        self.loss_ = train_jointly(net, lambda batch: net(self._answers(batch, net.queries())), models, trojaned,
+                                   targets, self, gen)
         self.net_ = net.eval()
         self.queries_ = net.queries().detach().numpy().astype(np.float32)
         return self

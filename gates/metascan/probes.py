@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .meta import seeded, train_jointly
 
 
 def standardised(p: torch.Tensor, scale: float) -> torch.Tensor:
@@ -102,36 +103,14 @@ class StampProbeMeta:
     def fit(self, models: list, trojaned, targets, base_x: np.ndarray, base_y: np.ndarray) -> "StampProbeMeta":
         """Train on shadow models (torch, logits), labels (n,), target indicators (n, K) and the
         held-out images (base_x, base_y) the stamps are applied to."""
-        trojaned = torch.as_tensor(np.asarray(trojaned, np.float32))
-        targets = torch.as_tensor(np.asarray(targets, np.float32))
-        n, k = targets.shape
-        gen = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        for m in models:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+        gen = seeded(self.seed)
         self.base_x_ = np.ascontiguousarray(base_x, np.float32)
         self.base_y_ = np.asarray(base_y, np.int64)
-        self.n_classes_ = k
-        base = torch.from_numpy(self.base_x_)
-        by = torch.from_numpy(self.base_y_)
+        self.n_classes_ = int(np.shape(targets)[1])
+        base, by = torch.from_numpy(self.base_x_), torch.from_numpy(self.base_y_)
         net = _ProbeNet(self.base_x_.shape[1:], self.n_probes, self.hidden, gen)
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr)
-        bce = nn.functional.binary_cross_entropy_with_logits
-        self.loss_ = []
-        for _ in tqdm(range(self.epochs), desc="meta-classifier", disable=not self.progress):
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for i in range(0, n, self.batch):
-                b = perm[i:i + self.batch]
-                s, s_t = net(self._answers([models[j] for j in b], net.queries(base)), by, self.scale)
-                loss = bce(s, trojaned[b]) + self.target_weight * bce(s_t, targets[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(b)
-            self.loss_.append(total / n)
+        self.loss_ = train_jointly(net, lambda batch: net(self._answers(batch, net.queries(base)), by, self.scale),
+                                   models, trojaned, targets, self, gen)
         self.net_ = net.eval()
         with torch.no_grad():
             q = net.queries(base)

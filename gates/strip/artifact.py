@@ -67,6 +67,26 @@ def artifact_sha256(directory) -> str:
     return files_sha256(directory, (BOUNDARY_FILE, BANK_FILE))
 
 
+def read_document(path: Path, fmt: str, version: int, redo: str, what: str) -> dict:
+    """A content-hashed JSON document of format `fmt` and `version`, verified; ArtifactIntegrityError
+    names the file and what is wrong (unreadable, another format or version, edited)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{Path(path).name} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ArtifactIntegrityError(f"{Path(path).name} is not a {fmt} document")
+    if doc.get("format_version") != version:
+        raise ArtifactIntegrityError(f"{Path(path).name} has format version {doc.get('format_version')}; this "
+                                     f"trojan-gate reads version {version} ({redo})")
+    recorded = (doc.get("integrity") or {}).get("content_sha256")
+    actual = content_sha256(doc)
+    if recorded != actual:
+        raise ArtifactIntegrityError(f"{Path(path).name} content sha256 mismatch: recorded {recorded}, "
+                                     f"computed {actual} ({what} was modified)")
+    return doc
+
+
 def write_artifact(directory, doc: dict, bank: np.ndarray) -> Path:
     """Write `bank.npy` and `boundary.json` (with bank sha256 and content sha256 filled in)."""
     directory = Path(directory)
@@ -103,20 +123,7 @@ def read_artifact(directory, model_sha256: str | None = None, expected_sha256: s
         actual = artifact_sha256(directory)
         if actual != expected_sha256:
             raise ArtifactIntegrityError(f"artifact sha256 mismatch: expected {expected_sha256}, found {actual}")
-    try:
-        doc = json.loads(json_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} is not readable JSON: {e}") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} is not a {FORMAT} document")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} has format version {doc.get('format_version')}; this "
-                                     f"trojan-gate reads version {FORMAT_VERSION} (calibrate the model again)")
-    recorded = (doc.get("integrity") or {}).get("content_sha256")
-    actual = content_sha256(doc)
-    if recorded != actual:
-        raise ArtifactIntegrityError(f"{BOUNDARY_FILE} content sha256 mismatch: recorded {recorded}, "
-                                     f"computed {actual} (the boundary document was modified)")
+    doc = read_document(json_path, FORMAT, FORMAT_VERSION, "calibrate the model again", "the boundary document")
     bank_sha = sha256_file(bank_path)
     if bank_sha != doc.get("bank_sha256"):
         raise ArtifactIntegrityError(f"{BANK_FILE} sha256 mismatch: recorded {doc.get('bank_sha256')}, "
