@@ -21,7 +21,7 @@ from ..strip.artifact import content_sha256, files_sha256, read_document, utc_no
 CALIBRATION_FILE = "calibration.json"
 ARRAYS_FILE = "meta.npz"
 FORMAT = "trojan-gate/scan-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the meta-classifier is an ensemble (arrays meta.<member>.<name>)
 
 
 def calibration_sha256(directory) -> str:
@@ -61,6 +61,7 @@ def load_calibration(directory, expected_sha256: str | None = None):
     version, or arrays of the wrong shapes.
     """
     from .calibration import ScanCalibration
+    from .ensemble import MetaEnsemble
     from .meta import QueryMetaClassifier
     from .probes import StampProbeMeta
 
@@ -78,10 +79,9 @@ def load_calibration(directory, expected_sha256: str | None = None):
         params = doc["params"]
         task = doc["task"]
         k = int(task["n_classes"])
-        kind = StampProbeMeta if params.get("probes", "stamp") == "stamp" else QueryMetaClassifier
-        meta = kind.from_state({n[5:]: v for n, v in arrays.items() if n.startswith("meta.")}, k,
-                               int(params["hidden"]))
-        meta.scale = float(params.get("scale", 0.0))
+        kind = StampProbeMeta if params["probes"] == "stamp" else QueryMetaClassifier
+        meta = MetaEnsemble.from_state({n[5:]: v for n, v in arrays.items() if n.startswith("meta.")}, kind,
+                                       int(params["n_meta"]), k, int(params["hidden"]), float(params["scale"]))
         null, class_null = arrays["null"], arrays["class_null"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise ArtifactIntegrityError(f"scan calibration in {directory} is incomplete or malformed: {e}") from e

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import CalibrationMismatchError, TrojanGateError
+from .ensemble import MetaEnsemble
 from .meta import QueryMetaClassifier
 from .probes import StampProbeMeta
 from .shadows import SHADOW_ARCHITECTURES, build_pool, heldout_sha256, split_heldout
@@ -144,6 +145,8 @@ class ScanCalibration:
     n_queries : int
         Learned stamps (``stamp``, applied to `n_images` held-out images) or free queries (``free``).
     hidden, epochs, lr, target_weight, scale : meta-classifier settings (see `probes` and `meta`).
+    n_meta : int
+        Meta-classifiers trained with their own seeds and probe images, scores averaged (see `ensemble`).
     seed : int
         Seed of the pool, the split and the meta-classifier.
     cache_dir : path
@@ -154,7 +157,7 @@ class ScanCalibration:
                  calibration_share: float = 0.3, families=FAMILIES, attacks=ATTACKS,
                  architectures=SHADOW_ARCHITECTURES, probes: str = "stamp", n_queries: int = 8, n_images: int = 20,
                  hidden: int = 32, epochs: int = 60, lr: float = 1e-2, target_weight: float = 1.0, scale: float = 3.0,
-                 seed: int = 0, cache_dir=None, progress: bool = True, workers: int | None = None):
+                 n_meta: int = 3, seed: int = 0, cache_dir=None, progress: bool = True, workers: int | None = None):
         self.n_shadows = n_shadows
         self.false_block_rate = false_block_rate
         self.class_alpha = class_alpha
@@ -170,6 +173,7 @@ class ScanCalibration:
         self.lr = lr
         self.target_weight = target_weight
         self.scale = scale
+        self.n_meta = n_meta
         self.seed = seed
         self.cache_dir = cache_dir
         self.progress = progress
@@ -195,14 +199,19 @@ class ScanCalibration:
         t_pool = time.perf_counter() - t0
         fit, cal = _split(shadows, self.calibration_share, self.seed)
         models, labels, targets = [s.model for s in fit], [s.trojaned for s in fit], target_matrix(fit, n_classes)
-        if self.probes == "free":
-            meta = QueryMetaClassifier(self.n_queries, self.hidden, self.epochs, self.lr, self.target_weight,
-                                       seed=self.seed, progress=self.progress).fit(models, labels, targets, in_shape)
-        else:
-            base_x, base_y = probe_images(heldout, self.n_images, self.seed)
-            meta = StampProbeMeta(self.n_queries, len(base_y), self.hidden, self.epochs, self.lr, self.target_weight,
-                                  scale=self.scale, seed=self.seed, progress=self.progress).fit(
-                models, labels, targets, base_x, base_y)
+        members = []
+        for i in range(self.n_meta):
+            seed = self.seed + 1000 * i
+            if self.probes == "free":
+                member = QueryMetaClassifier(self.n_queries, self.hidden, self.epochs, self.lr, self.target_weight,
+                                             seed=seed, progress=self.progress).fit(models, labels, targets, in_shape)
+            else:
+                base_x, base_y = probe_images(heldout, self.n_images, seed)
+                member = StampProbeMeta(self.n_queries, len(base_y), self.hidden, self.epochs, self.lr,
+                                        self.target_weight, scale=self.scale, seed=seed, progress=self.progress).fit(
+                    models, labels, targets, base_x, base_y)
+            members.append(member)
+        meta = MetaEnsemble(members)
         scores, class_scores = meta.score_answers(meta.answers_of([s.model for s in cal]))
         benign = np.array([not s.trojaned for s in cal])
         self.meta_ = meta

@@ -200,7 +200,8 @@ def run(args) -> int:
             f"{os.cpu_count()} CPU cores. Calibration {cal.sha256_[:16]}: {cal.pool_['kept']} shadows kept of "
             f"{cal.pool_['requested']} ({cal.pool_['benign']} benign, {cal.pool_['trojaned']} trojaned; families "
             f"{', '.join(cal.pool_['families'])}), threshold {cal.threshold_:.3f} at false-block rate "
-            f"{cal.false_block_rate:g}; power on the trojaned calibration shadows {cal.power_}.", ""]
+            f"{cal.false_block_rate:g}; power on the trojaned calibration shadows {cal.power_}. The calibrated "
+            "decision has no random draw at scan time: its rows repeat across scan seeds by construction.", "", ""]
     text = "\n".join(head) + tables(rows, seeds, decisions) + "\n"
     print(text)
     if args.out:
