@@ -10,6 +10,9 @@
 
 - `ModelOracle`: batched, counted class-probability queries to an ONNX model (ONNX Runtime);
 - `DeepInspect`: the black-box trojan scan (Chen et al., IJCAI'19) returning a `ScanResult`;
+- `ScanCalibration`: the calibrated scan decision of a task (shadow models trained on the held-out
+  data, query-tuned stamp probes, a split-conformal threshold at a stated false-block rate);
+  `save_calibration` / `load_calibration` write and verify it;
 - `Patcher`: fine-tuning a flagged model with generated triggers and correct labels (`PatchResult`);
 - `Strip`: the run-time input detector (Gao et al., ACSAC'19), Alibi Detect's fit / infer_threshold / predict;
 - `RuntimeCheck`: the run-time check beyond STRIP (entropy and disagreement with a clean reference
@@ -32,6 +35,7 @@ _EXPORTS = {
     "Dataset": ".data", "load_heldout": ".data", "validate_heldout": ".validation",
     "DeepInspect": ".deepinspect", "ScanConfig": ".deepinspect", "ScanResult": ".deepinspect",
     "ModelOracle": ".oracle", "Patcher": ".patching", "PatchResult": ".patching",
+    "ScanCalibration": ".metascan", "load_calibration": ".metascan", "save_calibration": ".metascan",
     "GuardedClassifier": ".strip", "Strip": ".strip", "RuntimeCheck": ".runtime",
     **{name: ".errors" for name in ("ArtifactIntegrityError", "DataValidationError", "InputShapeError",
                                     "ModelLoadError", "ModelOutputError", "QueryBudgetExceeded", "TrojanGateError")},
