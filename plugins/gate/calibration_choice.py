@@ -64,7 +64,11 @@ def choose_calibration(settings, model_tags: dict, heldout, client) -> Calibrati
     except Exception as e:  # the held-out data is validated (and refused by name) inside the gate run
         return CalibrationChoice(None, None, f"no task key: the held-out data or the version's intake tags could "
                                              f"not be read ({type(e).__name__}: {e})")
-    found = find_registered(key, client=client)
+    try:
+        found = find_registered(key, client=client)
+    except Exception as e:  # the paper's test still gates; the report says why the calibration was not used
+        return CalibrationChoice(None, None, f"the registry could not be searched for a scan calibration of this "
+                                             f"task ({type(e).__name__}: {e})")
     if found is None:
         return CalibrationChoice(None, None, f"no registered scan calibration matches this task (input "
                                              f"{'x'.join(map(str, shape))}, {n_classes} classes, held-out sha256 "
