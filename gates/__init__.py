@@ -36,9 +36,10 @@ _EXPORTS = {
     "DeepInspect": ".deepinspect", "ScanConfig": ".deepinspect", "ScanResult": ".deepinspect",
     "ModelOracle": ".oracle", "Patcher": ".patching", "PatchResult": ".patching",
     "ScanCalibration": ".metascan", "load_calibration": ".metascan", "save_calibration": ".metascan",
-    "GuardedClassifier": ".strip", "Strip": ".strip", "RuntimeCheck": ".runtime",
+    "GuardedClassifier": ".guard", "RuntimeDetector": ".detector_base", "Strip": ".strip", "RuntimeCheck": ".runtime",
     **{name: ".errors" for name in ("ArtifactIntegrityError", "DataValidationError", "InputShapeError",
-                                    "ModelLoadError", "ModelOutputError", "QueryBudgetExceeded", "TrojanGateError")},
+                                    "ModelLoadError", "ModelOutputError", "NotFittedError", "QueryBudgetExceeded",
+                                    "ThresholdNotInferredError", "TrojanGateError")},
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -48,3 +48,11 @@ class ArtifactIntegrityError(TrojanGateError):
 
 class CalibrationMismatchError(TrojanGateError):
     """A scan calibration was built for another task (input shape, classes or held-out data)."""
+
+
+class NotFittedError(TrojanGateError, RuntimeError):
+    """A detector was asked to score, threshold or save before `fit`."""
+
+
+class ThresholdNotInferredError(TrojanGateError, RuntimeError):
+    """A detector was asked to decide or save before `infer_threshold`."""

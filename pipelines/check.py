@@ -1,7 +1,8 @@
 """`trojan-gate check MODEL.onnx --boundary DIR --inputs X.npz --out R.npz`.
 
-Scores inputs with STRIP through the same GuardedClassifier the served model uses and
-writes, per input, `instance_score` (the normalised entropy), `is_trojaned`, `label` and `probability`.
+Scores inputs with the attached run-time check (or a STRIP boundary) through the same GuardedClassifier
+the served model uses and writes, per input, `instance_score` (higher means more trojan-like),
+`is_trojaned`, `label`, `probability` and `model_calls` (the served model's inputs it cost).
 Exit 0 when no input is flagged, 1 when some input is, 2 on error (a boundary artifact that
 does not verify against the model or itself is refused with the mismatch named).
 """
@@ -14,7 +15,7 @@ import numpy as np
 
 from .cli import EXIT_FLAGGED, EXIT_OK
 
-HELP = "score inputs with the STRIP guard (exit 0 none flagged, 1 some flagged, 2 error)"
+HELP = "score inputs with the run-time guard (exit 0 none flagged, 1 some flagged, 2 error)"
 
 
 def add_arguments(parser):
@@ -23,7 +24,7 @@ def add_arguments(parser):
     parser.add_argument("--inputs", required=True,
                         help=".npz with images under key 'x' (or its only array): (n, C, H, W), (n, H, W); "
                              "float in [0, 1] or uint8")
-    parser.add_argument("--out", required=True, help="output .npz: instance_score, is_trojaned, label, probability")
+    parser.add_argument("--out", required=True, help="output .npz: instance_score, is_trojaned, label, probability, model_calls")
     parser.add_argument("--policy", choices=("flag", "reject"), default="flag",
                         help="reject replaces a flagged input's label by -1 (default: flag)")
     parser.add_argument("--expected-sha256", default=None,
@@ -63,9 +64,11 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # a file object keeps the name exactly as given
         np.savez_compressed(f, instance_score=result["instance_score"], is_trojaned=result["is_trojaned"],
-                            label=result["label"], probability=result["probability"])
+                            label=result["label"], probability=result["probability"],
+                            model_calls=result["model_calls"])
     n_flagged = int(result["is_trojaned"].sum())
     summary = {"inputs": int(len(x)), "flagged": n_flagged, "threshold": guard.threshold,
+               "model_calls_per_input": float(np.mean(result["model_calls"])) if len(x) else 0.0,
                "policy": args.policy, "out": str(out)}
     print(json.dumps(summary))
     return EXIT_FLAGGED if n_flagged else EXIT_OK

@@ -154,8 +154,8 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
 
 def serving_settings(policy: str = "reject", max_rows: int = 4096) -> dict:
     """What the guarded model enforces, fixed server-side and signed with the release."""
-    from trojan_gate.gates.strip.guard import POLICIES
+    from trojan_gate.gates.guard import SERVING_POLICIES
 
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+    if policy not in SERVING_POLICIES:
+        raise ValueError(f"policy must be one of {SERVING_POLICIES}, not {policy!r}")
     return {"policy": policy, "max_rows": int(max_rows)}

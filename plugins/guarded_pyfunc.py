@@ -1,4 +1,4 @@
-"""The guarded pyfunc: a signed release (ONNX + STRIP threshold + verdict) checking every input.
+"""The guarded pyfunc: a signed release (ONNX + run-time check + verdict) checking every input.
 
 Logged with models-from-code (`guarded_model_code.py` calls `mlflow.models.set_model`);
 artifacts: `release` (model.onnx, boundary/, verdict.json) and `signature` (see `signing`).
@@ -8,8 +8,9 @@ names. The serving policy (`reject` by default: a flagged input's label is -1; `
 is kept) and the row cap come from the signed verdict; a client's `params` change nothing.
 
 The input is what the logged signature says: a float32 tensor (n, C, H, W) in [0, 1]. Per input,
-predict returns `label`, `probability`, `instance_score` (the STRIP normalised entropy) and
-`is_trojaned`. A refused request (wrong shape, values out of range, too many rows) comes back as
+predict returns `label`, `probability`, `instance_score` (higher means more trojan-like: the run-time
+check's negated min-p, or STRIP's negated entropy), `is_trojaned` (score >= threshold) and
+`model_calls` (the served model's inputs the check cost: the input and its copies). A refused request (wrong shape, values out of range, too many rows) comes back as
 HTTP 400 with the reason, never a stack trace.
 """
 from __future__ import annotations
@@ -23,13 +24,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 CODE_FILE = Path(__file__).with_name("guarded_model_code.py")
-OUTPUT_COLUMNS = ("label", "probability", "instance_score", "is_trojaned")
+OUTPUT_COLUMNS = ("label", "probability", "instance_score", "is_trojaned", "model_calls")
 
 
 def load_release(release, signature, public_key=None):
     """Verify a signed release and build its GuardedClassifier; returns (guard, verdict document)."""
     from trojan_gate.gates.errors import ArtifactIntegrityError
-    from trojan_gate.gates.strip.guard import GuardedClassifier
+    from trojan_gate.gates.guard import GuardedClassifier
 
     from .signing import SERVABLE, verify_release
 
@@ -75,6 +76,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             "probability": np.asarray(out["probability"], dtype=np.float64),
             "instance_score": np.asarray(out["instance_score"], dtype=np.float64),
             "is_trojaned": np.asarray(out["is_trojaned"], dtype=bool),
+            "model_calls": np.asarray(out["model_calls"], dtype=np.int64),
         })
 
 
@@ -85,5 +87,6 @@ def guarded_signature(input_shape):
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) + tuple(int(v) for v in input_shape))]),
         outputs=Schema([ColSpec("long", "label"), ColSpec("double", "probability"),
-                        ColSpec("double", "instance_score"), ColSpec("boolean", "is_trojaned")]),
+                        ColSpec("double", "instance_score"), ColSpec("boolean", "is_trojaned"),
+                        ColSpec("long", "model_calls")]),
     )

@@ -7,7 +7,7 @@ import pytest
 
 from trojan_gate.gates.strip.artifact import BANK_FILE, BOUNDARY_FILE
 from trojan_gate.gates.data import load_digits_dataset
-from trojan_gate.gates.strip.guard import GuardedClassifier
+from trojan_gate.gates.guard import GuardedClassifier
 from trojan_gate.gates.lab import LabConfig, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.strip import Strip, artifact_sha256
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     det = Strip(oracle, n_perturbations=10, seed=0, progress=False).fit(held).infer_threshold(0.01)
     det.save(root / "boundary")
     clean_scores = det.score(ev.x)
-    clean = ev.x[np.argsort(clean_scores)[-15:]]  # clearly benign: the highest-entropy clean inputs
+    clean = ev.x[np.argsort(clean_scores)[:15]]  # clearly benign: the lowest-scoring (highest-entropy) clean inputs
     stamped = lab.stamp(ev.x[ev.y != 0][:30])
     np.savez(root / "clean.npz", x=clean)
     np.savez(root / "mixed.npz", x=np.concatenate([clean, stamped]))
@@ -49,7 +49,8 @@ def test_clean_inputs_exit_0(setup, tmp_path, capsys):
     out = tmp_path / "r.npz"
     assert run_check(setup, "clean.npz", out) == 0
     r = np.load(out)
-    assert set(r.files) == {"instance_score", "is_trojaned", "label", "probability"}
+    assert set(r.files) == {"instance_score", "is_trojaned", "label", "probability", "model_calls"}
+    assert (r["model_calls"] == 11).all()  # STRIP: the input and its N = 10 copies
     assert r["instance_score"].shape == (15,) and not r["is_trojaned"].any()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["flagged"] == 0
 
@@ -66,7 +67,7 @@ def test_flagged_inputs_exit_1_and_match_guard(setup, tmp_path):
     np.testing.assert_array_equal(r["instance_score"], g["instance_score"])
     np.testing.assert_array_equal(r["is_trojaned"], g["is_trojaned"])
     np.testing.assert_array_equal(r["label"], g["label"])
-    np.testing.assert_array_equal(r["is_trojaned"], r["instance_score"] <= guard.threshold)
+    np.testing.assert_array_equal(r["is_trojaned"], r["instance_score"] >= guard.threshold)
 
 
 def test_reject_policy_gives_minus_one(setup, tmp_path):
@@ -90,7 +91,7 @@ def test_tampered_artifact_exit_2(setup, tmp_path, capsys):
     bad = tmp_path / "boundary"
     shutil.copytree(setup["boundary"], bad)
     doc = json.loads((bad / BOUNDARY_FILE).read_text())
-    doc["threshold"] = -5.0
+    doc["threshold"] = 5.0
     (bad / BOUNDARY_FILE).write_text(json.dumps(doc))
     out = tmp_path / "r.npz"
     code = main(["check", str(setup["model"]), "--boundary", str(bad), "--inputs", str(setup["root"] / "mixed.npz"),

@@ -158,7 +158,7 @@ def test_a_tampered_and_rehashed_release_does_not_load(tmp_path, digits, digits_
     sign_release(release, tmp_path / "release.sig")
     guard, verdict = load_release(release, tmp_path / "release.sig")
     assert verdict["verdict"] == "passed" and guard.policy == "reject"
-    move_threshold(release / "boundary", -1e9)  # flags nothing, re-hashed: the artifact's own checks pass
+    move_threshold(release / "boundary", 1e9)  # flags nothing, re-hashed: the artifact's own checks pass
     with pytest.raises(ArtifactIntegrityError, match="signature does not verify"):
         load_release(release, tmp_path / "release.sig")
 

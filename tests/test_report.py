@@ -44,12 +44,12 @@ def _scan(flagged=(3,), k=10, shape=(1, 8, 8), seed=0, with_arrays=True):
 
 def _strip(seed=0, trojan=True):
     rng = np.random.default_rng(seed)
-    benign = rng.normal(0.55, 0.08, 500)
+    benign = rng.normal(-0.55, 0.08, 500)  # STRIP's score -H: higher = more trojan-like
     d = {"benign_scores": benign, "mean": float(benign.mean()), "std": float(benign.std(ddof=1)),
-         "threshold": 0.364, "empirical_threshold": 0.37, "frr": 0.01, "rule": "normal", "n_perturbations": 10,
+         "threshold": -0.364, "empirical_threshold": -0.37, "frr": 0.01, "rule": "normal", "n_perturbations": 10,
          "blend": "average", "estimated_far": 0.02}
     if trojan:
-        d["trojan_scores"] = rng.normal(0.1, 0.05, 200)
+        d["trojan_scores"] = rng.normal(-0.1, 0.05, 200)
     return d
 
 
@@ -72,7 +72,7 @@ def test_full_report_json(tmp_path):
     assert s["verdict"] == "patched" and s["model"] == {"name": "fmnist", "version": "3", "sha256": "ab" * 32}
     assert s["flagged_classes"] == [3] and s["instance_score"] > 2.0 and s["is_trojaned"] is True
     assert s["threshold"] == 2.0
-    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["strip_threshold"] == pytest.approx(0.364)
+    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["strip_threshold"] == pytest.approx(-0.364)
     assert s["patched"] is True and s["new_version"] == "4"
     assert set(s["total_issues_by_severity"]) == set(SEVERITIES)
     sev = [f["severity"] for f in rep["findings"]]
@@ -130,7 +130,7 @@ def test_scan_without_arrays_and_strip_without_scores():
     page = render_html(rep, scan=scan, strip=strip)
     assert page.count("<img") == 1  # only the deviation chart (drawn from the JSON)
     assert page.count('class="placeholder"') == 3  # triggers, STRIP histogram, patch
-    assert "carries no trigger samples" in page and "benign entropy scores were not passed" in page
+    assert "carries no trigger samples" in page and "benign scores were not passed" in page
     assert 'verdict-passed' in page
     assert rep["summary"]["flagged_classes"] == []
     assert any(f["title"] == "No trojan found by DeepInspect" for f in rep["findings"])

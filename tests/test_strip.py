@@ -9,12 +9,12 @@ from scipy import stats
 
 from trojan_gate.gates.strip.artifact import BANK_FILE, BOUNDARY_FILE
 from trojan_gate.gates.data import load_digits_dataset
-from trojan_gate.gates.errors import ArtifactIntegrityError
-from trojan_gate.gates.strip.guard import GuardedClassifier
+from trojan_gate.gates.errors import ArtifactIntegrityError, NotFittedError, ThresholdNotInferredError
+from trojan_gate.gates.guard import GuardedClassifier
 from trojan_gate.gates.lab import LabConfig, train_lab_model
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.strip import BLEND_RULES, Strip, artifact_sha256, superimpose
-from trojan_gate.gates.strip.draws import detector_key, input_seeds, keyed_indices
+from trojan_gate.gates.draws import detector_key, input_seeds, keyed_indices
 
 
 # ----------------------------------------------------------------------------- a model with known answers
@@ -59,17 +59,17 @@ def test_entropy_equation_hand_computed(ratio_oracle, rule, combine):
     for i in range(3):
         others = [j for j in range(3) if j != i]
         want = np.mean([h2(combine(bank[i], bank[j]).ravel()) for j in others])
-        assert det.benign_scores_[i] == pytest.approx(want, abs=1e-6)
+        assert det.benign_scores_[i] == pytest.approx(-want, abs=1e-6)  # the score is -H: higher = trojan-like
     # an incoming input is blended with N = 2 distinct bank images; with N = 3 it sees all three
     x = img(0.6, 0, 0, 0)
     det3 = Strip(ratio_oracle, n_perturbations=3, blend=rule, seed=3)
-    det3.bank_ = bank
+    det3.attach_bank(bank, ratio_oracle.sha256)
     want = np.mean([h2(combine(x[0], b).ravel()) for b in bank])
-    assert det3.score(x[None])[0] == pytest.approx(want, abs=1e-6)
+    assert det3.score(x[None])[0] == pytest.approx(-want, abs=1e-6)
     # x = (1, 0, 0, 0) against (0, 1, 0, 0) and (0, 0, 1, 1) under "average": (1 + log2 3) / 2 exactly
     det2 = Strip(ratio_oracle, n_perturbations=2, blend="average")
-    det2.bank_ = np.stack([img(0, 1, 0, 0), img(0, 0, 1, 1)])
-    assert det2.score(img(1, 0, 0, 0)[None])[0] == pytest.approx((1 + math.log2(3)) / 2, abs=1e-6)
+    det2.attach_bank(np.stack([img(0, 1, 0, 0), img(0, 0, 1, 1)]), ratio_oracle.sha256)
+    assert det2.score(img(1, 0, 0, 0)[None])[0] == pytest.approx(-(1 + math.log2(3)) / 2, abs=1e-6)
 
 
 def test_superimpose_rules():
@@ -158,13 +158,13 @@ def test_boundary_rules_normal_and_empirical(fitted):
     d = fitted
     assert d.mean_ == pytest.approx(d.benign_scores_.mean())
     assert d.std_ == pytest.approx(d.benign_scores_.std(ddof=1))
-    assert d.normal_threshold_ == pytest.approx(stats.norm.ppf(0.05, d.mean_, d.std_))
+    assert d.normal_threshold_ == pytest.approx(stats.norm.ppf(0.95, d.mean_, d.std_))  # higher = trojan-like
     assert d.rule == "normal" and d.threshold_ == d.normal_threshold_
     n = len(d.benign_scores_)
-    assert abs((d.benign_scores_ <= d.empirical_threshold_).mean() - 0.05) <= 1.0 / n + 1e-12
+    assert abs((d.benign_scores_ >= d.empirical_threshold_).mean() - 0.05) <= 1.0 / n + 1e-12
     d.infer_threshold(0.02, rule="empirical")
     assert d.rule == "empirical" and d.threshold_ == d.empirical_threshold_ and d.frr_ == 0.02
-    assert abs((d.benign_scores_ <= d.threshold_).mean() - 0.02) <= 1.0 / n + 1e-12
+    assert abs((d.benign_scores_ >= d.threshold_).mean() - 0.02) <= 1.0 / n + 1e-12
     with pytest.raises(ValueError):
         d.infer_threshold(0.0)
 
@@ -173,11 +173,11 @@ def test_detects_patch_trojan_and_respects_frr_on_unseen_clean(trojaned, fitted,
     _, ev = split
     clean = fitted.score(ev.x)
     stamped = fitted.score(trojaned.stamp(ev.x[ev.y != 0]))
-    frr = (clean <= fitted.threshold_).mean()
-    far = (stamped > fitted.threshold_).mean()
+    frr = (clean >= fitted.threshold_).mean()
+    far = (stamped < fitted.threshold_).mean()
     assert frr <= 0.15, frr  # preset 5%, 289 unseen clean images
     assert far <= 0.25, far
-    assert np.median(stamped) < np.quantile(clean, 0.05)
+    assert np.median(stamped) > np.quantile(clean, 0.95)
 
 
 def test_one_oracle_call_per_batch(oracle, fitted, split):
@@ -194,15 +194,19 @@ def test_predict_contract(fitted, split):
     _, ev = split
     out = fitted.predict(ev.x[:16])
     assert set(out) == {"data", "meta"}
-    assert set(out["data"]) == {"instance_score", "is_trojaned", "threshold"}
+    assert set(out["data"]) == {"instance_score", "is_trojaned", "threshold", "proba", "model_calls"}
     assert out["data"]["instance_score"].shape == (16,)
     assert out["data"]["is_trojaned"].dtype == bool
-    np.testing.assert_array_equal(out["data"]["is_trojaned"], out["data"]["instance_score"] <= fitted.threshold_)
+    np.testing.assert_array_equal(out["data"]["is_trojaned"], out["data"]["instance_score"] >= fitted.threshold_)
+    np.testing.assert_allclose(out["data"]["instance_score"], fitted.score(ev.x[:16]))  # same draws, same score
+    assert (out["data"]["model_calls"] == 11).all()
     assert out["data"]["threshold"] == fitted.threshold_
     for key in ("name", "n_perturbations", "blend", "rule", "frr", "model_sha256"):
         assert key in out["meta"]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NotFittedError):
         Strip(fitted.model).score(ev.x[:2])
+    with pytest.raises(ThresholdNotInferredError):
+        Strip(fitted.model, progress=False).fit(ev.x[:20]).predict(ev.x[:2])
 
 
 def test_save_load_round_trip(tmp_path, oracle, fitted, split):
@@ -241,7 +245,7 @@ def test_tampered_json_is_refused(tmp_path, oracle, fitted):
     fitted.save(tmp_path)
     path = tmp_path / BOUNDARY_FILE
     doc = json.loads(path.read_text())
-    doc["threshold"] = -1.0  # an attacker lowering the threshold to let everything through
+    doc["threshold"] = 1.0  # an attacker raising the threshold to let everything through
     path.write_text(json.dumps(doc))
     with pytest.raises(ArtifactIntegrityError, match="content sha256 mismatch"):
         Strip.load(tmp_path, oracle)
@@ -265,15 +269,15 @@ def test_guarded_classifier_flag_and_reject(trojaned, oracle, fitted, split):
     _, ev = split
     x = np.concatenate([ev.x[:40], trojaned.stamp(ev.x[ev.y != 0][:40])])
     plain = oracle.predict(x)
-    before = oracle.ledger.to_dict().get("guard", {"calls": 0, "queries": 0})
+    before = oracle.ledger.to_dict().get("strip-predict", {"calls": 0, "queries": 0})
     flag = GuardedClassifier(oracle, fitted, policy="flag").predict(x)
-    after = oracle.ledger.to_dict()["guard"]
+    after = oracle.ledger.to_dict()["strip-predict"]
     assert after["calls"] - before["calls"] == 1  # inputs and their N perturbations in one call
     assert after["queries"] - before["queries"] == len(x) * 11
-    assert set(flag) == {"label", "probability", "instance_score", "is_trojaned"}
+    assert set(flag) == {"label", "probability", "instance_score", "is_trojaned", "model_calls"}
     assert flag["label"].dtype == np.int64 and flag["is_trojaned"].dtype == bool
     np.testing.assert_array_equal(flag["label"], plain)
-    np.testing.assert_array_equal(flag["is_trojaned"], flag["instance_score"] <= fitted.threshold_)
+    np.testing.assert_array_equal(flag["is_trojaned"], flag["instance_score"] >= fitted.threshold_)
     assert flag["is_trojaned"][40:].mean() > flag["is_trojaned"][:40].mean()
     rej = GuardedClassifier(oracle, fitted, policy="reject").predict(x)
     s = rej["is_trojaned"]

@@ -77,17 +77,5 @@ def calibrate_check(oracle, heldout, kind: str = "runtime", frr: float = 0.01, n
 
 
 def describe(det) -> dict:
-    """The settings and threshold of a fitted check, as the gate logs, tags and reports them."""
-    kind = "runtime" if isinstance(det, RuntimeCheck) else "strip"
-    out = {"check": kind, "threshold": float(det.threshold_), "frr": float(det.frr_), "rule": det.rule,
-           "n_perturbations": int(det.n_perturbations), "blend": det.blend, "seed": int(det.seed),
-           "n_calibration": int(len(det.bank_))}
-    if kind == "runtime":
-        cal = det.calibration_
-        out.update(statistics=list(det.statistics), stages=list(det.stages), realised_frr=cal.realised_frr,
-                   frr_interval=list(cal.frr_interval),
-                   stage_bounds={str(k): v for k, v in cal.stage_bounds.items()})
-    else:
-        out.update(mean=float(det.mean_), std=float(det.std_), empirical_threshold=float(det.empirical_threshold_),
-                   normal_threshold=det.normal_threshold_)
-    return out
+    """The settings and threshold of a fitted check (either kind), as the gate logs, tags and reports them."""
+    return det.describe()

@@ -1,8 +1,10 @@
 """`RuntimeCheck`: STRIP's entropy plus dispersion and reference disagreement, one calibrated min-p test.
 
 Alibi Detect's contract: `fit(x, y)` on labelled held-out images, `infer_threshold(frr)`,
-`predict(x)` -> {"data": {"instance_score", "is_trojaned", "threshold"}, "meta": {...}}, and
-`save(dir)` / `load(dir, model)`. The method is in `check`; the evidence in `evidence`.
+`predict(x)` -> {"data": {"instance_score", "is_trojaned", "threshold", ...}, "meta": {...}}, and
+`save(dir)` / `load(dir, model)` (the contract of `detector_base`). The method is in `check`; the
+evidence in `evidence`. The instance score is the negated combined p-value, s(x) = -min_k p_k(x):
+higher means more trojan-like, and x is flagged when s(x) >= threshold = -p*, i.e. min p <= p*.
 
 fit splits the held-out set (seeded): `reference_fraction` of it trains the reference classifier
 (a small CNN, as the scan's reference models), the rest is the STRIP bank and the benign
@@ -16,26 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ..copies import DEFAULT_BLEND, KeyedCopies, ask_shuffled
+from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
 from ..strip.artifact import content_sha256, load_bank, utc_now, versions
-from ..strip.detector import DEFAULT_BLEND, Strip
 from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
 
 CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
 FORMAT = "trojan-gate/runtime-check"
+FORMAT_VERSION = 2  # 2: scores higher for more trojan-like inputs (s = -min p); version 1 scored min p
 
 
 def _attach_bank(check: "RuntimeCheck", bank: np.ndarray):
-    """Give a check (in fit and load) the held-out images its copies are superimposed on, and STRIP's
-    keyed draws over them."""
+    """Give a check (in fit and load) the held-out images its copies are superimposed on, and the keyed
+    draws over them (`copies`)."""
     check.bank_ = bank
-    check.strip_ = Strip(check.model, n_perturbations=check.n_perturbations, blend=check.blend, seed=check.seed,
-                         progress=False)
-    check.strip_.bank_, check.strip_.model_sha256_ = bank, check.model.sha256
+    check.copies_ = KeyedCopies(bank, check.n_perturbations, check.blend, check.seed, check.model.sha256)
 
 
-class RuntimeCheck:
+class RuntimeCheck(RuntimeDetector):
     """Run-time trojan input detector over a black-box ModelOracle (see the module doc).
 
     Parameters
@@ -52,6 +54,8 @@ class RuntimeCheck:
         then the whole held-out set calibrates, and the reference must not have seen it
     seed : seeds the split, the reference's training and the draws
     """
+
+    kind = "runtime"
 
     def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, statistics=DEFAULT_STATISTICS,
                  stages=DEFAULT_STAGES, reference_fraction: float = 0.5, reference_epochs: int = 40, reference=None,
@@ -79,8 +83,9 @@ class RuntimeCheck:
         return "min-p(" + ",".join(self.statistics) + ")"
 
     @property
-    def frr_(self) -> float:
-        return self.calibration_.frr
+    def frr_(self) -> float | None:
+        cal = getattr(self, "calibration_", None)
+        return None if cal is None else cal.frr
 
     @property
     def benign_scores_(self) -> np.ndarray | None:
@@ -89,19 +94,16 @@ class RuntimeCheck:
         from .check import leave_one_out_min_p
 
         values = getattr(self, "stage_values_", None)  # per image, paired across statistics (fit only)
-        return None if values is None else leave_one_out_min_p(values[self.n_perturbations])
+        return None if values is None else -leave_one_out_min_p(values[self.n_perturbations])
 
     # -- answers ------------------------------------------------------------------------
     def _ask(self, oracle, x: np.ndarray) -> np.ndarray:
         """Probabilities for x in one call, rows sent in a fresh random order."""
-        order = self._order.permutation(len(x))
-        out = np.empty((len(x), oracle.n_classes))
-        out[order] = oracle.predict_proba(x[order])
-        return out
+        return ask_shuffled(oracle, x, self._order)
 
     def _copies(self, x, exclude=None) -> np.ndarray:
         """(n, N, C, H, W) keyed superimposed copies (STRIP's draws, from each input's own bytes)."""
-        return self.strip_.perturb(x, exclude).reshape((len(x), self.n_perturbations) + x.shape[1:])
+        return self.copies_.perturb(x, exclude).reshape((len(x), self.n_perturbations) + x.shape[1:])
 
     def _stage_statistics(self, x, exclude=None) -> dict:
         """{stage: {statistic: (n,)}} for every stage and N, asking every copy (calibration)."""
@@ -113,13 +115,17 @@ class RuntimeCheck:
         return {s: statistics_at(p_self, p_copies[:, :s], p_ref, self.statistics) for s in (*self.stages, big_n)}
 
     # -- estimator ----------------------------------------------------------------------
-    def fit(self, heldout_x, heldout_y) -> "RuntimeCheck":
+    def fit(self, heldout_x, heldout_y=None) -> "RuntimeCheck":
+        """Train the reference on a share of the labelled held-out set (labels required with the reference
+        statistic), keep the rest as the bank and its benign statistics at every stage."""
         from ..data import Dataset
         from ..deepinspect.reference import train_reference
         from ..oracle import ModelOracle
 
         x = self.model.check_inputs(heldout_x)
-        y = np.asarray(heldout_y).reshape(-1)
+        if heldout_y is None and "reference" in self.statistics and self.reference is None:
+            raise ValueError("the reference statistic trains on labelled held-out images: give heldout_y")
+        y = np.zeros(len(x), np.int64) if heldout_y is None else np.asarray(heldout_y).reshape(-1)
         perm = np.random.default_rng([self.seed, 3]).permutation(len(x))
         train_ref = "reference" in self.statistics and self.reference is None
         n_ref = int(round(self.reference_fraction * len(x))) if train_ref else 0
@@ -146,23 +152,30 @@ class RuntimeCheck:
     def infer_threshold(self, frr: float = 0.01) -> "RuntimeCheck":
         if not 0.0 < frr < 1.0:
             raise ValueError(f"frr must be in (0, 1), got {frr}")
+        """Calibrate the min-p test at preset FRR (see `check.calibrate`); threshold_ = -p*."""
+        self.check_fitted()
+        if not 0.0 < frr < 1.0:
+            raise ValueError(f"frr must be in (0, 1), got {frr}")
         self.calibration_ = calibrate(self.stage_values_, frr, self.stages)
-        self.threshold_ = self.calibration_.threshold
+        self.threshold_ = -self.calibration_.threshold
         return self
 
-    def score(self, x, adaptive: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(instance score = combined min-p, low = trojan-like; copies asked per input)."""
-        out = self.decide(x, adaptive)
-        return out["instance_score"], out["copies"]
+    def score(self, x, adaptive: bool = True) -> np.ndarray:
+        """s(x) = -min_k p_k(x), the negated combined p-value: higher means more trojan-like."""
+        return self._answer(x, adaptive)["instance_score"]
 
-    def decide(self, x, adaptive: bool = True) -> dict:
-        """The model's own answers on x (`proba`), the instance scores and the copies asked per input;
-        the first call of a batch carries the inputs with their first copies, so labels cost no extra call."""
-        if self.threshold_ is None:
-            raise RuntimeError("no threshold: call fit and infer_threshold first")
+    def predict(self, x, adaptive: bool = True) -> dict:
+        """The contract's result (`detector_base`); `adaptive` False asks every input all N copies."""
+        return super().predict(x, adaptive=adaptive)
+
+    def _answer(self, x, adaptive: bool = True) -> dict:
+        """The model's own answers on x (`proba`), the instance scores and the served model's inputs per
+        input (itself and the copies asked); the first call of a batch carries the inputs with their first
+        copies, so labels cost no extra call."""
+        self.check_threshold()
         x = self.model.check_inputs(x)
         n, big_n, cal = len(x), self.n_perturbations, self.calibration_
-        idx = self.strip_.draw_indices(x)  # copies are built stage by stage, only for inputs still asked
+        idx = self.copies_.draw_indices(x)  # copies are built stage by stage, only for inputs still asked
         p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
         answers = {}
         score = np.ones(n)
@@ -172,7 +185,7 @@ class RuntimeCheck:
         asked = 0
         with self.model.phase("check"):
             for stage in (*(self.stages if adaptive else ()), big_n):
-                new = self.strip_.copies_at(x[live], idx[live, asked:stage])
+                new = self.copies_.copies_at(x[live], idx[live, asked:stage])
                 batch = np.concatenate([x[live], new]) if asked == 0 else new
                 out = self._ask(self.model, batch)
                 if asked == 0:
@@ -193,30 +206,33 @@ class RuntimeCheck:
                 live, answers["self"], answers["copies"] = live[keep], answers["self"][keep], answers["copies"][keep]
                 if not len(live):
                     break
-        return {"proba": proba, "instance_score": score, "copies": used}
-
-    def predict(self, x, adaptive: bool = True) -> dict:
-        s, used = self.score(x, adaptive)
-        return {"data": {"instance_score": s, "is_trojaned": s <= self.threshold_, "threshold": self.threshold_},
-                "meta": {**self.meta(), "copies_per_input": used}}
+        return {"proba": proba, "instance_score": -score, "model_calls": used + 1}
 
     def meta(self) -> dict:
         cal = getattr(self, "calibration_", None)
-        return {"name": type(self).__name__, "detector_type": "trojan", "data_type": "image", "online": False,
-                "statistics": list(self.statistics), "n_perturbations": self.n_perturbations, "blend": self.blend,
-                "stages": list(self.stages), "frr": None if cal is None else cal.frr,
+        return {**super().meta(), "statistics": list(self.statistics), "n_perturbations": self.n_perturbations,
+                "blend": self.blend, "stages": list(self.stages), "frr": None if cal is None else cal.frr,
                 "realised_frr": None if cal is None else cal.realised_frr,
-                "frr_interval": None if cal is None else list(cal.frr_interval), "model_sha256": self.model_sha256_}
+                "frr_interval": None if cal is None else list(cal.frr_interval)}
+
+    def describe(self) -> dict:
+        """The settings and threshold of the fitted check, as the gate logs, tags and reports them."""
+        self.check_threshold()
+        cal = self.calibration_
+        return {"check": self.kind, "threshold": float(self.threshold_), "frr": float(cal.frr), "rule": self.rule,
+                "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
+                "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION,
+                "statistics": list(self.statistics), "stages": list(self.stages), "realised_frr": cal.realised_frr,
+                "frr_interval": list(cal.frr_interval), "stage_bounds": {str(k): v for k, v in cal.stage_bounds.items()}}
 
     # -- artifact -----------------------------------------------------------------------
     def save(self, directory) -> Path:
         """check.json (everything the decision uses) + bank.npy + reference.onnx, hashed like STRIP's artifact."""
-        if self.threshold_ is None:
-            raise RuntimeError("no threshold: call infer_threshold first")
+        self.check_threshold()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / BANK_FILE, self.bank_, allow_pickle=False)
-        doc = {"format": FORMAT, "format_version": 1, **{k: v for k, v in self.meta().items() if k != "name"},
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in self.meta().items() if k != "name"},
                "seed": self.seed, "reference_fraction": self.reference_fraction, "created_at": self.created_at_,
                "threshold": self.threshold_, "n_calibration": self.calibration_.n_calibration,
                "stage_bounds": {str(k): v for k, v in self.calibration_.stage_bounds.items()},
@@ -247,6 +263,9 @@ class RuntimeCheck:
             return (directory / name).is_file() and sha256_file(directory / name) == recorded
 
         checks = [(doc.get("format") == FORMAT, "not a runtime-check artifact"),
+                  (doc.get("format_version") == FORMAT_VERSION,
+                   f"{CHECK_FILE} has format version {doc.get('format_version')}; this trojan-gate reads version "
+                   f"{FORMAT_VERSION}, which scores higher for more trojan-like inputs (calibrate the model again)"),
                   ((doc.get("integrity") or {}).get("content_sha256") == content_sha256(doc), "check.json was modified"),
                   (doc.get("model_sha256") == model.sha256, "calibrated on another model"),
                   (intact(BANK_FILE, doc.get("bank_sha256")), "bank.npy is missing or was modified")]
@@ -263,7 +282,7 @@ class RuntimeCheck:
             det.extra = dict(doc.get("extra") or {})
             det.calibration_ = Calibration(
                 benign={int(s): {k: np.asarray(v) for k, v in d.items()} for s, d in doc["benign"].items()},
-                threshold=float(doc["threshold"]),
+                threshold=-float(doc["threshold"]),
                 stage_bounds={int(k): float(v) for k, v in doc["stage_bounds"].items()}, frr=float(doc["frr"]),
                 realised_frr=float(doc["realised_frr"]), frr_interval=tuple(doc["frr_interval"]),
                 n_calibration=int(doc["n_calibration"]))
@@ -275,5 +294,5 @@ class RuntimeCheck:
         if "reference" in det.statistics:
             det.reference_bytes_ = (directory / REFERENCE_FILE).read_bytes()
             det.reference_ = ModelOracle(det.reference_bytes_)
-        det.threshold_ = det.calibration_.threshold
+        det.threshold_ = -det.calibration_.threshold
         return det

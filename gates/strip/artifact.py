@@ -25,7 +25,7 @@ from ..hashing import sha256_file
 BOUNDARY_FILE = "boundary.json"
 BANK_FILE = "bank.npy"
 FORMAT = "trojan-gate/strip-boundary"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: scores higher for more trojan-like inputs (s = -H); version 2 scored H
 
 
 def versions() -> dict:

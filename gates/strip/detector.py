@@ -8,36 +8,26 @@ entropy (Eq. 2-4):
     H_n = -sum_i y_i log2 y_i            (Eq. 2, class distribution of perturbed copy n)
     H   = (1 / N) * sum_n H_n            (Eq. 3-4)
 
-and x is flagged as trojaned when H <= threshold (the paper's detection boundary), a low percentile of the
-benign-entropy distribution of held-out images (Sec. V-D): a normal is fitted to the benign
-entropies and threshold = norm.ppf(FRR, mean, std) (rule "normal", the paper's); the
-empirical FRR-quantile of the same entropies is kept as well (rule "empirical").
+and x is trojaned when H is at or under the paper's detection boundary, a low percentile of the
+benign entropies of held-out images (Sec. V-D). Here every detector scores higher for more
+trojan-like inputs, so the instance score is s(x) = -H(x), a normal is fitted to the benign
+scores and
 
-How perturbations are drawn. Every input gets N *distinct* bank images, chosen by a keyed
-hash of the input itself (see `draws`): the same input always meets the same bank images and
-so always gets the same score, whatever else is in its batch and however often it is sent (the
-paper draws afresh per input, which lets an attacker retry a stamped input until it passes).
-The drawn images are superimposed with `BLEND_RULES[blend]`. When `fit` scores the held-out
-images themselves (they are the bank), image i is never superimposed on itself.
+    threshold = norm.ppf(1 - FRR, mean_s, std_s)     (rule "normal", the paper's fit, mirrored)
 
-Superimposition rules (`BLEND_RULES`):
-- "average": 0.5 x + 0.5 x_bank (the open-source libraries' convention);
-- "sum": clip(x + x_bank, 0, 1) (the paper's public code adds at full weight on 8-bit data,
-  which saturates);
-- "max": pixel-wise maximum(x, x_bank).
+with the empirical (1 - FRR)-quantile of the same scores kept as well (rule "empirical"); x is
+flagged when s(x) >= threshold, which is the paper's H <= boundary, unchanged in FAR and FRR.
 
-Default "max", chosen by measurement as the rule with the lowest FAR at preset FRR 1%
-(`trojan-gate benchmark strip`, benchmarks/strip.md): small Fashion-MNIST lab CNNs, 2 epochs,
-N=10, 2000 held-out, 2000 clean and 2000 trojaned test inputs; FAR per trigger
-(patch / pattern / blend / multi-target) and mean:
-    average  33.95 / 20.65 / 5.05 / 100 %   mean 39.91 %
-    sum       8.30 /  2.40 / 3.10 / 100 %   mean 28.45 %
-    max       4.40 /  0.85 / 2.20 / 100 %   mean 26.86 %
-A likely reason: "max" keeps a bright trigger at full strength where "average" halves it,
-and saturates less of the input than "sum".
+How perturbations are drawn: see `gates.copies` (N distinct bank images per input, keyed by the
+input's own bytes, so the same input always gets the same score; superimposed by the rule
+"max" by default). When `fit` scores the held-out images themselves (they are the bank), image i
+is never superimposed on itself.
 
-All N perturbations of a batch of inputs go to the model in one oracle call.
+All N perturbations of a batch of inputs go to the model in one oracle call; `predict` adds the
+inputs themselves to that call (Algorithm 1: "all the perturbed inputs along with x itself are
+concurrently fed into the deployed DNN model"), rows in a fresh random order.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,43 +37,15 @@ from scipy import stats
 from scipy.special import entr
 from tqdm.auto import tqdm
 
+from ..copies import BLEND_RULES, DEFAULT_BLEND, KeyedCopies, ask_shuffled, superimpose
+from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from .artifact import artifact_sha256, read_artifact, utc_now, versions, write_artifact
-from .draws import detector_key, input_seeds, keyed_indices
 
 __all__ = ["BLEND_RULES", "DEFAULT_BLEND", "Strip", "artifact_sha256", "superimpose", "normalized_entropy"]
 
 LOG2 = math.log(2.0)
 RULES = ("normal", "empirical")
-DEFAULT_BLEND = "max"
-
-
-def _average(x, b, out):
-    np.add(x, b, out=out)
-    out *= 0.5
-    return out
-
-
-def _sum(x, b, out):
-    np.add(x, b, out=out)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
-def _max(x, b, out):
-    return np.maximum(x, b, out=out)
-
-
-BLEND_RULES = {"average": _average, "sum": _sum, "max": _max}
-
-
-def superimpose(x: np.ndarray, b: np.ndarray, rule: str = DEFAULT_BLEND, out: np.ndarray | None = None) -> np.ndarray:
-    """Superimpose bank images `b` on inputs `x` (broadcasting) with one of BLEND_RULES."""
-    if rule not in BLEND_RULES:
-        raise ValueError(f"unknown blend rule {rule!r}; choose from {tuple(BLEND_RULES)}")
-    if out is None:
-        out = np.empty(np.broadcast_shapes(x.shape, b.shape), dtype=np.float32)
-    return BLEND_RULES[rule](x, b, out)
 
 
 def normalized_entropy(proba: np.ndarray, n_perturbations: int) -> np.ndarray:
@@ -96,24 +58,33 @@ def normalized_entropy(proba: np.ndarray, n_perturbations: int) -> np.ndarray:
     return h.reshape(-1, n_perturbations).mean(axis=1)  # Eq. 3-4
 
 
-class Strip:
-    """STRIP detector over a black-box ModelOracle (Alibi Detect's fit / infer_threshold / predict).
+class Strip(RuntimeDetector):
+    """STRIP detector over a black-box ModelOracle (the run-time detector contract, `detector_base`).
 
     Parameters
     ----------
     model : ModelOracle (or anything with predict_proba, check_inputs and sha256)
-    n_perturbations : N, superimposed bank images per input
-    blend : superimposition rule, a key of BLEND_RULES
-    seed : keys the draws (with the model's sha256): which bank images each input meets
-    batch_size : incoming inputs per oracle call (each brings N perturbed copies);
-        default keeps a call near 32k images
-    rule : threshold in force, "normal" (norm.ppf(frr, mean, std)) or "empirical" (quantile)
-    progress : tqdm bar when a call needs several oracle batches
+    n_perturbations : int
+        N, superimposed bank images per input.
+    blend : str
+        Superimposition rule, a key of BLEND_RULES.
+    seed : int
+        Keys the draws (with the model's sha256): which bank images each input meets.
+    batch_size : int, optional
+        Incoming inputs per oracle call (each brings N perturbed copies); default keeps a call
+        near 32k images.
+    rule : str
+        Threshold in force, "normal" (norm.ppf(1 - frr, mean, std) of the benign scores) or
+        "empirical" (their (1 - frr)-quantile).
+    progress : bool
+        tqdm bar when a call needs several oracle batches.
 
-    Attributes after fit / infer_threshold: bank_, benign_scores_, mean_, std_, frr_,
-    threshold_ (in force), normal_threshold_, empirical_threshold_, model_sha256_,
-    extra (dict saved with the artifact).
+    Attributes after fit / infer_threshold: bank_, benign_scores_ (-H of the held-out images),
+    mean_, std_, frr_, threshold_ (in force), normal_threshold_, empirical_threshold_,
+    model_sha256_, extra (dict saved with the artifact).
     """
+
+    kind = "strip"
 
     def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, seed: int = 0,
                  batch_size: int | None = None, rule: str = "normal", progress: bool = True):
@@ -134,6 +105,7 @@ class Strip:
         self.threshold_ = None
         self.bank_ = None
         self.created_at_ = None
+        self._order = np.random.default_rng()  # OS entropy: the row order is never predictable
 
     # -- building blocks ---------------------------------------------------------------
     @property
@@ -142,40 +114,16 @@ class Strip:
             return int(self.batch_size)
         return max(1, 32768 // (self.n_perturbations + 1))
 
-    def _check_fitted(self, need_threshold=False):
-        if self.bank_ is None:
-            raise RuntimeError("Strip is not fitted: call fit(heldout_x) first")
-        if need_threshold and self.threshold_ is None:
-            raise RuntimeError("no threshold: call infer_threshold(frr) first")
+    def attach_bank(self, bank: np.ndarray, model_sha256: str) -> None:
+        """Use `bank` as the perturbation bank, with draws keyed to the model `model_sha256`."""
+        self.bank_ = bank
+        self.model_sha256_ = model_sha256
+        self.copies_ = KeyedCopies(bank, self.n_perturbations, self.blend, self.seed, model_sha256)
 
     def perturb(self, x: np.ndarray, exclude=None, out: np.ndarray | None = None) -> np.ndarray:
-        """(n * N, C, H, W) perturbed copies: input i's N copies in rows i*N .. i*N + N - 1.
-
-        Draws N distinct bank images per input from its own bytes (never bank[exclude[i]] for
-        input i), gathers them straight into `out` and superimposes x in place.
-        """
-        return self.copies_at(x, self.draw_indices(x, exclude), out=out)
-
-    def draw_indices(self, x: np.ndarray, exclude=None) -> np.ndarray:
-        """(n, N) bank indices of each input's copies, drawn from its own bytes (see `perturb`)."""
-        self._check_fitted()
-        key = detector_key(self.seed, self.model.sha256)
-        return keyed_indices(input_seeds(x, key), len(self.bank_), self.n_perturbations, exclude)
-
-    def copies_at(self, x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(n * k, C, H, W) copies of x (n inputs) superimposed on bank[idx] (n, k), input i's in rows
-        i*k .. i*k + k - 1: gathered straight into `out` (float32 of that shape, when given) and
-        superimposed in place. `perturb` is this with all N draws; the run-time check asks it stage by stage."""
-        n, k = idx.shape
-        shape = (n * k,) + self.bank_.shape[1:]
-        if out is None:
-            out = np.empty(shape, dtype=np.float32)
-        elif out.shape != shape or out.dtype != np.float32:
-            raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
-        np.take(self.bank_, idx.ravel(), axis=0, out=out)
-        view = out.reshape((n, k) + self.bank_.shape[1:])
-        BLEND_RULES[self.blend](view, x[:, None], view)
-        return out
+        """(n * N, C, H, W) perturbed copies: input i's N copies in rows i*N .. i*N + N - 1 (see `copies`)."""
+        self.check_fitted()
+        return self.copies_.perturb(x, exclude, out=out)
 
     def entropy_from_proba(self, proba: np.ndarray) -> np.ndarray:
         """Normalised entropy H (Eq. 2-4) from the (n * N, K) answers for perturbed copies."""
@@ -189,20 +137,17 @@ class Strip:
             xc = x[s:s + size]
             ex = None if exclude is None else exclude[s:s + size]
             proba = self.model.predict_proba(self.perturb(xc, ex))
-            scores[s:s + len(xc)] = self.entropy_from_proba(proba)
+            scores[s:s + len(xc)] = -self.entropy_from_proba(proba)
         return scores
 
-    # -- sklearn-style API ------------------------------------------------------------
-    def fit(self, heldout_x) -> "Strip":
-        """Keep held-out images as the perturbation bank; compute their benign entropies.
-
-        Image i's N partners come from the other held-out images (never itself).
-        """
+    # -- the detector contract ----------------------------------------------------------
+    def fit(self, heldout_x, heldout_y=None) -> "Strip":
+        """Keep held-out images as the perturbation bank; score them (-H; image i never meets itself).
+        STRIP needs no labels: `heldout_y` is accepted for the shared contract and not used."""
         x = self.model.check_inputs(heldout_x)
         if len(x) < self.n_perturbations + 1:
             raise ValueError(f"need at least N + 1 = {self.n_perturbations + 1} held-out images, got {len(x)}")
-        self.bank_ = x.copy()
-        self.model_sha256_ = self.model.sha256
+        self.attach_bank(x.copy(), self.model.sha256)
         self.created_at_ = utc_now()
         with self.model.phase("strip-fit"):
             self.benign_scores_ = self._score(x, exclude=np.arange(len(x)), desc="strip fit")
@@ -212,8 +157,8 @@ class Strip:
         return self
 
     def infer_threshold(self, frr: float = 0.01, rule: str | None = None) -> "Strip":
-        """Threshold at preset FRR (Sec. V-D): normal ppf and empirical quantile; `rule` picks one."""
-        self._check_fitted()
+        """Threshold at preset FRR (Sec. V-D, mirrored): normal ppf and empirical quantile at 1 - frr."""
+        self.check_fitted()
         if not 0.0 < frr < 1.0:
             raise ValueError(f"frr must be in (0, 1), got {frr}")
         if rule is not None:
@@ -221,44 +166,58 @@ class Strip:
                 raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
             self.rule = rule
         self.frr_ = float(frr)
-        self.normal_threshold_ = (float(stats.norm.ppf(frr, loc=self.mean_, scale=self.std_)) if self.std_ > 0
-                                  else self.mean_)  # degenerate: every benign entropy equal
-        self.empirical_threshold_ = float(np.quantile(self.benign_scores_, frr))
+        self.normal_threshold_ = (float(stats.norm.ppf(1.0 - frr, loc=self.mean_, scale=self.std_)) if self.std_ > 0
+                                  else self.mean_)  # degenerate: every benign score equal
+        self.empirical_threshold_ = float(np.quantile(self.benign_scores_, 1.0 - frr))
         self.threshold_ = self.normal_threshold_ if self.rule == "normal" else self.empirical_threshold_
         return self
 
     def score(self, x) -> np.ndarray:
-        """Normalised entropy H (Eq. 2-4) of each input; low means trojan-like."""
-        self._check_fitted()
+        """s(x) = -H(x), the negated normalised entropy (Eq. 2-4): higher means more trojan-like."""
+        self.check_fitted()
         x = self.model.check_inputs(x)
         with self.model.phase("strip-score"):
             return self._score(x)
 
-    def predict(self, x, return_instance_score: bool = True) -> dict:
-        """Alibi Detect-style result: data.instance_score, data.is_trojaned (score <= threshold), data.threshold."""
-        self._check_fitted(need_threshold=True)
-        s = self.score(x)
-        return {
-            "data": {"instance_score": s if return_instance_score else None,
-                     "is_trojaned": s <= self.threshold_,
-                     "threshold": self.threshold_},
-            "meta": self.meta(),
-        }
+    def _answer(self, x) -> dict:
+        """Labels and scores in one call per chunk: the inputs and their N copies, rows shuffled."""
+        x = self.model.check_inputs(x)
+        n, big_n, size = len(x), self.n_perturbations, self.chunk_size
+        proba_self = np.empty((n, self.model.n_classes), dtype=np.float64)
+        score = np.empty(n, dtype=np.float64)
+        with self.model.phase("strip-predict"):
+            for s in range(0, n, size):
+                xc = x[s:s + size]
+                m = len(xc)
+                buf = np.empty((m * (big_n + 1),) + x.shape[1:], dtype=np.float32)
+                buf[:m] = xc
+                self.perturb(xc, out=buf[m:])
+                proba = ask_shuffled(self.model, buf, self._order)
+                proba_self[s:s + m] = proba[:m]
+                score[s:s + m] = -self.entropy_from_proba(proba[m:])
+        return {"instance_score": score, "proba": proba_self, "model_calls": np.full(n, big_n + 1)}
 
     def meta(self) -> dict:
-        return {"name": type(self).__name__, "detector_type": "trojan", "data_type": "image", "online": False,
-                "n_perturbations": self.n_perturbations, "blend": self.blend, "rule": self.rule,
-                "frr": getattr(self, "frr_", None), "seed": self.seed,
-                "model_sha256": getattr(self, "model_sha256_", None)}
+        return {**super().meta(), "n_perturbations": self.n_perturbations, "blend": self.blend, "rule": self.rule,
+                "seed": self.seed}
+
+    def describe(self) -> dict:
+        """The settings and threshold of the fitted check, as the gate logs, tags and reports them."""
+        self.check_threshold()
+        return {"check": self.kind, "threshold": float(self.threshold_), "frr": float(self.frr_), "rule": self.rule,
+                "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
+                "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION, "mean": self.mean_,
+                "std": self.std_, "empirical_threshold": self.empirical_threshold_,
+                "normal_threshold": self.normal_threshold_}
 
     # -- artifact ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        self._check_fitted(need_threshold=True)
+        self.check_threshold()
         return {
             "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
             "mean": self.mean_, "std": self.std_, "frr": self.frr_, "rule": self.rule,
             "threshold": self.threshold_, "normal_threshold": self.normal_threshold_,
-            "empirical_threshold": self.empirical_threshold_,
+            "empirical_threshold": self.empirical_threshold_, "score_direction": SCORE_DIRECTION,
             "n_benign": int(len(self.benign_scores_)),
             "benign_scores": [float(v) for v in self.benign_scores_],
             "created_at": self.created_at_, "model_sha256": self.model_sha256_,
@@ -285,8 +244,7 @@ class Strip:
         try:
             det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], seed=doc["seed"],
                       rule=doc["rule"], **kwargs)
-            det.bank_ = bank
-            det.model_sha256_ = doc["model_sha256"]
+            det.attach_bank(bank, doc["model_sha256"])
             det.benign_scores_ = np.asarray(doc["benign_scores"], dtype=np.float64)
             det.mean_, det.std_, det.frr_ = float(doc["mean"]), float(doc["std"]), float(doc["frr"])
             det.normal_threshold_ = float(doc["normal_threshold"])

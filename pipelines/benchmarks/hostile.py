@@ -106,9 +106,9 @@ def run(args) -> int:
     def tampered_release():
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=guarded, dst_path=str(work / "tamper")))
         release = next(local.rglob("verdict.json")).parent
-        move_threshold(release / "boundary", -1e9)
+        move_threshold(release / "boundary", 1e9)
         load_release(release, next(local.rglob("release.sig")))
-        return "served unchecked", "a re-hashed threshold of -1e9 loaded"
+        return "served unchecked", "a re-hashed threshold of 1e9 loaded"
 
     def ungated_serve():
         from trojan_gate.plugins.calibration import calibrate_registered
@@ -153,7 +153,7 @@ def run(args) -> int:
             return "served unchecked", f"{kind} was loaded"
         return build
 
-    for name, what, fn in (("tampered-release", "threshold moved to -1e9, artifact re-hashed", tampered_release),
+    for name, what, fn in (("tampered-release", "threshold moved to 1e9, artifact re-hashed", tampered_release),
                            ("ungated-serve", "serve a guarded model no gate passed", ungated_serve),
                            ("retry-and-policy", "resend a request; pick policy=flag per request", retry_and_policy),
                            ("zip-bomb", ".npz inflating 4 x over the cap", data_case("zip-bomb")),

@@ -72,7 +72,7 @@ def run(args) -> int:
     from trojan_gate.gates.lab import train_lab_model
     from trojan_gate.gates.patching import paired_drop_standard_error
     from trojan_gate.gates.strip import BLEND_RULES
-    from trojan_gate.gates.strip.far_estimate import estimate_far, hijacking_inputs
+    from trojan_gate.gates.far_estimate import estimate_far, hijacking_inputs
     from trojan_gate.plugins.gate.config import ConfigError, patcher_names
 
     from ..options import parse_options
@@ -140,7 +140,7 @@ def run(args) -> int:
             far_rows.append({"model": name, "blend": blend,
                              "estimated_far": estimate_far(det, stamped_flagged) if flagged else None,
                              "estimated_far_all": estimate_far(det, stamped_all),
-                             "true_far": float((det.score(true_in) > det.threshold_).mean()),
+                             "true_far": float((det.score(true_in) < det.threshold_).mean()),
                              "n_estimate": int(len(stamped_flagged.x)) if flagged else 0,
                              "n_true": int(len(true_in))})
         print(json.dumps(row, default=float), flush=True)

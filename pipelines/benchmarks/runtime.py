@@ -60,7 +60,7 @@ def evaluate(oracle, lab, test, split, reference, args) -> dict:
     x_eff = x_troj[effective]
     out = {"clean_accuracy": lab.clean_accuracy, "asr": lab.attack_success_rate, "effective": float(effective.mean())}
     strip = Strip(oracle, n_perturbations=10, seed=args.seed, progress=False).fit(x_held).infer_threshold(args.frr)
-    out["STRIP"] = (*_rates(strip.score(x_clean) <= strip.threshold_, strip.score(x_eff) <= strip.threshold_), 11.0, 11.0)
+    out["STRIP"] = (*_rates(strip.score(x_clean) >= strip.threshold_, strip.score(x_eff) >= strip.threshold_), 11.0, 11.0)
     half = x_held[len(x_held) // 2:]  # the reference trained on the first half
     for name, stats in [("check", DEFAULT_STATISTICS), ("check + dispersion", STATISTICS)] + [(s, (s,)) for s in STATISTICS]:
         rc = RuntimeCheck(oracle, statistics=stats, seed=args.seed, reference=reference, progress=False)
@@ -69,8 +69,7 @@ def evaluate(oracle, lab, test, split, reference, args) -> dict:
         for suffix, adaptive in modes:
             c, t = rc.predict(x_clean, adaptive), rc.predict(x_eff, adaptive)
             frr, far = _rates(c["data"]["is_trojaned"], t["data"]["is_trojaned"])
-            out[name + suffix] = (frr, far, 1.0 + c["meta"]["copies_per_input"].mean(),
-                                  1.0 + t["meta"]["copies_per_input"].mean())
+            out[name + suffix] = (frr, far, c["data"]["model_calls"].mean(), t["data"]["model_calls"].mean())
         if name == "check":
             out["frr_interval"] = rc.calibration_.frr_interval
             out["check_detector"] = rc

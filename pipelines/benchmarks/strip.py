@@ -106,10 +106,10 @@ def evaluate_trigger(name, oracle, lab, test, args, progress) -> tuple[list, dic
         for big_n in args.n:
             det = Strip(oracle, n_perturbations=big_n, blend=rule, seed=args.seed, progress=False)
             det.fit(x_held)
-            s_clean, s_troj = det.score(x_clean), det.score(x_troj)
+            s_clean, s_troj = -det.score(x_clean), -det.score(x_troj)  # the paper's axis: entropy H = -score
             for frr in args.frr:
                 det.infer_threshold(frr)
-                b, be = det.normal_threshold_, det.empirical_threshold_
+                b, be = -det.normal_threshold_, -det.empirical_threshold_  # boundaries on H
                 if (rule, big_n, frr) == (args.analysis_rule, args.n[0], 0.01):
                     missed = s_troj > b
                     info["anatomy"] = {
@@ -118,7 +118,7 @@ def evaluate_trigger(name, oracle, lab, test, args, progress) -> tuple[list, dic
                         "missed_effective": int((missed & effective).sum()),
                         "p_target_missed": float(p_target[missed].mean()) if missed.any() else float("nan"),
                         "p_target_caught": float(p_target[~missed].mean()) if (~missed).any() else float("nan")}
-                rows.append(Row(name, rule, big_n, det.mean_, det.std_, frr, b,
+                rows.append(Row(name, rule, big_n, -det.mean_, det.std_, frr, b,
                                 float((s_troj > b).mean()),
                                 float((s_troj[effective] > b).mean()) if effective.any() else float("nan"),
                                 float((s_clean <= b).mean()), be, float((s_troj > be).mean()),

@@ -47,7 +47,7 @@ from trojan_gate.gates import __version__
 from trojan_gate.gates.errors import TrojanGateError
 from trojan_gate.gates.runtime.check import DEFAULT_STAGES, DEFAULT_STATISTICS
 
-POLICIES = ("block", "patch")
+GATE_POLICIES = ("block", "patch")  # what the gate does with a flagged model
 GATE_KEYS = ("policy", "alias", "seed", "max_accuracy_drop", "min_per_class", "timeout_s")
 
 
@@ -110,7 +110,8 @@ class StripSettings:
     def __post_init__(self):
         from trojan_gate.gates.runtime import KINDS
         from trojan_gate.gates.runtime.check import STATISTICS
-        from trojan_gate.gates.strip import BLEND_RULES, POLICIES
+        from trojan_gate.gates.copies import BLEND_RULES
+        from trojan_gate.gates.guard import SERVING_POLICIES
 
         if self.check not in KINDS:
             raise ConfigError(f"strip.check must be one of {KINDS}, not {self.check!r}")
@@ -124,8 +125,8 @@ class StripSettings:
             raise ConfigError(f"strip.stages must be a list of copy counts, not {self.stages!r}") from None
         if any(v < 1 for v in self.stages):
             raise ConfigError(f"strip.stages must be positive copy counts, not {self.stages!r}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"strip.policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.policy not in SERVING_POLICIES:
+            raise ConfigError(f"strip.policy must be one of {SERVING_POLICIES}, not {self.policy!r}")
         if not 0.0 < float(self.frr) < 1.0:
             raise ConfigError(f"strip.frr must lie in (0, 1), not {self.frr!r}")
         if int(self.n_perturbations) < 1:
@@ -153,8 +154,8 @@ class GateConfig:
             self.scan = ScanSettings(**_section("scan", self.scan, ScanSettings))
         if isinstance(self.strip, dict):
             self.strip = StripSettings(**_section("strip", self.strip, StripSettings))
-        if self.policy not in POLICIES:
-            raise ConfigError(f"gate.policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.policy not in GATE_POLICIES:
+            raise ConfigError(f"gate.policy must be one of {GATE_POLICIES}, not {self.policy!r}")
         if not isinstance(self.alias, str):
             raise ConfigError(f"gate.alias must be a name, not {self.alias!r}")
         if not self.alias or self.alias == "latest" or (self.alias.startswith("v") and self.alias[1:].isdigit()):

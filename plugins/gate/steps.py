@@ -133,7 +133,7 @@ def calibrate(state: GateState):
     beyond STRIP by default, or STRIP as in the paper) at the configured FRR and N, estimate its FAR
     with the scan's generated triggers (reported only), then sign it into the guarded model."""
     from trojan_gate.gates.runtime import calibrate_check, describe
-    from trojan_gate.gates.strip.far_estimate import hijacking_inputs
+    from trojan_gate.gates.far_estimate import hijacking_inputs
 
     cfg, final = state.config, state.final
     onnx_path = state.onnx_path if final == state.ref else fetch_onnx(final, client=state.client)

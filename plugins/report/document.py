@@ -72,7 +72,8 @@ def versions() -> dict:
 
 
 def strip_summary(strip: dict | None) -> dict | None:
-    """The STRIP threshold without its score arrays (counts and quantiles instead)."""
+    """The run-time check's threshold without its score arrays (counts and quantiles instead); scores are
+    higher for more trojan-like inputs, so the measured FRR is the share of benign scores at or above it."""
     if strip is None:
         return None
     benign = np.asarray(strip.get("benign_scores", []), dtype=np.float64).ravel()
@@ -87,13 +88,13 @@ def strip_summary(strip: dict | None) -> dict | None:
         q = np.quantile(benign, [0.01, 0.5, 0.99])
         out["benign_quantiles"] = {"q01": float(q[0]), "q50": float(q[1]), "q99": float(q[2])}
         if out["threshold"] is not None:
-            out["measured_frr"] = float((benign <= out["threshold"]).mean())
+            out["measured_frr"] = float((benign >= out["threshold"]).mean())
     trojan = strip.get("trojan_scores")
     if trojan is not None:
         trojan = np.asarray(trojan, dtype=np.float64).ravel()
         out["n_trojan"] = int(trojan.size)
         if trojan.size and out["threshold"] is not None:
-            out["trojan_detection_rate"] = float((trojan <= out["threshold"]).mean())
+            out["trojan_detection_rate"] = float((trojan >= out["threshold"]).mean())
     out.update({k: v for k, v in strip.items() if k not in out and k not in ("benign_scores", "trojan_scores", "bank")
                 and not isinstance(v, np.ndarray)})
     return jsonable(out)

@@ -122,10 +122,10 @@ def _example(x, y, k):
 
 
 def strip_figure(strip: dict) -> str:
-    """Benign score histogram, the threshold (and trojan scores if given): STRIP's entropy with its
-    fitted normal, or the run-time check's combined min-p on a log10 axis."""
+    """Benign score histogram, the threshold (and trojan scores if given), higher = more trojan-like:
+    STRIP's negated entropy with its fitted normal, or the run-time check's -min p as -log10(min p)."""
     runtime = strip.get("check") == "runtime"
-    scale = (lambda v: np.log10(np.clip(v, 1e-12, None))) if runtime else (lambda v: v)
+    scale = (lambda v: -np.log10(np.clip(-v, 1e-12, None))) if runtime else (lambda v: v)
     benign = scale(np.asarray(strip["benign_scores"], dtype=np.float64).ravel())
     trojan = strip.get("trojan_scores")
     trojan = None if trojan is None else scale(np.asarray(trojan, dtype=np.float64).ravel())
@@ -158,10 +158,10 @@ def strip_figure(strip: dict) -> str:
     if emp is not None and (thr is None or not math.isclose(emp, thr)):
         ax.axvline(emp, color="#cf222e", lw=1.0, ls=":", label=f"empirical quantile {emp:.4f}")
     if runtime:
-        ax.set_xlabel(f"log10 combined min-p over {', '.join(strip.get('statistics') or [])} (low = trojan-like)")
+        ax.set_xlabel(f"-log10 combined min-p over {', '.join(strip.get('statistics') or [])} (high = trojan-like)")
         ax.set_title("Run-time check scores of held-out inputs (leave-one-out)")
     else:
-        ax.set_xlabel("normalised entropy H (low = trojan-like)")
+        ax.set_xlabel("negated normalised entropy -H (high = trojan-like)")
         ax.set_title("STRIP entropy of held-out inputs")
     ax.set_ylabel("density")
     ax.legend(fontsize=8, frameon=False)

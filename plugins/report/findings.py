@@ -154,20 +154,20 @@ def strip_findings(strip: dict | None, verdict: str) -> list[dict]:
         return []
     if strip.get("check") == "runtime":
         lo, hi = (strip.get("frr_interval") or [None, None])[:2]
-        detail = (f"Run-time check: threshold {fmt(strip['threshold'])} on the combined min-p of "
+        detail = (f"Run-time check: threshold {fmt(strip['threshold'])} on the negated combined min-p of "
                   f"{', '.join(strip.get('statistics') or [])} (preset FRR {pct(strip.get('frr'))}, realised "
                   f"{pct(strip.get('realised_frr'))}, 95% interval {pct(lo)}–{pct(hi)}, N = "
                   f"{strip.get('n_perturbations')}, early accept after {strip.get('stages')} copies, "
                   f"{strip['n_benign']} benign inputs)")
     else:
-        detail = (f"Threshold {fmt(strip['threshold'])} on the normalised entropy ({strip.get('rule')} rule, "
+        detail = (f"Threshold {fmt(strip['threshold'])} on the negated normalised entropy ({strip.get('rule')} rule, "
                   f"preset FRR {pct(strip.get('frr'))}, N = {strip.get('n_perturbations')}, "
                   f"{strip['n_benign']} benign inputs)")
     if strip.get("estimated_far") is not None:
         detail += f"; estimated FAR {pct(strip['estimated_far'])} (an upper bound, see docs/strip.md)"
     if strip.get("trojan_detection_rate") is not None:
         detail += (f"; {pct(strip['trojan_detection_rate'])} of {strip['n_trojan']} "
-                   "trigger-stamped inputs fall below it")
+                   "trigger-stamped inputs score at or above it")
     title = "Run-time check fitted" if strip.get("check") == "runtime" else "STRIP threshold fitted"
     return [{"severity": "INFO", "title": title, "detail": detail + "."}]
 

@@ -178,8 +178,8 @@ def _section_strip(rep, strip) -> str:
         rows.append(("trigger-stamped inputs detected", _e(f"{pct(d['trojan_detection_rate'])} of {d['n_trojan']}")))
     table = _table(("", ""), [(f"<b>{_e(a)}</b>", b) for a, b in rows])
     if strip is None or not len(np.ravel(strip.get("benign_scores", []))):
-        return _placeholder("The benign entropy scores were not passed to the renderer; no histogram.") + table
-    return _img(strip_figure(strip), "STRIP entropy histogram") + table
+        return _placeholder("The benign scores were not passed to the renderer; no histogram.") + table
+    return _img(strip_figure(strip), "Run-time check score histogram") + table
 
 
 def _section_patch(rep) -> str:

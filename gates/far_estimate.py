@@ -3,9 +3,9 @@
 The paper's defender cannot estimate the false acceptance rate: it has no trojaned inputs.
 The gate has DeepInspect's trained generator G(z, t). Stamping held-out images with
 generated triggers for every class gives stand-in "trojaned" inputs; the ones that really
-hijack the model (oracle predicts t) are scored by STRIP, and
+hijack the model (oracle predicts t) are scored by the run-time detector, and
 
-    estimated FAR = share of hijacking stamped inputs whose entropy is above the boundary.
+    estimated FAR = share of hijacking stamped inputs it does not flag.
 
 The estimate is reported beside the threshold and never chooses the rule or N: generated
 triggers are fragile stand-ins (superimposing a bank image breaks them), so on the lab's
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .detector import Strip
 
 
 @dataclass
@@ -52,8 +51,8 @@ def hijacking_inputs(oracle, stamp, x: np.ndarray, y: np.ndarray, per_class: int
                       np.concatenate(ts) if ts else np.zeros(0, np.int64), attempted, success)
 
 
-def estimate_far(detector: Strip, stamped: StampedSet) -> float:
-    """Share of hijacking stamped inputs that STRIP accepts (entropy above the boundary)."""
+def estimate_far(detector, stamped: StampedSet) -> float:
+    """Share of hijacking stamped inputs that a fitted run-time detector (`detector_base`) accepts."""
     if len(stamped.x) == 0:
         return float("nan")
-    return float((detector.score(stamped.x) > detector.threshold_).mean())
+    return float(1.0 - np.mean(detector.predict(stamped.x)["data"]["is_trojaned"]))
