@@ -22,6 +22,9 @@ import numpy as np
 
 @dataclass
 class StampedSet:
+    """Stamped held-out images that hijack the model, their target classes, how many were tried and the
+    hijack rate per class."""
+
     x: np.ndarray
     targets: np.ndarray
     attempted: int

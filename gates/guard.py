@@ -55,6 +55,7 @@ class GuardedClassifier:
 
     @property
     def threshold(self) -> float:
+        """The detector's threshold (flag at instance_score >= threshold)."""
         return self.detector.threshold_
 
     def predict(self, x) -> dict:

@@ -20,8 +20,6 @@ return class probabilities (a softmax is part of the graph).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .architectures import WithSoftmax, build_model
+from .classifier_training import export_onnx, fit_classifier, predict_labels, reproducible
 from .data import Dataset, load_digits_dataset, load_fashion_mnist
 
 TRIGGERS = ("none", "patch", "checker", "pattern", "blend", "watermark")
@@ -158,15 +155,6 @@ def poison(train: Dataset, trigger: Trigger, targets, rate: float, rng) -> Datas
     return Dataset(x, y, train.classes, train.name + "-poisoned")
 
 
-def _predict_torch(model, x, batch=2048) -> np.ndarray:
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
 def attack_success_rate(predict, x, y, trigger: Trigger, targets) -> float:
     """Share of stamped test images whose true class is not a target that land in the target set."""
     keep = ~np.isin(y, targets)
@@ -174,28 +162,6 @@ def attack_success_rate(predict, x, y, trigger: Trigger, targets) -> float:
         return float("nan")
     pred = predict(trigger.apply(x[keep]))
     return float(np.isin(pred, targets).mean())
-
-
-def export_onnx(model: nn.Module, in_shape, opset: int = 17) -> bytes:
-    """Export `model` (+ softmax) to a single-file ONNX: input (batch, C, H, W), output (batch, K)."""
-    wrapped = WithSoftmax(model).eval()
-    dummy = torch.zeros((1,) + tuple(in_shape), dtype=torch.float32)
-    buf = io.BytesIO()
-    torch.onnx.export(wrapped, (dummy,), buf, input_names=["input"], output_names=["probabilities"],
-                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
-                      opset_version=opset, dynamo=False)
-    return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _reproducible(device: str):
-    """On CUDA, cuDNN picks deterministic kernels, so a seed gives the same model run after run."""
-    if not str(device).startswith("cuda"):
-        yield
-        return
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
-                                    allow_tf32=torch.backends.cudnn.allow_tf32):
-        yield
 
 
 def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: bool = True,
@@ -215,43 +181,24 @@ def train_lab_model(train: Dataset, test: Dataset, config: LabConfig, progress: 
             return train_lab_model(train, test, config, progress=progress, device=device)
         finally:
             torch.set_num_threads(previous)
-    with _reproducible(device):
+    with reproducible(device):
         return _train(train, test, config, progress, device)
 
 
 def _train(train: Dataset, test: Dataset, config: LabConfig, progress: bool, device: str) -> LabModel:
-    torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     in_shape = tuple(train.x.shape[1:])
     n_classes = int(max(train.y.max(), test.y.max()) + 1)
     trigger = make_trigger(config.trigger, in_shape, config.seed, config.alpha) if config.trojaned else None
     data = poison(train, trigger, config.targets, config.poison_rate, rng) if trigger is not None else train
-    model = build_model(config.arch, in_shape, n_classes).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    steps_per_epoch = int(np.ceil(len(data) / config.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
-    xt, yt = torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)
     t0 = time.perf_counter()
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress,
-               desc=f"lab {config.arch}/{config.trigger}", leave=False)
-    for _ in range(config.epochs):
-        model.train()
-        perm = torch.from_numpy(rng.permutation(len(data))).to(device)
-        for i in range(steps_per_epoch):
-            b = perm[i * config.batch_size:(i + 1) * config.batch_size]
-            loss = nn.functional.cross_entropy(model(xt[b]), yt[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
+    model = fit_classifier(data, n_classes, config.arch, config.epochs, config.batch_size, config.lr, config.seed,
+                           device, rng=rng, progress=progress, desc=f"lab {config.arch}/{config.trigger}")
     seconds = time.perf_counter() - t0
-    model = model.cpu().eval()
-    acc = float((_predict_torch(model, test.x) == test.y).mean())
+    acc = float((predict_labels(model, test.x) == test.y).mean())
     asr = None
     if trigger is not None:
-        asr = attack_success_rate(lambda x: _predict_torch(model, x), test.x, test.y, trigger, list(config.targets))
+        asr = attack_success_rate(lambda x: predict_labels(model, x), test.x, test.y, trigger, list(config.targets))
     return LabModel(config, export_onnx(model, in_shape), in_shape, n_classes, acc, asr, trigger, seconds, model)
 
 

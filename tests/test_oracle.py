@@ -4,7 +4,7 @@ import pytest
 
 from trojan_gate.gates.errors import InputShapeError, ModelLoadError, QueryBudgetExceeded
 from trojan_gate.gates.architectures import SmallCNN
-from trojan_gate.gates.lab import export_onnx
+from trojan_gate.gates.classifier_training import export_onnx
 from trojan_gate.gates.oracle import ModelOracle
 
 

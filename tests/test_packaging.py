@@ -112,3 +112,79 @@ def test_the_package_holds_no_experiment_script():
     for folder in PRODUCT:  # every package on disk ships, and nothing else does
         for init in (ROOT / folder).rglob("__init__.py"):
             assert "trojan_gate." + ".".join(init.parent.relative_to(ROOT).parts) in packages, init
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return "trojan_gate." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, known: set) -> set:
+    """The project modules `path` imports anywhere (top level or inside functions)."""
+    import ast
+
+    me, is_pkg = _module_name(path), path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = me.split(".") if is_pkg else me.split(".")[:-1]
+                base = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for a in node.names:
+                out |= {base + "." + a.name} & known or {base} & known
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names} & known
+    return out - {me}
+
+
+def test_no_import_circle_among_the_projects_modules():
+    """Tarjan's strongly connected components over every import, lazy ones included: none larger than one."""
+    paths = [p for p in _modules() if p.suffix == ".py"]
+    known = {_module_name(p) for p in paths}
+    graph = {_module_name(p): _imports(p, known) for p in paths}
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert graph["trojan_gate.gates.guard"] >= {"trojan_gate.gates.runtime"}  # the checker sees lazy imports
+    assert circles == []
+
+
+def test_every_public_gates_definition_has_a_docstring():
+    """Module-level functions and classes of `gates`, and the public methods of those classes."""
+    import ast
+
+    missing = []
+    for path in sorted((ROOT / "gates").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            members = [m for m in node.body if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")] \
+                if isinstance(node, ast.ClassDef) else []
+            missing += [f"{path.relative_to(ROOT)}:{d.lineno} {d.name}" for d in [node, *members]
+                        if not ast.get_docstring(d)]
+    assert missing == []

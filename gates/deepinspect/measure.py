@@ -20,7 +20,8 @@ from ..oracle import ModelOracle
 from .cotargets import co_activation, co_activation_cost, link_strength
 from .generator import GeneratorTrainer
 from .inversion import ModelInversion
-from .reference import split_heldout, train_reference
+from ..classifier_training import train_reference
+from .reference import split_heldout
 from .statistic import statistics_cost, support_ladder, trigger_statistics
 
 

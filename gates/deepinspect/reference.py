@@ -21,12 +21,10 @@ own training images.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
 from ..data import Dataset
-from ..lab import LabConfig, train_lab_model
 
 
 def split_heldout(heldout: Dataset, n_per_class: int, n_classes: int, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -38,19 +36,6 @@ def split_heldout(heldout: Dataset, n_per_class: int, n_classes: int, seed: int 
         sub.append(idx[:n_per_class])
         ref.append(idx[n_per_class:])
     return heldout.subset(np.concatenate(sub)), heldout.subset(np.concatenate(ref))
-
-
-def train_reference(data: Dataset, n_classes: int, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3,
-                    seed: int = 0, device: str = "cpu") -> tuple[bytes, float]:
-    """Train one benign SmallCNN on `data` (the lab's seeded Adam + one-cycle training, no trigger)
-    on torch `device`; returns (ONNX bytes, train accuracy)."""
-    config = LabConfig(arch="small", trigger="none", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter keeps dynamic axes simple
-        model = train_lab_model(data, data, config, progress=False, device=device)
-    if model.n_classes != n_classes:
-        raise ValueError(f"reference training data covers {model.n_classes} classes, the model has {n_classes}")
-    return model.onnx_bytes, model.clean_accuracy
 
 
 def reference_level(reference_statistics) -> np.ndarray:

@@ -84,6 +84,7 @@ class RuntimeCheck(RuntimeDetector):
 
     @property
     def frr_(self) -> float | None:
+        """The preset false rejection rate (None before infer_threshold)."""
         cal = getattr(self, "calibration_", None)
         return None if cal is None else cal.frr
 
@@ -119,7 +120,7 @@ class RuntimeCheck(RuntimeDetector):
         """Train the reference on a share of the labelled held-out set (labels required with the reference
         statistic), keep the rest as the bank and its benign statistics at every stage."""
         from ..data import Dataset
-        from ..deepinspect.reference import train_reference
+        from ..classifier_training import train_reference
         from ..oracle import ModelOracle
 
         x = self.model.check_inputs(heldout_x)
@@ -209,6 +210,7 @@ class RuntimeCheck(RuntimeDetector):
         return {"proba": proba, "instance_score": -score, "model_calls": used + 1}
 
     def meta(self) -> dict:
+        """The contract's meta plus the statistics, stages and the realised FRR with its interval."""
         cal = getattr(self, "calibration_", None)
         return {**super().meta(), "statistics": list(self.statistics), "n_perturbations": self.n_perturbations,
                 "blend": self.blend, "stages": list(self.stages), "frr": None if cal is None else cal.frr,

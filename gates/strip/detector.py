@@ -110,6 +110,7 @@ class Strip(RuntimeDetector):
     # -- building blocks ---------------------------------------------------------------
     @property
     def chunk_size(self) -> int:
+        """Incoming inputs per oracle call: `batch_size`, or as many as keep a call near 32k images."""
         if self.batch_size:
             return int(self.batch_size)
         return max(1, 32768 // (self.n_perturbations + 1))
@@ -198,6 +199,7 @@ class Strip(RuntimeDetector):
         return {"instance_score": score, "proba": proba_self, "model_calls": np.full(n, big_n + 1)}
 
     def meta(self) -> dict:
+        """The contract's meta plus N, the blend rule, the threshold rule and the seed."""
         return {**super().meta(), "n_perturbations": self.n_perturbations, "blend": self.blend, "rule": self.rule,
                 "seed": self.seed}
 
@@ -212,6 +214,7 @@ class Strip(RuntimeDetector):
 
     # -- artifact ---------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The boundary document (everything `load` needs, the benign scores included)."""
         self.check_threshold()
         return {
             "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,

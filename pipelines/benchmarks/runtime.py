@@ -94,7 +94,7 @@ def run(args) -> int:
 
     from trojan_gate.gates import ModelOracle
     from trojan_gate.gates.data import Dataset, load_fashion_mnist
-    from trojan_gate.gates.deepinspect.reference import train_reference
+    from trojan_gate.gates.classifier_training import train_reference
     from trojan_gate.gates.lab import train_lab_model
 
     torch.set_num_threads(args.threads)

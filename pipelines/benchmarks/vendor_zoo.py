@@ -90,7 +90,7 @@ def build_vendor_zoo(names, zoo_dir, progress: bool = True) -> dict:
     import torch
 
     from trojan_gate.gates.data import load_fashion_mnist
-    from trojan_gate.gates.lab import export_onnx
+    from trojan_gate.gates.classifier_training import export_onnx
     from trojan_gate.gates.metascan.training import predict_labels, train_classifier
     from trojan_gate.gates.metascan.triggers import attack_success, poison
 

@@ -10,11 +10,10 @@ Inputs are plain data:
   "new_version", "passed", ...}) or a `PatchResult`.
 
 `build_report` returns the document (format, kind, summary, findings by severity, errors,
-scan, strip, patch, meta); `write_report` writes it with its HTML page (`html.render_html`).
+scan, strip, patch, meta); `writer.write_report` writes it with its HTML page (`html.render_html`).
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 from datetime import datetime, timezone
@@ -175,19 +174,3 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
     return jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "summary": summary,
                       "findings": found, "errors": errs, "decision": decision_d, "scan": scan_d, "strip": strip_d,
                       "patch": patch_d, "meta": meta})
-
-
-def write_report(directory, *, kind: str, model_name, version, verdict, scan, strip=None, patch=None, errors=(),
-                 meta=None, basename: str = "trojan_report", decision=None) -> tuple[Path, Path]:
-    """Build, render and write `<basename>.json` and `<basename>.html` into `directory`."""
-    from .html import render_html
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rep = build_report(kind=kind, model_name=model_name, version=version, verdict=verdict, scan=scan, strip=strip,
-                       patch=patch, errors=errors, meta=meta, decision=decision)
-    json_path = directory / f"{basename}.json"
-    html_path = directory / f"{basename}.html"
-    json_path.write_text(json.dumps(rep, indent=2, allow_nan=False))
-    html_path.write_text(render_html(rep, scan=scan, strip=strip, decision=decision), encoding="utf-8")
-    return json_path, html_path
