@@ -59,6 +59,7 @@ class AdmissionLimits:
 
 
 def check_size(n_bytes: int, limits: AdmissionLimits):
+    """Refuse (``file-too-large``) a model file of more than `limits.max_file_bytes` bytes."""
     if n_bytes > limits.max_file_bytes:
         raise AdmissionError("file-too-large", f"{n_bytes} bytes, over the cap of {limits.max_file_bytes}")
 

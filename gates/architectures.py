@@ -31,6 +31,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
 
     def forward(self, x):
+        """Logits (n, K) for images (n, C, H, W)."""
         return self.head(self.features(x))
 
 
@@ -53,6 +54,7 @@ class DeepCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
 
     def forward(self, x):
+        """Logits (n, K) for images (n, C, H, W)."""
         return self.head(self.features(x))
 
 
@@ -71,6 +73,7 @@ class LeNet(nn.Module):
                                   nn.Linear(84, n_classes))
 
     def forward(self, x):
+        """Logits (n, K) for images (n, C, H, W)."""
         return self.head(self.features(x))
 
 
@@ -82,6 +85,7 @@ class WithSoftmax(nn.Module):
         self.net = net
 
     def forward(self, x):
+        """Class probabilities (n, K), softmax of the wrapped net's logits, for images (n, C, H, W)."""
         return torch.softmax(self.net(x), dim=1)
 
 

@@ -40,13 +40,16 @@ class Dataset:
         return len(self.y)
 
     def subset(self, idx) -> "Dataset":
+        """The rows `idx` (an index array, mask or slice) as a new Dataset with the same classes and name."""
         return Dataset(self.x[idx], self.y[idx], self.classes, self.name)
 
     def save_npz(self, path):
+        """Write x and y to a compressed `.npz` at `path` (keys ``x``, ``y``; the form `load_heldout` reads)."""
         np.savez_compressed(path, x=self.x, y=self.y)
 
 
 def default_cache_dir() -> Path:
+    """The cache folder: ``$TROJAN_GATE_CACHE``, else ~/.cache/trojan-gate."""
     return Path(os.environ.get("TROJAN_GATE_CACHE", Path.home() / ".cache" / "trojan-gate"))
 
 

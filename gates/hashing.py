@@ -6,6 +6,7 @@ import numpy as np
 
 
 def sha256_file(path, chunk=1 << 20) -> str:
+    """sha256 of the file's bytes, hex (read in blocks of `chunk` bytes)."""
     h = hashlib.sha256()
     with open(Path(path), "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -14,10 +15,12 @@ def sha256_file(path, chunk=1 << 20) -> str:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """sha256 of the bytes, hex."""
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_array(a: np.ndarray) -> str:
+    """sha256 of str(dtype) + str(shape) + the C-contiguous bytes of `a`, hex."""
     a = np.ascontiguousarray(a)
     h = hashlib.sha256()
     h.update(str(a.dtype).encode())

@@ -46,14 +46,20 @@ class Trigger:
     alpha: float = 1.0
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        """Stamped images clip((1 - a) * x + a * pattern, 0, 1), float32, with a = alpha * mask."""
         a = (self.alpha * self.mask).astype(np.float32)
         return np.clip((1.0 - a) * x + a * self.pattern, 0.0, 1.0).astype(np.float32)
 
     def l1(self) -> float:
+        """The trigger's size: sum |alpha * mask * pattern|."""
         return float(np.abs(self.alpha * self.mask * self.pattern).sum())
 
 
 def make_trigger(kind: str, in_shape, seed: int = 0, alpha: float | None = None) -> Trigger:
+    """The lab trigger `kind` (see the module doc) for inputs of shape (C, H, W).
+
+    `seed` draws the `blend` noise pattern; `alpha` defaults to 1, or 0.2 for `blend` and 0.3 for `watermark`.
+    """
     c, h, w = in_shape
     rng = np.random.default_rng(seed + 7919)
     if kind == "patch":
@@ -93,6 +99,8 @@ def make_trigger(kind: str, in_shape, seed: int = 0, alpha: float | None = None)
 # ----------------------------------------------------------------------------- training
 @dataclass
 class LabConfig:
+    """Settings of one lab model: architecture, trigger and attack targets, poisoning and training."""
+
     arch: str = "small"
     trigger: str = "none"  # none | patch | pattern | blend
     targets: tuple = (0,)
@@ -105,6 +113,7 @@ class LabConfig:
 
     @property
     def trojaned(self) -> bool:
+        """Whether the model is trained with a trigger (trigger != "none")."""
         return self.trigger != "none"
 
 
@@ -123,12 +132,14 @@ class LabModel:
     torch_model: nn.Module = field(repr=False, default=None)
 
     def save(self, path) -> Path:
+        """Write the ONNX bytes to `path` (creating its folder); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.onnx_bytes)
         return path
 
     def summary(self) -> dict:
+        """JSON-able ground truth: configuration, rounded accuracy and attack success rate, training time."""
         d = {"arch": self.config.arch, "trigger": self.config.trigger,
              "targets": list(self.config.targets) if self.config.trojaned else [],
              "poison_rate": self.config.poison_rate if self.config.trojaned else 0.0,
@@ -139,6 +150,7 @@ class LabModel:
         return d
 
     def stamp(self, x: np.ndarray) -> np.ndarray:
+        """Images x with the model's trigger applied; a benign model raises ValueError."""
         if self.trigger is None:
             raise ValueError("a benign lab model has no trigger")
         return self.trigger.apply(x)
@@ -208,6 +220,7 @@ def save_lab_manifest(models: dict, path):
 
 
 def config_dict(config: LabConfig) -> dict:
+    """The config as a JSON-able dict (targets as a list)."""
     d = asdict(config)
     d["targets"] = list(config.targets)
     return d

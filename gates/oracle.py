@@ -32,6 +32,8 @@ __all__ = ["ModelInfo", "ModelOracle", "QueryLedger", "default_providers", "insp
 
 @dataclass
 class PhaseStats:
+    """One phase's totals: queried inputs, ONNX Runtime calls and model seconds."""
+
     queries: int = 0
     calls: int = 0
     seconds: float = 0.0
@@ -44,17 +46,20 @@ class QueryLedger:
     phases: dict = field(default_factory=dict)
 
     def add(self, phase: str, n: int, seconds: float):
+        """Record one call of `n` inputs taking `seconds` under `phase`."""
         s = self.phases.setdefault(phase, PhaseStats())
         s.queries += n
         s.calls += 1
         s.seconds += seconds
 
     def to_dict(self) -> dict:
+        """Phase -> {queries, calls, seconds (rounded)}, JSON-able."""
         return {k: {"queries": v.queries, "calls": v.calls, "seconds": round(v.seconds, 4)}
                 for k, v in self.phases.items()}
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax exp(z - max z) / sum exp(z - max z) of logits z (n, K)."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -109,22 +114,27 @@ class ModelOracle:
     # -- descriptive ----------------------------------------------------------------
     @property
     def input_shape(self) -> tuple:
+        """The model's input shape (C, H, W)."""
         return self.info.input_shape
 
     @property
     def n_classes(self) -> int:
+        """The number of classes K."""
         return self.info.n_classes
 
     @property
     def sha256(self) -> str:
+        """sha256 of the model file's bytes, hex."""
         return self.info.sha256
 
     @property
     def model_bytes(self) -> bytes:
+        """The model file's bytes."""
         return self._bytes
 
     @property
     def device(self) -> str:
+        """The device the session runs on: "cuda" with the CUDA provider, else "cpu"."""
         return "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
 
     @contextlib.contextmanager
@@ -164,6 +174,7 @@ class ModelOracle:
         return x
 
     def remaining(self) -> int | None:
+        """Queries left in the budget: budget - queries (None without a budget)."""
         return None if self.budget is None else self.budget - self.queries
 
     def _time_left(self) -> float | None:

@@ -26,12 +26,15 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 @dataclass
 class ValidationReport:
+    """Outcome of the held-out expectations: success, image count, failure messages and per-check records."""
+
     success: bool
     n_images: int
     failures: list = field(default_factory=list)
     checks: list = field(default_factory=list)
 
     def raise_for_failures(self):
+        """Raise DataValidationError listing the failures unless the validation succeeded."""
         if not self.success:
             raise DataValidationError(self.failures)
 
@@ -58,6 +61,7 @@ def _batch(ctx, name: str, df: pd.DataFrame):
 
 
 def image_facts(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
+    """One row per image: shape ("CxHxW"), non-finite pixel count, min and max of its finite pixels, label."""
     n = len(x)
     x = np.asarray(x)
     shape_str = "x".join(map(str, x.shape[1:]))

@@ -33,7 +33,11 @@ from .guarded_pyfunc import CODE_FILE, guarded_signature
 from .registry import VersionRef, ensure_experiment, fetch_onnx, set_tags, tag, verify_onnx, version_tags
 
 GUARDED_SUFFIX = "-guarded"
-SERVING_REQUIREMENTS = ["mlflow", "onnxruntime", "onnx", "numpy", "pandas", "scipy"]
+# Every distribution the guarded pyfunc imports when it loads and predicts (tests/test_serving.py
+# loads one in a fresh interpreter and checks its imports against this list); the project's own
+# code travels with the model (`code_paths`), so `mlflow models serve` needs no local install.
+SERVING_REQUIREMENTS = ["mlflow", "onnxruntime", "onnx", "numpy", "pandas", "scipy", "tqdm", "model-signing",
+                        "cryptography", "pyopenssl"]
 
 
 @dataclass
@@ -51,15 +55,32 @@ class CalibrationOutcome:
                 "boundary_dir": str(self.boundary_dir)}
 
 
+def package_code(directory: Path) -> Path:
+    """A copy of the project's `gates` and `plugins` folders under `directory/trojan_gate` (no caches):
+    the code the guarded pyfunc runs, shipped with the model."""
+    import shutil
+
+    import trojan_gate.gates
+    import trojan_gate.plugins
+
+    root = Path(directory) / "trojan_gate"
+    for package in (trojan_gate.gates, trojan_gate.plugins):
+        source = Path(package.__file__).parent
+        shutil.copytree(source, root / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
 def log_guarded_model(release_dir, signature_path, input_shape, guarded_name: str, tags: dict,
                       client: MlflowClient | None = None) -> VersionRef:
     """Log a signed release as a models-from-code pyfunc (inside the active run) and register it."""
     client = client or MlflowClient()
-    info = mlflow.pyfunc.log_model(
-        name="guarded_model", python_model=str(CODE_FILE),
-        artifacts={"release": str(release_dir), "signature": str(signature_path)},
-        signature=guarded_signature(input_shape), pip_requirements=SERVING_REQUIREMENTS,
-    )
+    with tempfile.TemporaryDirectory(prefix="trojan-gate-code-") as tmp:
+        info = mlflow.pyfunc.log_model(
+            name="guarded_model", python_model=str(CODE_FILE),
+            artifacts={"release": str(release_dir), "signature": str(signature_path)},
+            signature=guarded_signature(input_shape), pip_requirements=SERVING_REQUIREMENTS,
+            code_paths=[str(package_code(Path(tmp)))],
+        )
     try:
         client.get_registered_model(guarded_name)
     except mlflow.exceptions.MlflowException:

@@ -1,4 +1,4 @@
-"""MLflow evaluator plugin `trojan`: DeepInspect (and STRIP calibration) inside `mlflow.models.evaluate`.
+"""MLflow evaluator plugin `trojan`: DeepInspect and the run-time check's calibration inside `mlflow.models.evaluate`.
 
     result = mlflow.models.evaluate(model_uri, data=x_flat, targets=y, evaluators="trojan",
                                     evaluator_config={"seed": 0})
@@ -12,15 +12,18 @@ plugin reads the single ONNX file and queries it through the oracle only.
 
 evaluator_config (flat when `evaluators="trojan"`): `seed` (0), `cutoff` (2.0), `budget`
 (None), `use_heldout` (True: with labelled data the scan takes its substitute set and benign
-reference models from it; False: model inversion alone), `calibrate_strip` (True when labels
-are given), `frr` (0.01), `n_perturbations` (10), `blend`, `min_per_class` (5), `scan_options`
-(dict of DeepInspect options), `model_uri` (override where the ONNX file is read from).
+reference models from it; False: model inversion alone), `calibrate_check` (True when labels
+are given; `calibrate_strip`, its earlier name, is read too), `check` (the gate's default, `runtime`:
+entropy + reference disagreement; or `strip`, the paper's test), `frr` (0.01), `n_perturbations`
+(10), `blend`, `min_per_class` (5), `scan_options` (dict of DeepInspect options), `model_uri`
+(override where the ONNX file is read from).
 Labelled data is validated with great-expectations before any use.
 
 Metrics: trojan_is_trojaned (0/1), trojan_instance_score (the largest deviation factor),
 trojan_threshold, trojan_flagged_classes (count), trojan_scan_queries, trojan_scan_seconds,
-and with labels strip_threshold, strip_benign_mean, strip_benign_std. Artifacts: the scan
-report (JSON + HTML, the same format as `trojan-gate scan`) and the STRIP boundary JSON.
+and with labels check_threshold and check_frr (higher scores are more trojan-like; the run-time
+check adds check_realised_frr, STRIP check_benign_mean and check_benign_std). Artifacts: the scan
+report (JSON + HTML, the same format as `trojan-gate scan`) and the check's JSON document.
 """
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ from trojan_gate.gates.data import Dataset
 from trojan_gate.gates.errors import InputShapeError, ModelLoadError
 from trojan_gate.gates.oracle import ModelOracle
 
-CONFIG_KEYS = {"seed", "cutoff", "budget", "use_heldout", "calibrate_strip", "frr", "n_perturbations", "blend",
-               "min_per_class", "scan_options", "model_uri"}
+CONFIG_KEYS = {"seed", "cutoff", "budget", "use_heldout", "calibrate_check", "calibrate_strip", "check", "frr",
+               "n_perturbations", "blend", "min_per_class", "scan_options", "model_uri"}
 
 
 def _onnx_source(model, model_id, cfg) -> str:
@@ -111,17 +114,20 @@ class TrojanEvaluator(ModelEvaluator):
                                             verdict="trojaned" if result.is_trojaned else "clean", scan=result)
         artifacts = {"trojan_report": JsonEvaluationArtifact(uri=self._log(run_id, json_path))}
         self._log(run_id, html_path)
-        if heldout is not None and cfg.get("calibrate_strip", True):
-            from trojan_gate.gates.strip import calibrate_strip
+        if heldout is not None and cfg.get("calibrate_check", cfg.get("calibrate_strip", True)):
+            from trojan_gate.gates.runtime import CHECK_FILE, DEFAULT_KIND, calibrate_check
+            from trojan_gate.gates.strip.artifact import BOUNDARY_FILE
 
-            det = calibrate_strip(oracle, heldout, frr=float(cfg.get("frr", 0.01)),
+            det = calibrate_check(oracle, heldout, kind=cfg.get("check", DEFAULT_KIND), frr=float(cfg.get("frr", 0.01)),
                                   n_perturbations=int(cfg.get("n_perturbations", 10)), blend=cfg.get("blend"),
-                                  seed=int(cfg.get("seed", 0)), min_per_class=int(cfg.get("min_per_class", 5)),
-                                  out_dir=out / "strip_boundary")
-            metrics.update(strip_threshold=float(det.threshold_), strip_benign_mean=float(det.mean_),
-                           strip_benign_std=float(det.std_))
-            artifacts["strip_boundary"] = JsonEvaluationArtifact(
-                uri=self._log(run_id, out / "strip_boundary" / "boundary.json"))
+                                  seed=int(cfg.get("seed", 0)), min_per_class=int(cfg.get("min_per_class", 5)))
+            det.save(out / "check")
+            view = det.describe()
+            metrics.update({f"check_{k}": float(view[v]) for k, v in (
+                ("threshold", "threshold"), ("frr", "frr"), ("realised_frr", "realised_frr"), ("benign_mean", "mean"),
+                ("benign_std", "std")) if view.get(v) is not None})
+            document = out / "check" / (CHECK_FILE if view["check"] == "runtime" else BOUNDARY_FILE)
+            artifacts["check"] = JsonEvaluationArtifact(uri=self._log(run_id, document))
         client = mlflow.MlflowClient()
         for k, v in metrics.items():
             client.log_metric(run_id, k, float(v))

@@ -29,7 +29,7 @@ def test_evaluator_blocks_trojaned_candidate_and_passes_benign(mlflow_store, dig
                                                    evaluators="trojan", evaluator_config={"seed": 0})
     trojaned = results["trojaned"].metrics
     assert trojaned["trojan_is_trojaned"] == 1.0 and trojaned["trojan_instance_score"] > trojaned["trojan_threshold"]
-    assert trojaned["trojan_flagged_classes"] >= 1 and "strip_threshold" in trojaned
+    assert trojaned["trojan_flagged_classes"] >= 1 and "check_threshold" in trojaned and "check_realised_frr" in trojaned
     assert "trojan_report" in results["trojaned"].artifacts  # the scan report, same format as `trojan-gate scan`
     with pytest.raises(mlflow.exceptions.MlflowException, match="trojan_is_trojaned"):
         mlflow.validate_evaluation_results(validation_thresholds=THRESHOLDS, candidate_result=results["trojaned"])

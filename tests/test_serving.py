@@ -108,3 +108,58 @@ def test_an_ungated_guarded_model_is_neither_served_nor_loaded(mlflow_store, tro
     assert "verdict none" in capsys.readouterr().err
     with pytest.raises(Exception, match="ungated"):
         mlflow.pyfunc.load_model(guarded)
+
+
+def test_the_guarded_pyfunc_declares_every_package_it_imports(mlflow_store, trojan_onnx, digits):
+    """Load the guarded model and predict in a fresh interpreter; every third-party distribution it
+    imported must be in the model's declared requirements (so a fresh environment can serve it)."""
+    import json
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from trojan_gate.plugins.calibration import SERVING_REQUIREMENTS
+
+    _, tags = _passed(trojan_onnx, digits, "digits-clf-requirements", policy="flag")
+    uri = tags["trojan_gate.guarded_model"]
+    code = f"""
+import importlib.metadata as md, json, sys
+import numpy as np, mlflow
+m = mlflow.pyfunc.load_model({uri!r})
+m.predict(np.zeros((2,) + tuple({list(digits[1].x.shape[1:])!r}), np.float32))
+dist = md.packages_distributions()
+names = {{d for mod in list(sys.modules) for d in dist.get(mod.split(".")[0], [])}}
+print(json.dumps(sorted(names)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = {n.lower().replace("_", "-") for n in json.loads(out.stdout.strip().splitlines()[-1])}
+    local = mlflow.pyfunc.get_model_dependencies(uri)
+    declared = {_name(line) for line in open(local).read().splitlines() if line and not line.startswith("#")}
+    assert declared >= set(SERVING_REQUIREMENTS)
+    assert missing_requirements(imported, declared) == set()
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\s;<>=!~\[(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def missing_requirements(imported: set, declared: set) -> set:
+    """Imported distributions that neither the declared requirements nor what they depend on (transitively,
+    as installed here) bring; the project's own code travels in the model's code/ folder."""
+    import importlib.metadata as md
+
+    allowed, todo = set(), list(declared)
+    while todo:
+        name = todo.pop()
+        if name in allowed:
+            continue
+        allowed.add(name)
+        try:
+            todo += [_name(r) for r in md.requires(name) or []]  # extras too: imported only when present
+        except md.PackageNotFoundError:
+            pass
+    return imported - allowed - {"trojan-gate"}

@@ -57,6 +57,7 @@ class DoubleMADResult:
 
     @property
     def alpha(self) -> float:
+        """Significance of the cutoff: alpha = 2 Q(c)."""
         return alpha_from_cutoff(self.cutoff)
 
 

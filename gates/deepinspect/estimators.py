@@ -54,6 +54,7 @@ class NESEstimator:
         self._rng = np.random.default_rng(seed)
 
     def queries_per_point(self) -> int:
+        """Queries per point and call: 2 * n_pairs + 1 (the centre and the antithetic pairs)."""
         return 2 * self.n_pairs + 1
 
     def directions(self, batch: int, shape: tuple) -> np.ndarray:

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .defaults import GAMMA2, GENERATOR_STEPS, SUCCESS_TARGET
 from .estimators import NESEstimator
 
 
 def default_device() -> str:
+    """The torch device for G: "cuda" when available, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -71,6 +73,7 @@ class ConditionalTriggerGenerator(nn.Module):
         nn.init.zeros_(last.bias)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Perturbations G(z, t) (n, C, H, W) for noise z (n, z_dim) and classes t (n,)."""
         t = t.long()
         onehot = nn.functional.one_hot(t, self.n_classes).to(z.dtype)
         out = self.base(t) + self.variation * torch.tanh(self.net(torch.cat([z, onehot], dim=1)))
@@ -93,6 +96,7 @@ class TriggerGenerator:
         self.scales = None
 
     def refine(self, masks: np.ndarray, scales) -> "TriggerGenerator":
+        """Make `sample` return s_t * M_t * G(z, t): masks (K, C, H, W) and scales (K,); returns self."""
         masks = np.asarray(masks, np.float32)
         scales = np.asarray(scales, np.float32).reshape(-1)
         if masks.shape != (self.n_classes,) + self.input_shape or scales.shape != (self.n_classes,):
@@ -103,19 +107,23 @@ class TriggerGenerator:
 
     @property
     def n_classes(self) -> int:
+        """The number of classes K."""
         return self.module.n_classes
 
     @property
     def input_shape(self) -> tuple:
+        """The model's input shape (C, H, W)."""
         return self.module.input_shape
 
     def sample(self, t: int, n: int, seed: int = 0) -> np.ndarray:
+        """n triggers (n, C, H, W) float32 for class t: s_t * M_t * G(z, t) once refined, else G(z, t)."""
         delta = self.raw_sample(t, n, seed)
         if self.masks is not None:
             delta = (self.scales[int(t)] * self.masks[int(t)] * delta).astype(np.float32)
         return delta
 
     def raw_sample(self, t: int, n: int, seed: int = 0) -> np.ndarray:
+        """G's own output G(z, t) for n seeded noise vectors z: (n, C, H, W) float32, ignoring `refine`."""
         if not 0 <= int(t) < self.n_classes:
             raise ValueError(f"class {t} outside 0..{self.n_classes - 1}")
         g = torch.Generator().manual_seed(int(seed))
@@ -125,6 +133,7 @@ class TriggerGenerator:
         return delta.numpy().astype(np.float32)
 
     def stamp(self, x: np.ndarray, t: int, seed: int = 0) -> np.ndarray:
+        """Stamped images clip(x + sample(t, len(x), seed), 0, 1), float32."""
         x = np.asarray(x, dtype=np.float32)
         return np.clip(x + self.sample(t, len(x), seed), 0.0, 1.0).astype(np.float32)
 
@@ -155,9 +164,9 @@ class GeneratorTrainer:
     seed : seed of G's weights, noise, sampling and probe directions
     """
 
-    def __init__(self, steps: int = 600, batch_per_class: int = 8, lr: float = 0.02, lr_variation: float = 1e-3,
+    def __init__(self, steps: int = GENERATOR_STEPS, batch_per_class: int = 8, lr: float = 0.02, lr_variation: float = 1e-3,
                  gamma1: float = 1.0,
-                 gamma2: float = 1e-3, thresh_fraction: float = 0.01, success_target: float = 0.95,
+                 gamma2: float = GAMMA2, thresh_fraction: float = 0.01, success_target: float = SUCCESS_TARGET,
                  adapt_every: int = 10, adapt_factor: float = 1.3, gamma2_bounds=(1e-5, 10.0),
                  n_pairs: int = 10, sigma: float = 0.05, tile: int = 1,
                  z_dim: int = 16, hidden: int = 128, variation: float = 0.1, device: str | None = None, seed: int = 0,
@@ -185,6 +194,7 @@ class GeneratorTrainer:
         self.progress = progress
 
     def queries_per_step(self, n_classes: int) -> int:
+        """Oracle queries of one step: n_classes * batch_per_class * (2 * n_pairs + 1)."""
         return n_classes * self.batch_per_class * (2 * self.n_pairs + 1)
 
     def _batch(self, x, y, k, rng):

@@ -73,6 +73,7 @@ class ModelInversion:
         self.progress = progress
 
     def queries_per_step(self, n_classes: int) -> int:
+        """Oracle queries of one step: n_classes * n_per_class * (2 * n_pairs + 1)."""
         return n_classes * self.n_per_class * (2 * self.n_pairs + 1)
 
     def _initial(self, oracle, heldout, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -98,6 +98,7 @@ class References:
     queries: int
 
     def summary(self, n_models: int) -> dict:
+        """JSON-able summary: model count, training images, rounded training accuracies and queries."""
         return {"models": n_models, "train_images": self.train_images,
                 "train_accuracy": [round(a, 4) for a in self.train_accuracy], "queries": self.queries}
 

@@ -98,6 +98,7 @@ class ScanResult:
         return float(max(self.deviation_factors)) if self.deviation_factors else 0.0
 
     def to_dict(self) -> dict:
+        """The JSON-able fields, rounded (without trigger arrays, inverted data or the generator)."""
         return {
             "is_trojaned": bool(self.is_trojaned),
             "instance_score": round(self.instance_score, 6),
@@ -137,6 +138,7 @@ class ScanResult:
                          "model_sha256": self.model_sha256, "queries": int(self.queries), "seed": int(self.seed)}}
 
     def to_json(self, path) -> Path:
+        """Write `to_dict` as indented JSON to `path` (creating its folder); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))

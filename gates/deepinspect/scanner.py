@@ -41,6 +41,7 @@ from .generator import default_device
 from .measure import measure_model, measure_references
 from .reference import normalised_levels
 from .result import ScanResult
+from .defaults import GAMMA2, GENERATOR_STEPS, SUCCESS_TARGET
 from .statistic import DEFAULT_LADDER
 
 
@@ -63,13 +64,13 @@ class ScanConfig:
     reference_epochs: int = 40
     reference_min_per_class: int = 10
     # generator (Eq. 3-6)
-    generator_steps: int = 300
+    generator_steps: int = GENERATOR_STEPS
     batch_per_class: int = 8
     generator_lr: float = 0.02
     gamma1: float = 1.0
-    gamma2: float = 0.1
+    gamma2: float = GAMMA2
     thresh_fraction: float = 0.01
-    success_target: float = 0.99
+    success_target: float = SUCCESS_TARGET
     adapt_every: int = 10
     adapt_factor: float = 1.3
     n_pairs: int = 10
@@ -93,15 +94,18 @@ class ScanConfig:
 
     @classmethod
     def field_names(cls) -> set:
+        """The names of all config fields."""
         return {f.name for f in fields(cls)}
 
     def resolved(self, input_shape) -> "ScanConfig":
+        """A copy with `None` tiles chosen from the input height (1 up to 16 px, else 2) and the device filled in."""
         h = int(input_shape[-2])
         auto = 1 if h <= 16 else 2
         return replace(self, inversion_tile=self.inversion_tile or auto, tile=self.tile or auto,
                        device=self.device or default_device())
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict (tuples as lists)."""
         d = asdict(self)
         d["init_range"] = list(self.init_range)
         d["support_ladder"] = list(self.support_ladder)
@@ -109,6 +113,7 @@ class ScanConfig:
 
 
 def versions() -> dict:
+    """Versions of trojan-gate, Python, numpy, torch and onnxruntime, by name."""
     import onnxruntime
     import torch
 

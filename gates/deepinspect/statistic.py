@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from .defaults import SUCCESS_TARGET
+
 DEFAULT_LADDER = (4, 8, 16, 32, 64, 128, 256)
 
 
@@ -77,7 +79,7 @@ def _smallest_scale(success, success_target: float, max_scale: float, steps: int
     return hi
 
 
-def trigger_statistics(oracle, generator, x: np.ndarray, y: np.ndarray, success_target: float = 0.99,
+def trigger_statistics(oracle, generator, x: np.ndarray, y: np.ndarray, success_target: float = SUCCESS_TARGET,
                        max_scale: float = 4.0, bisection_steps: int = 10, ladder=DEFAULT_LADDER,
                        seed: int = 0, progress: bool = True) -> TriggerStatistics:
     """Measure every class's statistic on the oracle (see the module doc)."""

@@ -25,6 +25,7 @@ FORMAT_VERSION = 2  # 2: the meta-classifier is an ensemble (arrays meta.<member
 
 
 def calibration_sha256(directory) -> str:
+    """One hash for the whole calibration: sha256 over the names and sha256 of both files."""
     return files_sha256(directory, (CALIBRATION_FILE, ARRAYS_FILE), label="scan calibration")
 
 

@@ -73,6 +73,7 @@ class CalibratedVerdict:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict, rounded, with `extra` merged in."""
         return {"decision": self.decision, "is_trojaned": bool(self.is_trojaned),
                 "instance_score": round(float(self.instance_score), 6), "threshold": round(float(self.threshold), 6),
                 "false_block_probability": round(float(self.false_block_probability), 6),
@@ -83,6 +84,7 @@ class CalibratedVerdict:
                 "calibration_sha256": self.calibration_sha256, **self.extra}
 
     def to_detector_output(self) -> dict:
+        """Alibi Detect's output shape for the model as one instance."""
         return {"data": {"instance_score": float(self.instance_score), "is_trojaned": bool(self.is_trojaned),
                          "threshold": float(self.threshold)},
                 "meta": {"name": "CalibratedScan", "detector_type": "trojan", "data_type": "model",
@@ -118,6 +120,7 @@ def probe_images(heldout: Dataset, n_images: int, seed: int) -> tuple[np.ndarray
 
 
 def target_matrix(shadows: list, n_classes: int) -> np.ndarray:
+    """Multi-hot attack targets (n_shadows, n_classes) float32: T[i, t] = 1 when t is a target of shadow i."""
     t = np.zeros((len(shadows), n_classes), np.float32)
     for i, s in enumerate(shadows):
         t[i, s.targets] = 1.0
@@ -180,6 +183,7 @@ class ScanCalibration:
         self.workers = workers
 
     def get_params(self) -> dict:
+        """The constructor's settings by name, less cache_dir, progress and workers (they do not change the fit)."""
         import inspect
 
         return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters

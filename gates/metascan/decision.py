@@ -32,10 +32,12 @@ class ScanDecision:
 
     @property
     def is_trojaned(self) -> bool:
+        """Whether the deciding test flags the model."""
         return bool((self.calibrated if self.decided_by == CALIBRATED else self.paper).is_trojaned)
 
     @property
     def flagged_classes(self) -> list:
+        """Suspected targets: the deciding test's, joined with the paper's when it flags too ([] when not trojaned)."""
         if not self.is_trojaned:
             return []
         if self.decided_by == PAPER:
@@ -45,21 +47,26 @@ class ScanDecision:
 
     @property
     def instance_score(self) -> float:
+        """The deciding test's model score."""
         return float((self.calibrated if self.decided_by == CALIBRATED else self.paper).instance_score)
 
     @property
     def threshold(self) -> float:
+        """The deciding test's threshold on `instance_score`."""
         return float((self.calibrated if self.decided_by == CALIBRATED else self.paper).threshold)
 
     @property
     def queries(self) -> int:
+        """Oracle queries of both tests together."""
         return sum(int(r.queries) for r in (self.calibrated, self.paper) if r is not None)
 
     @property
     def seconds(self) -> float:
+        """Seconds of both tests together."""
         return sum(float(r.seconds) for r in (self.calibrated, self.paper) if r is not None)
 
     def to_dict(self) -> dict:
+        """The decision and both tests' results as a JSON-able dict (scores rounded)."""
         return {"decided_by": self.decided_by, "reason": self.reason, "is_trojaned": self.is_trojaned,
                 "flagged_classes": [int(c) for c in self.flagged_classes],
                 "instance_score": round(self.instance_score, 6), "threshold": round(self.threshold, 6),

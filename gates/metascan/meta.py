@@ -144,6 +144,7 @@ class QueryMetaClassifier:
 
     @classmethod
     def from_state(cls, state: dict, n_classes: int, hidden: int) -> "QueryMetaClassifier":
+        """A fitted meta-classifier rebuilt from `state` (see `state`) for `n_classes` classes and width `hidden`."""
         queries = np.asarray(state["queries"], np.float32)
         meta = cls(n_queries=len(queries), hidden=hidden)
         net = _Meta(queries.shape[1:], n_classes, len(queries), hidden, torch.Generator().manual_seed(0))

@@ -139,6 +139,7 @@ class StampProbeMeta:
 
     @classmethod
     def from_state(cls, state: dict, n_classes: int, hidden: int) -> "StampProbeMeta":
+        """A fitted meta-classifier rebuilt from `state` (see `state`) for `n_classes` classes and width `hidden`."""
         base_x = np.asarray(state["base_x"], np.float32)
         n_probes = int(np.asarray(state["mask"]).shape[0])
         meta = cls(n_probes=n_probes, n_images=len(base_x), hidden=hidden)

@@ -84,6 +84,7 @@ def heldout_sha256(heldout: Dataset) -> str:
 
 
 def shadow_key(spec: dict, data_sha256: str) -> str:
+    """A shadow's cache key: the first 24 hex of sha256 over the sorted JSON of spec, held-out sha256 and format."""
     return sha256_bytes(json.dumps({"spec": spec, "heldout": data_sha256, "format": POOL_FORMAT},
                                    sort_keys=True).encode())[:24]
 
@@ -100,14 +101,17 @@ class Shadow:
 
     @property
     def trojaned(self) -> bool:
+        """Whether the shadow was trained with a trojan."""
         return self.spec["trojan"] is not None
 
     @property
     def targets(self) -> list:
+        """The trojan's target classes ([] for a benign shadow)."""
         return [] if self.spec["trojan"] is None else list(self.spec["trojan"]["targets"])
 
     @property
     def family(self) -> str:
+        """The trojan's stamp family, or "benign"."""
         return "benign" if self.spec["trojan"] is None else self.spec["trojan"]["stamp"]["family"]
 
 

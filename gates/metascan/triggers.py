@@ -209,6 +209,7 @@ class Stamp:
             raise ValueError(f"unknown trigger family {family!r}; choose from {FAMILIES}")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        """Stamped images (n, C, H, W) float32, clipped to [0, 1]: x resampled at p + s F(p), or (1 - a) x + a P."""
         x = np.asarray(x, np.float32)
         if self.flow is not None:
             return np.clip(_bilinear(x, *self.flow), 0.0, 1.0).astype(np.float32)

@@ -91,6 +91,7 @@ class ConvertedClassifier(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def forward(self, x):
+        """Log-probabilities (n, K) for images (n, C, H, W)."""
         out = self._raw(x)
         if self.body_output == OUTPUT_LOGITS:
             return torch.log_softmax(out, dim=1)

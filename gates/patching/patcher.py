@@ -166,13 +166,11 @@ class Patcher:
         return sorted(n for n in inspect.signature(cls.__init__).parameters if n != "self")
 
     def get_params(self) -> dict:
-        return {"epochs": int(self.epochs), "lr": float(self.lr),
-                "batch_size": int(self.batch_size), "patch_fraction": float(self.patch_fraction),
-                "val_fraction": float(self.val_fraction), "heldout_fraction": float(self.heldout_fraction),
-                "distill_weight": float(self.distill_weight), "freeze_batchnorm": bool(self.freeze_batchnorm),
-                "trigger_jitter": None if self.trigger_jitter is None else int(self.trigger_jitter),
-                "background_fraction": float(self.background_fraction),
-                "soup": int(self.soup), "seed": int(self.seed)}
+        """Every `__init__` parameter but `progress`, read from the signature (`gates.params`): what the
+        verdict fingerprint covers."""
+        from ..params import init_params
+
+        return init_params(self)
 
     def _check(self):
         if self.epochs < 1:

@@ -44,6 +44,7 @@ class PatchResult:
 
     @property
     def accuracy_drop(self) -> float | None:
+        """Clean accuracy before minus after (None without held-out evaluation data)."""
         a, b = self.before.get("clean_accuracy"), self.after.get("clean_accuracy")
         return None if a is None or b is None else float(a - b)
 
@@ -69,6 +70,8 @@ class PatchResult:
         return bool(ok and self.within_accuracy_drop(max_accuracy_drop))
 
     def to_dict(self) -> dict:
+        """The figures as a JSON-able dict (class keys as strings; no model bytes or per-image arrays)."""
+
         def clean(d):
             return {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
 

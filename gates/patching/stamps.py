@@ -19,6 +19,7 @@ def draw_targets(y: np.ndarray, flagged: np.ndarray, rng) -> np.ndarray:
 
 
 def stamp_by_target(stamp: Stamp, x: np.ndarray, t: np.ndarray, seed: int) -> np.ndarray:
+    """x with each image stamped with the trigger of its target t[i] (seed + t[i] per class); shape checked."""
     out = np.empty_like(x)
     for c in np.unique(t):
         idx = np.flatnonzero(t == c)

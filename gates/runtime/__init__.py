@@ -12,8 +12,9 @@ from .check import DEFAULT_STAGES, DEFAULT_STATISTICS
 from .detector import BANK_FILE, CHECK_FILE, REFERENCE_FILE, RuntimeCheck
 
 KINDS = ("runtime", "strip")
+DEFAULT_KIND = "runtime"  # the check the gate attaches and the evaluator calibrates unless told otherwise
 
-__all__ = ["CHECK_FILE", "KINDS", "RuntimeCheck", "calibrate_check", "check_artifact_sha256", "check_kind", "describe",
+__all__ = ["CHECK_FILE", "DEFAULT_KIND", "KINDS", "RuntimeCheck", "calibrate_check", "check_artifact_sha256", "check_kind", "describe",
            "load_check"]
 
 
@@ -58,7 +59,7 @@ def load_check(directory, oracle, expected_sha256: str | None = None):
     return RuntimeCheck.load(directory, oracle)
 
 
-def calibrate_check(oracle, heldout, kind: str = "runtime", frr: float = 0.01, n_perturbations: int = 10,
+def calibrate_check(oracle, heldout, kind: str = DEFAULT_KIND, frr: float = 0.01, n_perturbations: int = 10,
                     blend: str | None = None, statistics=DEFAULT_STATISTICS, stages=DEFAULT_STAGES, seed: int = 0,
                     min_per_class: int = 5):
     """Held-out expectations first (raises DataValidationError), then the chosen check's fit + infer_threshold."""

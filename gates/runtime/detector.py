@@ -151,8 +151,6 @@ class RuntimeCheck(RuntimeDetector):
         return self
 
     def infer_threshold(self, frr: float = 0.01) -> "RuntimeCheck":
-        if not 0.0 < frr < 1.0:
-            raise ValueError(f"frr must be in (0, 1), got {frr}")
         """Calibrate the min-p test at preset FRR (see `check.calibrate`); threshold_ = -p*."""
         self.check_fitted()
         if not 0.0 < frr < 1.0:

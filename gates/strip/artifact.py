@@ -38,6 +38,7 @@ def versions() -> dict:
 
 
 def utc_now() -> str:
+    """The current UTC time as ISO 8601, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from trojan_gate.gates import __version__
 from trojan_gate.gates.errors import TrojanGateError
+from trojan_gate.gates.runtime import DEFAULT_KIND
 from trojan_gate.gates.runtime.check import DEFAULT_STAGES, DEFAULT_STATISTICS
 
 GATE_POLICIES = ("block", "patch")  # what the gate does with a flagged model
@@ -98,7 +99,7 @@ class StripSettings:
     in the paper), its statistics and adaptive-N stages, preset FRR, N, superimposition rule, FAR
     estimate, and the serving policy signed into the release (no client chooses it per request)."""
 
-    check: str = "runtime"
+    check: str = DEFAULT_KIND
     statistics: list = field(default_factory=lambda: list(DEFAULT_STATISTICS))
     stages: list = field(default_factory=lambda: list(DEFAULT_STAGES))
     frr: float = 0.01
