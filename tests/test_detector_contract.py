@@ -101,3 +101,21 @@ def test_save_load_gives_the_same_scores_and_guard_serves_it(fitted, setting, tm
     np.testing.assert_array_equal(g["instance_score"], p["instance_score"])
     np.testing.assert_array_equal(g["label"][g["is_trojaned"]], -1)
     np.testing.assert_array_equal(g["model_calls"], p["model_calls"])
+
+
+def test_an_artifact_of_the_old_score_direction_is_refused_by_name(fitted, setting, tmp_path):
+    """Format 2 (STRIP) / 1 (run-time check) scored the other way: re-hashed or not, they are refused."""
+    import json
+
+    from trojan_gate.gates.artifact_files import content_sha256
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+
+    oracle = setting[0]
+    fitted.save(tmp_path)
+    path = next(p for p in tmp_path.iterdir() if p.suffix == ".json")
+    doc = json.loads(path.read_text())
+    doc["format_version"] -= 1
+    doc["integrity"] = {"content_sha256": content_sha256(doc)}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ArtifactIntegrityError, match=r"format version \d.*higher for more trojan-like"):
+        load_check(tmp_path, oracle)

@@ -120,7 +120,7 @@ def test_the_artifact_round_trips_and_refuses_tampering(fitted, tmp_path):
         load_check(not_object, oracle)
 
     def drop_field(d):  # an attacker who re-hashes the document: a missing field is refused by name, no crash
-        from trojan_gate.gates.strip.artifact import content_sha256
+        from trojan_gate.gates.artifact_files import content_sha256
 
         doc = json.loads((d / "check.json").read_text())
         del doc["stage_bounds"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_file
-from ..strip.artifact import content_sha256, files_sha256, read_document, utc_now, versions
+from ..artifact_files import content_sha256, files_sha256, read_document, utc_now, versions
 
 CALIBRATION_FILE = "calibration.json"
 ARRAYS_FILE = "meta.npz"

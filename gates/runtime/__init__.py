@@ -34,7 +34,8 @@ def check_kind(directory) -> str:
 def check_artifact_sha256(directory) -> str:
     """One hash for the whole artifact: sha256 over each file's name and sha256 (STRIP's rule, every file)."""
     from ..errors import ArtifactIntegrityError
-    from ..strip.artifact import artifact_sha256, files_sha256
+    from ..artifact_files import files_sha256
+    from ..strip.artifact import artifact_sha256
 
     directory = Path(directory)
     if check_kind(directory) == "strip":

@@ -22,7 +22,7 @@ from ..copies import DEFAULT_BLEND, KeyedCopies, ask_shuffled
 from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
-from ..strip.artifact import content_sha256, load_bank, utc_now, versions
+from ..artifact_files import content_sha256, load_bank, utc_now, versions
 from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
 
 CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"

@@ -12,80 +12,23 @@ This module knows nothing about the detector: it writes and verifies a document 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from ..artifact_files import BANK_FILE, content_sha256, files_sha256, load_bank, read_document
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_file
 
 BOUNDARY_FILE = "boundary.json"
-BANK_FILE = "bank.npy"
 FORMAT = "trojan-gate/strip-boundary"
 FORMAT_VERSION = 3  # 3: scores higher for more trojan-like inputs (s = -H); version 2 scored H
-
-
-def versions() -> dict:
-    """Versions of the libraries whose behaviour the boundary depends on."""
-    import onnxruntime
-
-    from .. import __version__
-
-    return {"trojan-gate": __version__, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def utc_now() -> str:
-    """The current UTC time as ISO 8601, to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _canonical(doc: dict) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def content_sha256(doc: dict) -> str:
-    """sha256 of the canonical JSON of `doc` without its `integrity` entry."""
-    return hashlib.sha256(_canonical({k: v for k, v in doc.items() if k != "integrity"})).hexdigest()
-
-
-def files_sha256(directory, names, label: str = "boundary artifact") -> str:
-    """sha256 over each named file's name and sha256, in the order given (a missing file is refused)."""
-    directory = Path(directory)
-    h = hashlib.sha256()
-    for name in names:
-        path = directory / name
-        if not path.is_file():
-            raise ArtifactIntegrityError(f"{label} is missing {name} in {directory}")
-        h.update(name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
-    return h.hexdigest()
 
 
 def artifact_sha256(directory) -> str:
     """One hash for the whole artifact: sha256 over the names and sha256 of both files."""
     return files_sha256(directory, (BOUNDARY_FILE, BANK_FILE))
-
-
-def read_document(path: Path, fmt: str, version: int, redo: str, what: str) -> dict:
-    """A content-hashed JSON document of format `fmt` and `version`, verified; ArtifactIntegrityError
-    names the file and what is wrong (unreadable, another format or version, edited)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactIntegrityError(f"{Path(path).name} is not readable JSON: {e}") from e
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
-        raise ArtifactIntegrityError(f"{Path(path).name} is not a {fmt} document")
-    if doc.get("format_version") != version:
-        raise ArtifactIntegrityError(f"{Path(path).name} has format version {doc.get('format_version')}; this "
-                                     f"trojan-gate reads version {version} ({redo})")
-    recorded = (doc.get("integrity") or {}).get("content_sha256")
-    actual = content_sha256(doc)
-    if recorded != actual:
-        raise ArtifactIntegrityError(f"{Path(path).name} content sha256 mismatch: recorded {recorded}, "
-                                     f"computed {actual} ({what} was modified)")
-    return doc
 
 
 def write_artifact(directory, doc: dict, bank: np.ndarray) -> Path:
@@ -124,7 +67,8 @@ def read_artifact(directory, model_sha256: str | None = None, expected_sha256: s
         actual = artifact_sha256(directory)
         if actual != expected_sha256:
             raise ArtifactIntegrityError(f"artifact sha256 mismatch: expected {expected_sha256}, found {actual}")
-    doc = read_document(json_path, FORMAT, FORMAT_VERSION, "calibrate the model again", "the boundary document")
+    doc = read_document(json_path, FORMAT, FORMAT_VERSION, "which scores higher for more trojan-like inputs; calibrate "
+                        "the model again", "the boundary document")
     bank_sha = sha256_file(bank_path)
     if bank_sha != doc.get("bank_sha256"):
         raise ArtifactIntegrityError(f"{BANK_FILE} sha256 mismatch: recorded {doc.get('bank_sha256')}, "
@@ -139,14 +83,3 @@ def read_artifact(directory, model_sha256: str | None = None, expected_sha256: s
     return doc, bank
 
 
-def load_bank(path, input_shape=None) -> np.ndarray:
-    """A saved perturbation bank as contiguous float32, never unpickled; refuses (ArtifactIntegrityError)
-    a file that is not a plain array, or images of another shape than `input_shape` when given."""
-    try:
-        bank = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ArtifactIntegrityError(f"{BANK_FILE} is not a readable array: {e}") from e
-    if input_shape is not None and (bank.ndim != 1 + len(input_shape) or tuple(bank.shape[1:]) != tuple(input_shape)):
-        raise ArtifactIntegrityError(f"bank images have shape {tuple(bank.shape[1:])}, "
-                                     f"the model expects {tuple(input_shape)}")
-    return np.ascontiguousarray(bank, dtype=np.float32)

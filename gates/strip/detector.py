@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from ..copies import BLEND_RULES, DEFAULT_BLEND, KeyedCopies, ask_shuffled, superimpose
 from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
-from .artifact import artifact_sha256, read_artifact, utc_now, versions, write_artifact
+from ..artifact_files import utc_now, versions
+from .artifact import artifact_sha256, read_artifact, write_artifact
 
 __all__ = ["BLEND_RULES", "DEFAULT_BLEND", "Strip", "artifact_sha256", "superimpose", "normalized_entropy"]
 

@@ -180,7 +180,8 @@ def move_threshold(directory, value: float) -> Path:
     """The artifact-store attacker: set the check's threshold in `directory` (check.json or boundary.json)
     and recompute the artifact's own content hash, so that only the release signature can tell."""
     from trojan_gate.gates.runtime import CHECK_FILE, check_kind
-    from trojan_gate.gates.strip.artifact import BOUNDARY_FILE, content_sha256
+    from trojan_gate.gates.artifact_files import content_sha256
+    from trojan_gate.gates.strip.artifact import BOUNDARY_FILE
 
     path = Path(directory) / (CHECK_FILE if check_kind(directory) == "runtime" else BOUNDARY_FILE)
     doc = json.loads(path.read_text())
