@@ -65,7 +65,7 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
         with pytest.raises(RuntimeError, match=r"(?s)400.*input refused: inputs must lie in \[0, 1\]") as refused:
             invoke(url, np.concatenate([clean[:2], clean[:1] - 1.0]))  # an out-of-range "trigger"
     assert "Traceback" not in str(refused.value) and "stack_trace" not in str(refused.value)
-    assert set(clean_pred[0]) == {"label", "probability", "instance_score", "is_trojaned"}
+    assert set(clean_pred[0]) == {"label", "probability", "instance_score", "is_trojaned", "model_calls"}
     clean_flags = np.array([p["is_trojaned"] for p in clean_pred])
     stamped_flags = np.array([p["is_trojaned"] for p in stamped_pred])
     assert stamped_flags[hijacked].mean() >= 0.8  # of the stamped inputs the trojan really hijacks
