@@ -18,7 +18,7 @@ POINTS = (
     "gate.claimed", "gate.fetched", "gate.validated",            # the gate's first steps
     "scan.references", "scan.measured", "gate.scanned",          # the scan
     "patch.fitted", "patch.rescanned", "patch.registered",       # patching
-    "strip.fitted", "strip.release-signed", "strip.attached",    # STRIP calibration and the guarded model
+    "check.fitted", "check.release-signed", "check.attached",    # STRIP calibration and the guarded model
     "registry.tag", "registry.alias-dropped", "registry.alias-set",  # every single registry write
     "verdict.tags", "verdict.decided", "verdict.aliased", "verdict.done", "verdict.failed",
 )

@@ -3,7 +3,7 @@
 The check is a fitted `RuntimeCheck` (gates.runtime: entropy + reference disagreement, the
 default) or a `Strip` (the paper's entropy test); both are artifacts of one directory, hashed
 whole. On the source version: the artifact is logged to an MLflow run and tagged
-(`trojan_gate.strip.check` (runtime | strip), `.threshold`, `.n`, `.frr`, `.blend`, `.rule`,
+(`trojan_gate.check.kind` (runtime | strip), `.threshold`, `.n`, `.frr`, `.blend`, `.rule`,
 `.artifact_sha256`, `.artifact_uri`,
 `.run_id`, `trojan_gate.guarded_model`, `trojan_gate.signature.key_id`). The guarded model is a
 signed release (see `signing`: the ONNX, the artifact and the verdict with the serving policy,
@@ -90,7 +90,7 @@ def log_guarded_model(release_dir, signature_path, input_shape, guarded_name: st
     return VersionRef(guarded_name, str(mv.version))
 
 
-def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: str | None = None,
+def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: str | None = None,
                  experiment: str = "trojan-gate-calibrate", client: MlflowClient | None = None) -> CalibrationOutcome:
     """Attach a fitted check (with its threshold) to a registered version: write and log the artifact,
     sign the release (ONNX + artifact + `verdict`, which names the verdict and the serving policy),
@@ -106,14 +106,14 @@ def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
         raise ArtifactIntegrityError(f"the run-time check was fitted on model {det.model_sha256_[:12]}…, "
                                      f"not on {ref.uri}")
     work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
-    boundary_dir = det.save(work / "strip_boundary")
+    boundary_dir = det.save(work / "check")
     digest = check_artifact_sha256(boundary_dir)
     summary = describe(det)
     release = write_release(work / "release", onnx_path, boundary_dir, {
-        **verdict, "model": ref.uri, "model_sha256": det.model_sha256_, "strip_artifact_sha256": digest,
+        **verdict, "model": ref.uri, "model_sha256": det.model_sha256_, "check_artifact_sha256": digest,
         "check": summary["check"], "trojan_gate_version": __version__})
     signature = sign_release(release, work / "release.sig", key)
-    checkpoint("strip.release-signed")
+    checkpoint("check.release-signed")
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
     nested = mlflow.active_run() is not None  # inside a gate run: a child run of it
     if not nested:
@@ -123,27 +123,27 @@ def attach_strip(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
         mlflow.log_params({"model_uri": ref.uri, "check": summary["check"], "frr": det.frr_,
                            "n_perturbations": det.n_perturbations, "blend": det.blend, "seed": det.seed,
                            "calibration_size": len(det.bank_), "rule": det.rule})
-        mlflow.log_metrics({"strip_threshold": float(det.threshold_), **{
-            f"strip_{k}": float(summary[k]) for k in ("mean", "std", "empirical_threshold", "realised_frr")
+        mlflow.log_metrics({"check_threshold": float(det.threshold_), **{
+            f"check_{k}": float(summary[k]) for k in ("mean", "std", "empirical_threshold", "realised_frr")
             if summary.get(k) is not None}})
-        mlflow.log_artifacts(str(boundary_dir), artifact_path="strip_boundary")
-        artifact_uri = mlflow.get_artifact_uri("strip_boundary")
+        mlflow.log_artifacts(str(boundary_dir), artifact_path="check")
+        artifact_uri = mlflow.get_artifact_uri("check")
         signer = key_id(key)
         guarded = log_guarded_model(release, signature, det.bank_.shape[1:], guarded_name, tags={
             tag("source_model"): ref.name, tag("source_version"): ref.version,
-            tag("sha256"): det.model_sha256_, tag("strip.artifact_sha256"): digest,
-            tag("strip.threshold"): f"{det.threshold_:.6f}", tag("strip.check"): summary["check"],
+            tag("sha256"): det.model_sha256_, tag("check.artifact_sha256"): digest,
+            tag("check.threshold"): f"{det.threshold_:.6f}", tag("check.kind"): summary["check"],
             tag("status"): "guarded",
             tag("signature.key_id"): signer, tag("verdict"): str(verdict.get("verdict")),
         }, client=client)
         set_tags(ref, {
-            "strip.threshold": f"{det.threshold_:.6f}", "strip.n": det.n_perturbations, "strip.frr": det.frr_,
-            "strip.blend": det.blend, "strip.rule": det.rule, "strip.check": summary["check"],
-            "strip.artifact_sha256": digest,
-            "strip.artifact_uri": artifact_uri, "strip.run_id": run.info.run_id, "guarded_model": guarded.uri,
-            "strip.policy": verdict.get("serving", {}).get("policy"), "signature.key_id": signer,
+            "check.threshold": f"{det.threshold_:.6f}", "check.n": det.n_perturbations, "check.frr": det.frr_,
+            "check.blend": det.blend, "check.rule": det.rule, "check.kind": summary["check"],
+            "check.artifact_sha256": digest,
+            "check.artifact_uri": artifact_uri, "check.run_id": run.info.run_id, "guarded_model": guarded.uri,
+            "check.policy": verdict.get("serving", {}).get("policy"), "signature.key_id": signer,
         }, client)
-        mlflow.log_dict(summary, "strip_boundary_summary.json")
+        mlflow.log_dict(summary, "check_summary.json")
     return CalibrationOutcome(ref, guarded, boundary_dir, digest, run.info.run_id, det)
 
 
@@ -169,7 +169,7 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
     tags = version_tags(ref, client)
     verdict = {"verdict": tags.get(tag("verdict")) or "ungated", "fingerprint": tags.get(tag("gate.fingerprint")),
                "serving": serving_settings(policy)}
-    return attach_strip(ref, det, onnx_path, verdict, guarded_name=guarded_name, experiment=experiment,
+    return attach_check(ref, det, onnx_path, verdict, guarded_name=guarded_name, experiment=experiment,
                         client=client)
 
 

@@ -41,7 +41,7 @@ def load_release(release, signature, public_key=None):
     serving = verdict.get("serving") or {}
     guard = GuardedClassifier.from_artifacts(Path(release) / "model.onnx", Path(release) / "boundary",
                                              policy=serving.get("policy", "reject"),
-                                             expected_sha256=verdict.get("strip_artifact_sha256"))
+                                             expected_sha256=verdict.get("check_artifact_sha256"))
     if guard.oracle.sha256 != verdict.get("model_sha256"):
         raise ArtifactIntegrityError("the release's model.onnx is not the model its verdict names")
     guard.oracle.probe()  # the admission behaviour probes once more, on the serving host

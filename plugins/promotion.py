@@ -55,10 +55,11 @@ def verify_for_promotion(name: str, version: str | int, client: MlflowClient | N
     if tags.get(tag("gate.state")) != "done":
         raise PromotionRefused(f"{ref.uri} has gate state {tags.get(tag('gate.state')) or 'none'}: a gate is "
                                "running or was interrupted; promote after it has finished")
-    expected = tags.get(tag("strip.artifact_sha256"))
+    expected = tags.get(tag("check.artifact_sha256"))
     guarded_uri = tags.get(tag("guarded_model"))
     if not expected or not guarded_uri:
-        raise PromotionRefused(f"{ref.uri} has no STRIP threshold or guarded model attached")
+        raise PromotionRefused(f"{ref.uri} has no run-time check (trojan_gate.check.*) or guarded model attached; "
+                               "a version gated before the check.* tags must be gated again")
     try:
         fetch_onnx(ref, client=client)  # re-hashed against the intake tag
         guarded = resolve(guarded_uri, client=client)
@@ -70,10 +71,10 @@ def verify_for_promotion(name: str, version: str | int, client: MlflowClient | N
     except Exception as e:
         raise PromotionRefused(f"the guarded model of {ref.uri} does not verify: {type(e).__name__}: {e}") from e
     mismatched = [k for k, want in (("verdict", verdict), ("model_sha256", tags.get(tag("sha256"))),
-                                    ("strip_artifact_sha256", expected)) if signed.get(k) != want]
+                                    ("check_artifact_sha256", expected)) if signed.get(k) != want]
     if mismatched:
         raise PromotionRefused(f"the signed release of {guarded.uri} disagrees with {ref.uri}'s tags on {mismatched}")
-    return {"model_uri": ref.uri, "verdict": verdict, "strip_artifact_sha256": expected, "guarded_model": guarded.uri}
+    return {"model_uri": ref.uri, "verdict": verdict, "check_artifact_sha256": expected, "guarded_model": guarded.uri}
 
 
 def promote(name: str, version: str | int, alias: str = "production", client: MlflowClient | None = None) -> dict:

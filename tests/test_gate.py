@@ -31,18 +31,18 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     assert tags["trojan_gate.verdict"] == "passed" and tags["trojan_gate.status"] == "passed"
     assert tags["trojan_gate.gate.state"] == "done" and tags["trojan_gate.gate.fingerprint"]
     for key in ("scan.is_trojaned", "scan.instance_score", "scan.threshold", "scan.flagged_classes", "scan.queries",
-                "scan.seconds", "strip.threshold", "strip.artifact_sha256", "report", "gate.version", "gate.run_id"):
+                "scan.seconds", "check.threshold", "check.artifact_sha256", "report", "gate.version", "gate.run_id"):
         assert f"trojan_gate.{key}" in tags, key
     assert tags["trojan_gate.scan.is_trojaned"] == "false" and float(tags["trojan_gate.scan.instance_score"]) <= 2.0
     assert _aliases("clf") == {"candidate": ref.version}
     run = MlflowClient().get_run(out.run_id)
-    assert run.data.metrics["instance_score"] <= 2.0 and "strip_threshold" in run.data.metrics
+    assert run.data.metrics["instance_score"] <= 2.0 and "check_threshold" in run.data.metrics
     files = {f.path for f in MlflowClient().list_artifacts(out.run_id, "report")}
     assert {"report/trojan_report.html", "report/trojan_report.json"} <= files
     # the run-time check beyond STRIP by default, at the measured best (rule max, N = 10); the estimated
     # FAR is reported, never used to pick
-    assert tags["trojan_gate.strip.check"] == "runtime" and tags["trojan_gate.strip.rule"] == "min-p(entropy,reference)"
-    boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.strip.artifact_uri"] + "/check.json"))
+    assert tags["trojan_gate.check.kind"] == "runtime" and tags["trojan_gate.check.rule"] == "min-p(entropy,reference)"
+    boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.check.artifact_uri"] + "/check.json"))
     assert (boundary["blend"], boundary["n_perturbations"], boundary["stages"]) == ("max", 10, [2, 4])
     assert "estimated_far" in boundary["extra"] and boundary["frr_interval"][0] <= boundary["realised_frr"]
     resolved = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_config.json"))
@@ -111,7 +111,7 @@ def test_trojaned_version_is_blocked_and_loses_its_alias(mlflow_store, trojan_on
     assert tags["trojan_gate.verdict"] == "blocked" and tags["trojan_gate.gate.state"] == "done"
     assert "3" in tags["trojan_gate.scan.flagged_classes"].split(",")
     assert _aliases("clf") == {}
-    assert "trojan_gate.strip.threshold" not in tags
+    assert "trojan_gate.check.threshold" not in tags
     again = run_gate(ref.uri, heldout, GateConfig(policy="block"), scan_fn=cached_scan)
     assert again.reused and again.verdict == "blocked" and again.exit_code == 1
 
@@ -158,7 +158,7 @@ def test_a_failure_mid_gate_fails_closed(mlflow_store, tmp_path, digits_benign, 
     def broken(*args, **kwargs):
         raise RuntimeError("artifact store unavailable")
 
-    monkeypatch.setattr(gate_steps, "attach_strip", broken)
+    monkeypatch.setattr(gate_steps, "attach_check", broken)
     out = run_gate(ref.uri, heldout, GateConfig(), force=True, scan_fn=cached_scan)
     assert out.verdict == "error" and out.exit_code == 2 and "artifact store unavailable" in out.error
     assert _aliases("clf") == {}  # the claim took the alias; an unverified version never gets it back
@@ -194,7 +194,7 @@ def test_racing_gate_that_lost_its_claim_registers_and_decides_nothing(mlflow_st
     assert out.verdict == "error" and "another gate" in out.error
     tags = version_tags(ref)
     assert tags["trojan_gate.verdict"] == "pending" and tags["trojan_gate.gate.run_id"] == "a-newer-gate"
-    assert not any(k.startswith("trojan_gate.strip.") for k in tags)  # no STRIP tags, no guarded model
+    assert not any(k.startswith(("trojan_gate.check.", "trojan_gate.strip.")) for k in tags)  # no check tags, no guarded model
     assert MlflowClient().search_registered_models("name='clf-guarded'") == []
     assert _aliases("clf") == {}
 

@@ -154,7 +154,7 @@ def test_a_tampered_and_rehashed_release_does_not_load(tmp_path, digits, digits_
     strip.save(tmp_path / "boundary")
     release = write_release(tmp_path / "release", model, tmp_path / "boundary",
                             {"verdict": "passed", "model_sha256": strip.model_sha256_, "serving": {"policy": "reject"},
-                             "strip_artifact_sha256": None})
+                             "check_artifact_sha256": None})
     sign_release(release, tmp_path / "release.sig")
     guard, verdict = load_release(release, tmp_path / "release.sig")
     assert verdict["verdict"] == "passed" and guard.policy == "reject"

@@ -34,7 +34,7 @@ epochs = 10
 
 # (version to gate, policy, kill points in the order the gate reaches them)
 PASS_FLOW = ["registry.tag#2", "gate.claimed", "gate.fetched", "gate.validated", "scan.references", "scan.measured",
-             "gate.scanned", "strip.fitted", "strip.release-signed", "strip.attached", "verdict.tags",
+             "gate.scanned", "check.fitted", "check.release-signed", "check.attached", "verdict.tags",
              "verdict.decided", "registry.alias-set", "verdict.aliased", "verdict.done"]
 PATCH_FLOW = ["registry.alias-dropped", "patch.fitted", "patch.rescanned", "intake.logged", "intake.registered",
               "patch.registered", "registry.alias-set", "verdict.done"]

@@ -11,7 +11,7 @@ from trojan_gate.plugins.report import VERDICTS, build_report, render_html, writ
 from trojan_gate.plugins.report.findings import SEVERITIES
 
 REQUIRED_SECTIONS = ("Verdict", "Findings", "DeepInspect deviation factors", "Recovered triggers",
-                     "STRIP threshold", "Patch before/after", "Errors")
+                     "Run-time check", "Patch before/after", "Errors")
 
 
 def _scan(flagged=(3,), k=10, shape=(1, 8, 8), seed=0, with_arrays=True):
@@ -72,7 +72,7 @@ def test_full_report_json(tmp_path):
     assert s["verdict"] == "patched" and s["model"] == {"name": "fmnist", "version": "3", "sha256": "ab" * 32}
     assert s["flagged_classes"] == [3] and s["instance_score"] > 2.0 and s["is_trojaned"] is True
     assert s["threshold"] == 2.0
-    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["strip_threshold"] == pytest.approx(-0.364)
+    assert s["queries"] == 123456 and s["seconds"] == 42.5 and s["check_threshold"] == pytest.approx(-0.364)
     assert s["patched"] is True and s["new_version"] == "4"
     assert set(s["total_issues_by_severity"]) == set(SEVERITIES)
     sev = [f["severity"] for f in rep["findings"]]
@@ -114,7 +114,7 @@ def test_render_with_missing_parts_uses_placeholders(tmp_path):
     page = render_html(rep)
     assert "<img" not in page
     assert page.count('class="placeholder"') == 4  # deviation, triggers, STRIP, patch
-    assert "scan did not complete" in page and "No STRIP threshold" in page and "No patch" in page
+    assert "scan did not complete" in page and "No run-time check" in page and "No patch" in page
     assert "oracle &lt;budget&gt; exhausted" in page and "<budget>" not in page
     assert 'class="badge verdict-error"' in page
     assert [e["type"] for e in rep["errors"]] == ["RuntimeError", "Error"]
@@ -225,7 +225,7 @@ def test_a_scan_report_has_the_same_format_without_gate_sections():
     assert rep["strip"] is None and rep["patch"] is None
     assert not any("STRIP" in f["title"] for f in rep["findings"])  # a scan attaches no threshold
     page = render_html(rep, scan=scan)
-    assert "trojan-gate scan report: m.onnx" in page and "STRIP threshold</h2>" not in page
+    assert "trojan-gate scan report: m.onnx" in page and "Run-time check</h2>" not in page
     assert "Patch before/after" not in page and len(_pngs(page)) == 2
     with pytest.raises(ValueError, match="verdict"):
         build_report(kind="scan", model_name="m", version=None, verdict="passed", scan=scan)

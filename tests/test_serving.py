@@ -49,10 +49,10 @@ def _passed(trojan_onnx, digits, name, **strip):
 @pytest.mark.serve
 def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_onnx, digits, digits_trojan):
     ref, tags = _passed(trojan_onnx, digits, "digits-clf")
-    for key in ("strip.threshold", "strip.n", "strip.frr", "strip.artifact_sha256", "strip.policy", "guarded_model",
+    for key in ("check.threshold", "check.n", "check.frr", "check.artifact_sha256", "check.policy", "guarded_model",
                 "signature.key_id"):
         assert f"trojan_gate.{key}" in tags
-    assert tags["trojan_gate.strip.n"] == "10" and tags["trojan_gate.strip.policy"] == "reject"
+    assert tags["trojan_gate.check.n"] == "10" and tags["trojan_gate.check.policy"] == "reject"
     guarded = resolve(tags["trojan_gate.guarded_model"])
     assert version_tags(guarded)["trojan_gate.source_version"] == ref.version
 
@@ -72,7 +72,7 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
     assert clean_flags.mean() <= 0.2
     assert all((p["label"] == -1) == p["is_trojaned"] for p in stamped_pred)  # reject, as signed
     assert [p["instance_score"] for p in again] == [p["instance_score"] for p in stamped_pred]  # no retry luck
-    assert min(p["instance_score"] for p in stamped_pred if p["is_trojaned"]) >= float(tags["trojan_gate.strip.threshold"])
+    assert min(p["instance_score"] for p in stamped_pred if p["is_trojaned"]) >= float(tags["trojan_gate.check.threshold"])
     assert all(1 <= p["model_calls"] <= 11 for p in stamped_pred)  # the input and the copies it cost
 
 
@@ -82,7 +82,7 @@ def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, troja
     import pandas as pd
 
     _, tags = _passed(trojan_onnx, digits, "digits-clf-local", policy="flag", check=check)
-    assert tags["trojan_gate.strip.check"] == check
+    assert tags["trojan_gate.check.kind"] == check
     model = mlflow.pyfunc.load_model(tags["trojan_gate.guarded_model"])
     _, test = digits
     clean, stamped, hijacked = _stamped_victims(test, digits_trojan)

@@ -115,10 +115,10 @@ def _run(state: GateState, heldout, scan_fn) -> GateOutcome:
         report, report_uri = steps.write_gate_report(state)
         links = {"report": report_uri, **report_link(state.run_id)}
         source_tags = {**state.decision.tags(), "gate.policy": config.policy, **links,
-                       **(steps.strip_tags(state) if state.verdict == PASSED else {})}
+                       **(steps.check_tags(state) if state.verdict == PASSED else {})}
         new_tags = None
         if state.verdict == PATCHED:
-            new_tags = {**state.fresh_decision.tags(), **steps.strip_tags(state), "gate.policy": config.policy,
+            new_tags = {**state.fresh_decision.tags(), **steps.check_tags(state), "gate.policy": config.policy,
                         **links}
         new_fp = state.patched_fingerprint if state.verdict == PATCHED else ""
         finish(client, ref, state.run_id, state.verdict, state.fingerprint, config.alias, source_tags,

@@ -42,8 +42,8 @@ class GateState:
     fresh_decision: object = None  # ScanDecision of the patched model
     fresh: object = None  # DeepInspect ScanResult of the patched model
     new_ref: VersionRef | None = None  # the registered patched version
-    strip: object = None  # fitted Strip of the version that passed
-    strip_report: dict | None = None  # the STRIP part of the report (scores, estimate)
+    check: object = None  # fitted run-time detector (RuntimeCheck or Strip) of the version that passed
+    check_report: dict | None = None  # the run-time check's part of the report (scores, estimate)
     verdict: str = ERROR
     errors: list = field(default_factory=list)
     superseded: bool = False

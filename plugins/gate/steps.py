@@ -17,7 +17,7 @@ from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.oracle import ModelOracle
 from trojan_gate.gates.validation import validate_heldout
 
-from ..calibration import attach_strip, serving_settings
+from ..calibration import attach_check, serving_settings
 from ..registry import fetch_onnx, intake_onnx
 from .state import GateState
 from .verdict import BLOCKED, PASSED, PATCHED, require_claim
@@ -142,7 +142,7 @@ def calibrate(state: GateState):
     det = calibrate_check(oracle, state.heldout, kind=s.check, frr=s.frr, n_perturbations=s.n_perturbations,
                           blend=s.blend, statistics=s.statistics, stages=s.stages, seed=cfg.seed,
                           min_per_class=cfg.min_per_class)
-    checkpoint("strip.fitted")
+    checkpoint("check.fitted")
     view = describe(det)
     view["benign_scores"] = np.asarray(det.benign_scores_)
     if s.estimate_far and state.scan is not None and state.scan.generator is not None:
@@ -161,21 +161,21 @@ def calibrate(state: GateState):
                "fingerprint": state.fingerprint if final == state.ref else state.patched_fingerprint,
                "flagged_classes": list(state.decision.flagged_classes), "config": cfg.resolved(),
                "serving": serving_settings(s.policy)}
-    outcome = attach_strip(final, det, onnx_path, verdict, client=state.client)
-    checkpoint("strip.attached")
-    metrics = {"strip_threshold": float(det.threshold_), "strip_n": float(det.n_perturbations),
-               "strip_calibration_images": float(len(det.bank_))}
+    outcome = attach_check(final, det, onnx_path, verdict, client=state.client)
+    checkpoint("check.attached")
+    metrics = {"check_threshold": float(det.threshold_), "check_n": float(det.n_perturbations),
+               "check_calibration_images": float(len(det.bank_))}
     if view.get("estimated_far") is not None:
-        metrics["strip_estimated_far"] = view["estimated_far"]
+        metrics["check_estimated_far"] = view["estimated_far"]
     mlflow.log_metrics(metrics)
     view.update(artifact_sha256=outcome.artifact_sha256, guarded_model=outcome.guarded.uri)
-    state.strip, state.strip_report = det, view
+    state.check, state.check_report = det, view
 
 
-def strip_tags(state: GateState) -> dict:
-    det = state.strip
-    return {} if det is None else {"strip.threshold": f"{det.threshold_:.6f}",
-                                   "strip.artifact_sha256": state.strip_report["artifact_sha256"]}
+def check_tags(state: GateState) -> dict:
+    det = state.check
+    return {} if det is None else {"check.threshold": f"{det.threshold_:.6f}",
+                                   "check.artifact_sha256": state.check_report["artifact_sha256"]}
 
 
 def patch_view(state: GateState) -> dict | None:
@@ -205,7 +205,7 @@ def write_gate_report(state: GateState) -> tuple[dict, str]:
     out = state.workdir / "report"
     json_path, _ = write_report(out, kind="gate", model_name=state.ref.name, version=state.ref.version,
                                 verdict=state.verdict, scan=state.scan, decision=state.decision,
-                                strip=state.strip_report,
+                                strip=state.check_report,
                                 patch=patch_view(state), errors=state.errors, meta=meta)
     mlflow.log_artifacts(str(out), artifact_path="report")
     return json.loads(Path(json_path).read_text()), mlflow.get_artifact_uri("report")

@@ -163,7 +163,7 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
         "flagged_classes": [] if decided is None else decided["flagged_classes"],
         "queries": None if decided is None else decided["queries"],
         "seconds": None if decided is None else decided["seconds"],
-        "strip_threshold": None if strip_d is None else strip_d["threshold"],
+        "check_threshold": None if strip_d is None else strip_d["threshold"],
         "patched": bool(patch_d and patch_d.get("passed")),
         "new_version": None if patch_d is None else patch_d.get("new_version"),
         "total_issues": sum(by_sev[s] for s in SEVERITIES if s != "INFO"),

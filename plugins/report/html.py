@@ -66,7 +66,7 @@ def _section_summary(rep) -> str:
             ("flagged classes", _e(", ".join(map(str, s["flagged_classes"])) or "none")),
             ("oracle queries", _e(s["queries"])),
             ("scan seconds", _e(s["seconds"])),
-            ("STRIP threshold", _e(None if s["strip_threshold"] is None else f"{s['strip_threshold']:.4f}")),
+            ("Run-time check threshold", _e(None if s["check_threshold"] is None else f"{s['check_threshold']:.4f}")),
             ("issues by severity", _e(", ".join(f"{k} {v}" for k, v in s["total_issues_by_severity"].items())))]
     if s.get("new_version"):
         rows.insert(1, ("patched version", _e(s["new_version"])))
@@ -163,7 +163,7 @@ def _section_triggers(rep, scan) -> str:
 def _section_strip(rep, strip) -> str:
     d = rep.get("strip")
     if d is None:
-        return _placeholder("No STRIP threshold: no held-out data was given or calibration failed; "
+        return _placeholder("No run-time check: no held-out data was given or calibration failed; "
                             "serving is not guarded at run time.")
     rows = [("threshold (in force)", _e(fmt(d["threshold"], 6))), ("rule", _e(d.get("rule"))),
             ("normal-fit threshold", _e(fmt(d.get("normal_threshold"), 6))),
@@ -227,7 +227,7 @@ def render_html(report: dict, scan=None, strip=None, decision=None) -> str:
         ("Recovered triggers", _section_triggers(report, scan)),
     ]
     if report.get("kind") == "gate":
-        sections += [("STRIP threshold", _section_strip(report, strip)), ("Patch before/after", _section_patch(report))]
+        sections += [("Run-time check", _section_strip(report, strip)), ("Patch before/after", _section_patch(report))]
     sections += [
         ("Errors", _section_errors(report)),
         ("Details", "<pre>" + _e(json.dumps({"meta": report.get("meta"),
