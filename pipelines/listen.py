@@ -26,6 +26,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from trojan_gate.plugins.automation.watcher import registry_skip_reason
     from trojan_gate.plugins.automation.webhook import make_handler, receiver
     from trojan_gate.plugins.registry import resolve
 
@@ -36,7 +37,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     queue, workers = gate_setup(args, "listen-queue")
     requeued = queue.recover()
-    server = receiver(args.host, args.port, make_handler(secret, queue, lambda n, v: resolve(n, v), args.window))
+    server = receiver(args.host, args.port, make_handler(secret, queue, lambda n, v: resolve(n, v), args.window,
+                                                        skip_reason=registry_skip_reason()))
     stop = threading.Event()
 
     def shutdown(signum, frame):

@@ -371,3 +371,106 @@ def test_the_demo_runs_through_a_real_tracking_server(tmp_path):
     assert proc.stdout.count("report in the MLflow UI: http://127.0.0.1:") == 2
     if "served" in summary:  # a version holds the alias: its guarded model answered over REST
         assert summary["frr_measured"] <= 0.2
+
+
+class _Queue:
+    def __init__(self):
+        self.jobs, self.seen = [], set()
+
+    def live(self):
+        return len(self.jobs)
+
+    def remember_delivery(self, delivery):
+        new = delivery not in self.seen
+        self.seen.add(delivery)
+        return new
+
+    def enqueue(self, name, version, reason):
+        self.jobs.append((name, version, reason))
+        return True
+
+
+@pytest.fixture()
+def bounded_receiver(monkeypatch):
+    """A receiver on loopback with a 1 s socket timeout and room for 2 connections."""
+    import threading
+    from types import SimpleNamespace
+
+    from trojan_gate.plugins.automation import webhook
+
+    monkeypatch.setattr(webhook, "TIMEOUT_S", 1.0)
+    queue = _Queue()
+
+    def skip(ref, reason):
+        return "a guarded model" if ref.name.endswith("-guarded") else None
+
+    handler = webhook.make_handler(SECRET, queue, lambda n, v: SimpleNamespace(name=n, version=v, uri=f"models:/{n}/{v}"),
+                                   skip_reason=skip)
+    server = webhook.receiver("127.0.0.1", 0, handler, max_connections=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], queue
+    server.shutdown()
+    server.server_close()
+
+
+def _raw(port, head: bytes, body: bytes = b"", close_write=False, wait=3.0) -> bytes:
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    s.sendall(head + body)
+    if close_write:
+        s.shutdown(socket.SHUT_WR)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except TimeoutError:
+        pass
+    s.close()
+    return out
+
+
+def test_the_receiver_bounds_bodies_before_reading_them(bounded_receiver):
+    port, queue = bounded_receiver
+    post = b"POST /hook HTTP/1.1\r\nHost: x\r\n"
+    assert b" 400 " in _raw(port, post + b"Content-Length: -1\r\n\r\n", b"x" * 100, close_write=True)
+    assert b" 400 " in _raw(port, post + b"Content-Length: abc\r\n\r\n")
+    assert b" 411 " in _raw(port, post + b"\r\n")
+    assert b" 411 " in _raw(port, post + b"Transfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n")
+    assert b" 413 " in _raw(port, post + b"Content-Length: %d\r\n\r\n" % (2 << 20))  # refused before any body
+    assert b" 400 " in _raw(port, post + b"Content-Length: 100\r\n\r\n", b"short", close_write=True)
+    t0 = time.monotonic()
+    assert b" 400 " in _raw(port, post + b"Content-Length: 100\r\n\r\n", b"short")  # half-sent: the timeout ends it
+    assert time.monotonic() - t0 < 2.9
+    assert queue.jobs == []
+
+
+def test_the_receiver_limits_connections_and_times_out_idle_ones(bounded_receiver):
+    import socket
+
+    port, _ = bounded_receiver
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    time.sleep(0.2)
+    assert b" 503 " in _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # both slots held
+    for s in idle:  # the socket timeout closes an idle connection and frees its slot
+        assert s.recv(10) == b""
+        s.close()
+    time.sleep(0.2)
+    assert b" 200 " in _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def test_the_receiver_applies_the_watchers_filters(bounded_receiver):
+    from trojan_gate.plugins.automation.watcher import skip_reason
+
+    port, queue = bounded_receiver
+    for name in ("clf", "clf-guarded"):
+        body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": name, "version": "1"}})
+        head = "".join(f"{k}: {v}\r\n" for k, v in _headers(body).items())
+        out = _raw(port, (f"POST /hook HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n"
+                          "Connection: close\r\n\r\n").encode(), body.encode())
+        assert (b" 202 " if name == "clf" else b"not gated: a guarded model") in out
+    assert [j[0] for j in queue.jobs] == ["clf"]
+    tag = "trojan_gate."
+    assert skip_reason({tag + "kind": "guarded"}, {}) and skip_reason({tag + "kind": "scan-calibration"}, {})
+    assert skip_reason({}, {tag + "patched_from": "3"}) and skip_reason({}, {tag + "verdict": "passed"})
+    assert skip_reason({}, {tag + "verdict": "passed"}, gated_again=True) is None and skip_reason({}, {}) is None

@@ -32,6 +32,31 @@ def every_page(search, **kwargs):
             return
 
 
+def skip_reason(model_tags: dict, version_tags: dict, gated_again: bool = False) -> str | None:
+    """Why a version is not for a gate (None: gate it): a guarded model or a registered scan
+    calibration, a version a gate created (patched), or one already decided unless a gate is
+    asked for again."""
+    kind = (model_tags or {}).get(tag("kind"))
+    if kind in ("guarded", "scan-calibration"):
+        return f"a {kind} model"
+    if (version_tags or {}).get(tag("patched_from")):
+        return "a version a gate created (patched)"
+    if (version_tags or {}).get(tag("verdict")) and not gated_again:
+        return f"already decided ({version_tags[tag('verdict')]})"
+    return None
+
+
+def registry_skip_reason(client: MlflowClient | None = None):
+    """`skip_reason` for one version read back from the registry (what the webhook receiver calls)."""
+
+    def reason(ref, event_reason: str = "") -> str | None:
+        c = client or MlflowClient()
+        return skip_reason(c.get_registered_model(ref.name).tags, c.get_model_version(ref.name, ref.version).tags,
+                           gated_again="regate" in event_reason)
+
+    return reason
+
+
 def ungated_versions(client: MlflowClient | None = None, page_size: int | None = None) -> list[tuple[str, str]]:
     """(name, version) of every version without a verdict, oldest first (`page_size`: results per
     search call, MLflow's default when None)."""
@@ -39,11 +64,10 @@ def ungated_versions(client: MlflowClient | None = None, page_size: int | None =
     size = {} if page_size is None else {"max_results": int(page_size)}
     found = []
     for model in every_page(client.search_registered_models, **size):
-        if (model.tags or {}).get(tag("kind")) in ("guarded", "scan-calibration"):
+        if skip_reason(model.tags, {}):
             continue
         for v in every_page(client.search_model_versions, filter_string=f"name='{model.name}'", **size):
-            tags = v.tags or {}
-            if tags.get(tag("verdict")) or tags.get(tag("patched_from")):
+            if skip_reason(model.tags, v.tags):
                 continue
             found.append((model.name, str(v.version)))
     return sorted(found, key=lambda nv: (nv[0], int(nv[1])))

@@ -14,7 +14,15 @@ can be null, and the payload is only a hint) and a gate is queued.
 
 Events: `model_version.created` queues a gate; `model_version_tag.set` with the key
 `trojan_gate.regate` (any value) asks for a gate again, e.g. after new held-out data. The
-gate's own tag writes are other keys and are ignored.
+gate's own tag writes are other keys and are ignored. The watcher's filters apply here too
+(`watcher.skip_reason`): guarded models, registered scan calibrations, versions a gate created
+(patched) and, for `created`, versions that already carry a verdict are answered 200 and not queued.
+
+Bounds, because anyone who can reach the port can send anything: the body must come with a
+numeric `Content-Length` of at most `MAX_BODY` bytes (411 without one, 400 when it is not a
+non-negative number or fewer bytes arrive, 413 above the cap) and is read to exactly that length
+before the signature is checked; every connection has a socket timeout (`TIMEOUT_S`), and at most
+`MAX_CONNECTIONS` are served at once (a further connection is answered 503 and closed).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +43,8 @@ log = logging.getLogger("trojan_gate.listen")
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 REGATE_TAG = "trojan_gate.regate"
 MAX_BODY = 1 << 20
+TIMEOUT_S = 10.0  # a connection idle or half-sent for this long is closed
+MAX_CONNECTIONS = 32
 
 
 class DeliveryRefused(TrojanGateError):
@@ -90,11 +101,29 @@ def parse_event(body: bytes) -> Event:
     return Event(None, None, f"{entity}.{action} ignored")
 
 
-def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0):
-    """A request handler class: verify, parse, read the version back, queue, answer (200/202/401/400)."""
+def body_length(headers) -> int:
+    """The declared body length, checked: (HTTP code, reason) in DeliveryRefused.args when it is missing
+    (411), chunked (411), not a non-negative decimal number (400) or over MAX_BODY (413)."""
+    if headers.get("Transfer-Encoding"):
+        raise DeliveryRefused(411, "a body must come with a Content-Length, not Transfer-Encoding")
+    raw = headers.get("Content-Length")
+    if raw is None:
+        raise DeliveryRefused(411, "Content-Length required")
+    if not raw.strip().isdigit():
+        raise DeliveryRefused(400, f"Content-Length {raw[:32]!r} is not a non-negative number")
+    length = int(raw)
+    if length > MAX_BODY:
+        raise DeliveryRefused(413, f"payload too large ({length} bytes, at most {MAX_BODY})")
+    return length
+
+
+def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0, skip_reason=None):
+    """A request handler class: bound, verify, parse, read the version back, filter, queue, answer
+    (200/202/400/401/411/413). `skip_reason(ref)` names why a version is not gated (None: gate it)."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "trojan-gate-listen"
+        timeout = TIMEOUT_S  # socket timeout for every read and write of this connection
 
         def log_message(self, fmt, *args):  # one line per request, through logging
             log.info("%s %s", self.address_string(), fmt % args)
@@ -113,10 +142,19 @@ def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0):
             self._answer(404, "not found")
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                return self._answer(413, "payload too large")
-            body = self.rfile.read(length)
+            try:
+                length = body_length(self.headers)
+            except DeliveryRefused as e:
+                self.close_connection = True
+                return self._answer(*e.args)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True
+                return self._answer(400, f"the body did not arrive within {TIMEOUT_S:.0f} s")
+            if len(body) != length:
+                self.close_connection = True
+                return self._answer(400, f"the body ended after {len(body)} of {length} bytes")
             try:
                 delivery = verify_delivery(self.headers, body, secret, window_s=window_s)
                 if not queue.remember_delivery(delivery):
@@ -136,6 +174,10 @@ def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0):
                 log.warning("delivery %s names %s/%s, which the registry does not have: %s", delivery, event.name,
                             event.version, e)
                 return self._answer(400, f"no such model version {event.name}/{event.version}")
+            why = None if skip_reason is None else skip_reason(ref, event.reason)
+            if why:
+                log.info("delivery %s: %s not gated: %s", delivery, ref.uri, why)
+                return self._answer(200, f"{ref.uri} not gated: {why}")
             queued = queue.enqueue(ref.name, ref.version, event.reason)
             log.info("delivery %s: %s %s", delivery, ref.uri, "queued" if queued else "already queued")
             self._answer(202, f"{ref.uri} {'queued' if queued else 'already queued or running'}")
@@ -143,7 +185,37 @@ def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0):
     return Handler
 
 
-def receiver(host: str, port: int, handler) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading server that serves at most `MAX_CONNECTIONS` connections at once; one more is
+    answered 503 and closed at once instead of getting a thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def receiver(host: str, port: int, handler, max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
+    """The receiver's HTTP server (bounded connections; see the module doc)."""
+    return BoundedHTTPServer((host, port), handler, max_connections)
