@@ -474,3 +474,24 @@ def test_the_receiver_applies_the_watchers_filters(bounded_receiver):
     assert skip_reason({tag + "kind": "guarded"}, {}) and skip_reason({tag + "kind": "scan-calibration"}, {})
     assert skip_reason({}, {tag + "patched_from": "3"}) and skip_reason({}, {tag + "verdict": "passed"})
     assert skip_reason({}, {tag + "verdict": "passed"}, gated_again=True) is None and skip_reason({}, {}) is None
+
+
+def test_a_hanging_gate_is_killed_and_a_job_that_never_finishes_is_given_up(tmp_path, monkeypatch):
+    from trojan_gate.plugins.automation.queue import MAX_ATTEMPTS
+    from trojan_gate.plugins.automation.workers import TIMED_OUT, GateCommand, GateWorkers
+
+    q = GateQueue(tmp_path / "q.sqlite")
+    q.enqueue("m", "1", "test")
+    command = GateCommand(heldout="h.npz")
+    monkeypatch.setattr(command, "argv", lambda uri: [sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.monotonic()
+    assert GateWorkers(q, command, job_timeout_s=1.0).run_one()
+    assert time.monotonic() - t0 < 20
+    job = q.jobs()[0]
+    assert job["state"] == "error" and job["exit_code"] == TIMED_OUT and "killed after 1 s" in job["detail"]
+    q.enqueue("m", "2", "test")  # a job whose process dies with its receiver every time
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert q.claim_next().attempts == attempt
+        assert q.recover() == (1 if attempt < MAX_ATTEMPTS else 0)
+    last = q.jobs()[-1]
+    assert last["state"] == "error" and "gave up after" in last["detail"] and q.live() == 0

@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS deliveries (delivery_id TEXT PRIMARY KEY, received_at
 """
 
 
+MAX_ATTEMPTS = 3  # starts of one job before recover() gives up on it
+
+
 @dataclass
 class Job:
     id: int
@@ -85,9 +88,14 @@ class GateQueue:
             db.execute("UPDATE jobs SET state = ?, finished_at = ?, exit_code = ?, detail = ? WHERE id = ?",
                        (state, time.time(), exit_code, detail[-2000:], job.id))
 
-    def recover(self) -> int:
-        """Jobs left running by a process that died go back to the queue; returns how many."""
+    def recover(self, max_attempts: int = MAX_ATTEMPTS) -> int:
+        """Jobs left running by a process that died go back to the queue, unless they have been started
+        `max_attempts` times already (a gate that hangs or kills its receiver every time): those end in
+        state error. Returns how many were requeued."""
         with self._lock, self._connect() as db:
+            db.execute("UPDATE jobs SET state = 'error', finished_at = ?, detail = ? WHERE state = 'running' AND "
+                       "attempts >= ?", (time.time(), f"gave up after {max_attempts} attempts that never finished",
+                                         int(max_attempts)))
             return db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
 
     def jobs(self) -> list[dict]:

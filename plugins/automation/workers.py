@@ -4,8 +4,9 @@ At most `workers` gates run at once, and never two for one version (the queue ho
 per version). Each gate is a child process that dies with its parent (it sets PR_SET_PDEATHSIG on Linux when
 `TROJAN_GATE_DIE_WITH_PARENT` is set, see `die_with_parent`):
 killing the receiver kills its gates mid-way, which the gate's registry protocol makes safe, and
-the next receiver requeues them (`GateQueue.recover`). A gate's exit code is recorded with its job:
-0 passed or patched, 1 blocked, 2 error.
+the next receiver requeues them (`GateQueue.recover`, at most `queue.MAX_ATTEMPTS` starts per job).
+A gate that runs past `job_timeout_s` (default `JOB_TIMEOUT_S`) is killed and its job ends in error
+(exit code 124). A gate's exit code is recorded with its job: 0 passed or patched, 1 blocked, 2 error.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ log = logging.getLogger("trojan_gate.workers")
 
 
 DIE_WITH_PARENT_ENV = "TROJAN_GATE_DIE_WITH_PARENT"
+JOB_TIMEOUT_S = 6 * 3600.0  # a gate process alive this long is killed (the gate's own deadline is shorter)
+TIMED_OUT = 124
 
 
 def die_with_parent():
@@ -72,8 +75,9 @@ class GateCommand:
 class GateWorkers:
     """`workers` threads, each running queued gates one after another until `stop()`."""
 
-    def __init__(self, queue, command: GateCommand, workers: int = 1, poll_s: float = 1.0):
-        self.queue, self.command, self.poll_s = queue, command, poll_s
+    def __init__(self, queue, command: GateCommand, workers: int = 1, poll_s: float = 1.0,
+                 job_timeout_s: float = JOB_TIMEOUT_S):
+        self.queue, self.command, self.poll_s, self.job_timeout_s = queue, command, poll_s, float(job_timeout_s)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, name=f"gate-worker-{i}", daemon=True)
                          for i in range(max(1, int(workers)))]
@@ -94,9 +98,16 @@ class GateWorkers:
         if job is None:
             return False
         log.info("gate %s (%s, attempt %d)", job.uri, job.reason, job.attempts)
-        proc = subprocess.run(self.command.argv(job.uri), env=self.command.env(), capture_output=True, text=True)
-        self.queue.finish(job, proc.returncode, (proc.stdout + proc.stderr)[-2000:])
-        log.info("gate %s exited %d", job.uri, proc.returncode)
+        try:
+            proc = subprocess.run(self.command.argv(job.uri), env=self.command.env(), capture_output=True, text=True,
+                                  timeout=self.job_timeout_s)
+            code, detail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+        except subprocess.TimeoutExpired as e:  # subprocess.run has killed the child
+            out = (e.stdout or b"") + (e.stderr or b"")
+            out = out.decode(errors="replace") if isinstance(out, bytes) else out
+            code, detail = TIMED_OUT, f"killed after {self.job_timeout_s:.0f} s\n" + out[-1800:]
+        self.queue.finish(job, code, detail)
+        log.info("gate %s exited %d", job.uri, code)
         return True
 
     def _loop(self):

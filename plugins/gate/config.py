@@ -8,7 +8,7 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     seed = 0
     max_accuracy_drop = 0.01
     min_per_class = 5
-    timeout_s = 3600
+    timeout_s = 14400         # seconds; default 4 h (a bound on hostile models), 0 or none is refused
 
     [scan]
     decision = "calibrated"   # calibrated (a task calibration decides when one matches) | paper (double MAD)
@@ -48,6 +48,7 @@ from trojan_gate.gates.errors import TrojanGateError
 from trojan_gate.gates.runtime import DEFAULT_KIND
 from trojan_gate.gates.runtime.check import DEFAULT_STAGES, DEFAULT_STATISTICS
 
+DEFAULT_TIMEOUT_S = 4 * 3600.0  # a gate past this deadline stops with verdict error (None: no deadline)
 GATE_POLICIES = ("block", "patch")  # what the gate does with a flagged model
 GATE_KEYS = ("policy", "alias", "seed", "max_accuracy_drop", "min_per_class", "timeout_s")
 
@@ -145,7 +146,7 @@ class GateConfig:
     seed: int = 0
     max_accuracy_drop: float = 0.01
     min_per_class: int = 5
-    timeout_s: float | None = None
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
     scan: ScanSettings = field(default_factory=ScanSettings)
     patch: dict = field(default_factory=dict)  # Patcher parameters
     strip: StripSettings = field(default_factory=StripSettings)
