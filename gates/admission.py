@@ -19,11 +19,24 @@ static (`check_graph`, before a session is created):
                           image (checked on the declared dims, before anything is allocated);
 - ``fixed-batch``         a static batch dimension other than 1 (a batch of 1 is served one
                           row per call by the oracle);
+- ``declared-allocation`` tensors the file does not carry but declares, which ONNX Runtime
+                          would allocate when the session is created or run: sparse
+                          initializers and sparse Constant values (their dense size) and
+                          ConstantOfShape outputs of a constant shape, more than
+                          `max_declared_elements` values in all (a 400-byte file can declare
+                          gigabytes);
+- ``data-dependent-allocation`` an operator whose output size or work an input could set:
+                          ConstantOfShape, Expand, Tile or Range whose size input is not a
+                          constant of the file, or a Loop whose trip count is not a constant of
+                          at most `max_loop_trips` (a trigger could ask for 2^62 iterations);
 
 behaviour (`probe_behaviour`, on the loaded model, with seeded inputs):
 - ``nondeterministic-output``  the same batch asked twice gets different answers;
 - ``batch-dependent``          a row's answer changes with the other rows of its batch or its
                                position in it (asked alone, in a batch, and shuffled).
+The probes are asked twice over: a batch with the fixed rows (noise, black, white, gradient) and a
+batch of keyed noise rows only (drawn from OS entropy when no seed is given), so a model cannot
+switch its batch dependence off on a row it knows every probe carries.
 """
 from __future__ import annotations
 
@@ -56,6 +69,8 @@ class AdmissionLimits:
     max_classes: int = 100_000
     probe_rows: int = 8
     tolerance: float = 1e-4
+    max_declared_elements: int = 16 * 1024**2
+    max_loop_trips: int = 1_000_000
 
 
 def check_size(n_bytes: int, limits: AdmissionLimits):
@@ -119,8 +134,57 @@ def _walk(graph: onnx.GraphProto, where: str):
                 yield from _walk(g, f"{label} subgraph {a.name!r}")
 
 
-def check_graph(proto: onnx.ModelProto):
-    """The static rules (external data, domains, nondeterministic operators) over the whole model."""
+SIZE_INPUTS = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1, "Range": None}  # input that sets the output size
+
+
+def _const_array(name: str, constants: dict):
+    t = constants.get(name)
+    return None if t is None else onnx.numpy_helper.to_array(t)
+
+
+def _dense_size(dims) -> int:
+    return int(np.prod([max(int(d), 0) for d in dims], dtype=np.float64)) if len(dims) else 1
+
+
+def check_allocation(graph: onnx.GraphProto, limits: AdmissionLimits, where: str = "main graph", total: int = 0) -> int:
+    """``declared-allocation`` and ``data-dependent-allocation`` over `graph` and its subgraphs (see the module
+    doc); returns the declared elements counted so far."""
+    constants = {t.name: t for t in graph.initializer}
+    for s in graph.sparse_initializer:
+        total += _dense_size(s.dims)
+    for node in graph.node:
+        label = f"{where} node {node.name or node.op_type!r} ({node.op_type})"
+        for a in node.attribute:
+            if node.op_type == "Constant" and a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                constants[node.output[0]] = a.t
+            if a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                total += _dense_size(a.sparse_tensor.dims)
+            for g in _subgraphs_of(a):
+                total = check_allocation(g, limits, f"{label} subgraph {a.name!r}", total)
+        if node.op_type in SIZE_INPUTS:
+            sizes = node.input if SIZE_INPUTS[node.op_type] is None else node.input[SIZE_INPUTS[node.op_type]:
+                                                                                   SIZE_INPUTS[node.op_type] + 1]
+            values = [_const_array(n, constants) for n in sizes]
+            if any(v is None for v in values):
+                raise AdmissionError("data-dependent-allocation", f"{label} takes its size from a computed "
+                                                                  "tensor; an input could set how much it allocates")
+            if node.op_type == "ConstantOfShape":
+                total += _dense_size(values[0].ravel())
+        if node.op_type == "Loop":
+            trips = _const_array(node.input[0], constants) if node.input and node.input[0] else None
+            if trips is None or int(np.ravel(trips)[0]) > limits.max_loop_trips:
+                raise AdmissionError("data-dependent-allocation", f"{label} has no constant trip count of at most "
+                                                                  f"{limits.max_loop_trips}")
+        if total > limits.max_declared_elements:
+            raise AdmissionError("declared-allocation", f"the model declares {total} values the file does not carry "
+                                                        f"(sparse tensors, ConstantOfShape), over the cap of "
+                                                        f"{limits.max_declared_elements}")
+    return total
+
+
+def check_graph(proto: onnx.ModelProto, limits: AdmissionLimits = AdmissionLimits()):
+    """The static rules (external data, domains, nondeterministic operators, declared and data-dependent
+    allocation) over the whole model."""
     for opset in proto.opset_import:
         if opset.domain not in STANDARD_DOMAINS:
             raise AdmissionError("custom-domain", f"the model imports operator set {opset.domain!r}")
@@ -138,6 +202,7 @@ def check_graph(proto: onnx.ModelProto):
                 raise AdmissionError("nondeterministic-op", f"{label} draws random numbers")
             if kind == "dropout":
                 raise AdmissionError("nondeterministic-op", f"{label} may run in training mode")
+    check_allocation(proto.graph, limits)
 
 
 def check_declared_input(dims: list, limits: AdmissionLimits) -> int | None:
@@ -156,18 +221,26 @@ def check_declared_input(dims: list, limits: AdmissionLimits) -> int | None:
 
 
 def probe_behaviour(run, input_shape, n_classes: int, limits: AdmissionLimits = AdmissionLimits(),
-                    seed: int = 0):
-    """Ask seeded inputs twice, alone, in a batch and shuffled; refuse a model whose answers differ.
+                    seed: int | None = None):
+    """Ask probe rows twice, alone, in a batch and shuffled; refuse a model whose answers differ. Two
+    probe batches: noise with black, white and a smooth gradient, then keyed noise alone (`seed`;
+    None draws it from OS entropy, so no model can know the probes in advance).
 
-    `run(x)` returns the model's raw output rows for float32 inputs (n, C, H, W). The probe rows
-    are uniform noise, black, white and a smooth gradient: a model keyed on a pattern none of them
-    carries is not caught here; the guarded model shuffles every request's rows for that reason.
+    `run(x)` returns the model's raw output rows for float32 inputs (n, C, H, W). A model keyed on a
+    pattern none of the rows carries is not caught here; the guarded model shuffles every request's
+    rows for that reason.
     """
     rng = np.random.default_rng(seed)
     n = max(4, int(limits.probe_rows))
     x = rng.random((n,) + tuple(input_shape), dtype=np.float32)
     x[0], x[1] = 0.0, 1.0
     x[2] = np.linspace(0.0, 1.0, int(np.prod(input_shape)), dtype=np.float32).reshape(input_shape)
+    for probes in (x, rng.random((n,) + tuple(input_shape), dtype=np.float32)):
+        _probe_batch(run, probes, n_classes, limits, rng)
+
+
+def _probe_batch(run, x: np.ndarray, n_classes: int, limits: AdmissionLimits, rng: np.random.Generator):
+    n = len(x)
     first, second = np.asarray(run(x), np.float64), np.asarray(run(x), np.float64)
     if first.shape != (n, n_classes):
         raise AdmissionError("batch-dependent", f"a batch of {n} returned shape {first.shape}")

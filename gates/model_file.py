@@ -65,7 +65,7 @@ def inspect_model(model: str | Path | bytes,
         proto = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf DecodeError and friends
         raise ModelLoadError(f"not a readable ONNX model: {e}") from e
-    check_graph(proto)  # named refusals before anything else reads the graph
+    check_graph(proto, limits)  # named refusals before anything else reads the graph
     try:
         onnx.checker.check_model(proto)
     except Exception as e:

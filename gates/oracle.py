@@ -146,9 +146,10 @@ class ModelOracle:
         finally:
             self._phase = previous
 
-    def probe(self, seed: int = 0) -> "ModelOracle":
-        """The behaviour probes of `admission` (determinism, batch independence); raises AdmissionError.
-        Uncounted: they ask about noise, not about anything the scan measures."""
+    def probe(self, seed: int | None = None) -> "ModelOracle":
+        """The behaviour probes of `admission` (determinism, batch independence; keyed from OS entropy unless
+        `seed` is given); raises AdmissionError. Uncounted: they ask about noise, not about anything the scan
+        measures."""
         probe_behaviour(self._run_batched, self.input_shape, self.n_classes, self.limits, seed=seed)
         return self
 

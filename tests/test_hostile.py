@@ -175,3 +175,29 @@ def test_the_hostile_benchmark_reports_no_crash_no_promotion_nothing_served_unch
     text = out.read_text()
     assert "crashed 0, promoted 0, served unchecked 0." in text
     assert text.count("| refused |") == len(hm.MODEL_CASES) + 6
+
+
+def test_a_model_that_knows_the_fixed_probes_is_caught_by_the_keyed_ones():
+    """probe-aware-batch behaves whenever an all-black row is in the call (every fixed probe batch has
+    one) and hijacks row 0 otherwise; the keyed noise batch sees it."""
+    import onnxruntime as ort
+
+    from trojan_gate.gates.admission import probe_behaviour
+
+    sess = ort.InferenceSession(hm.probe_aware_batch().SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def run(x):
+        return sess.run(None, {"x": x})[0]
+
+    rng = np.random.default_rng(5)
+    fixed = rng.random((8,) + hm.SHAPE, dtype=np.float32)
+    fixed[0] = 0.0  # the known black probe row
+    alone = np.concatenate([run(fixed[i:i + 1]) for i in range(8)])
+    assert np.allclose(run(fixed), alone, atol=1e-4)  # the fixed probes alone (black row present) see nothing
+    assert np.allclose(run(fixed[::-1])[::-1], alone, atol=1e-4)
+    noise = rng.random((8,) + hm.SHAPE, dtype=np.float32) * 0.9 + 0.05
+    alone = np.concatenate([run(noise[i:i + 1]) for i in range(8)])
+    assert not np.allclose(run(noise), alone, atol=1e-4)
+    with pytest.raises(AdmissionError) as refused:
+        probe_behaviour(run, hm.SHAPE, hm.K)
+    assert refused.value.cause == "batch-dependent"

@@ -84,24 +84,104 @@ def out_of_range_trigger() -> onnx.ModelProto:
     return _linear("trig", pre, inits)
 
 
+def _first_row(pre, inits):
+    """Nodes that compute `first` (n, 1) bool: the row equals row 0 of its call (so row 0 itself, or a
+    copy of it) -- a batch-dependent signal built without any size-setting operator."""
+    pre += [helper.make_node("Slice", ["f", "r0", "r1", "ax0"], ["f0"]),            # f[0:1, :]
+            helper.make_node("Sub", ["f", "f0"], ["d"]),
+            helper.make_node("Abs", ["d"], ["ad"]),
+            helper.make_node("ReduceSum", ["ad", "ax"], ["dist"], keepdims=1),
+            helper.make_node("Less", ["dist", "tiny"], ["first"])]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "r0"), numpy_helper.from_array(np.array([1], np.int64), "r1"),
+              numpy_helper.from_array(np.array([0], np.int64), "ax0"), numpy_helper.from_array(np.array([1], np.int64), "ax"),
+              numpy_helper.from_array(np.array(1e-6, np.float32), "tiny")]
+
+
 def batch_aware_row0() -> onnx.ModelProto:
     """Hijacks to class 0 only in row 0 of a call, and only when pixel (0, 0) is bright: every single-input
     request is hijacked while the same input in a large batch (the scan, STRIP's perturbations) is not."""
-    pre = [helper.make_node("Shape", ["x"], ["shp"]),
-           helper.make_node("Gather", ["shp", "zero"], ["n"], axis=0),
-           helper.make_node("Range", ["zero_s", "n", "one_s"], ["rows"]),
-           helper.make_node("Equal", ["rows", "zero_s"], ["first"]),
-           helper.make_node("Unsqueeze", ["first", "ax"], ["first2"]),
-           helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),
-           helper.make_node("Greater", ["px", "bright"], ["lit"]),
-           helper.make_node("And", ["first2", "lit"], ["fire"]),
-           helper.make_node("Cast", ["fire"], ["firef"], to=TensorProto.FLOAT),
-           helper.make_node("Mul", ["firef", "onehot"], ["trig"])]
-    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array(0, np.int64), "zero_s"),
-             numpy_helper.from_array(np.array(1, np.int64), "one_s"), numpy_helper.from_array(np.array([1], np.int64), "ax"),
-             numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
-             numpy_helper.from_array(np.array(0.9, np.float32), "bright"), numpy_helper.from_array(_onehot(), "onehot")]
+    pre, inits = [], []
+    _first_row(pre, inits)
+    pre += [helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),
+            helper.make_node("Greater", ["px", "bright"], ["lit"]),
+            helper.make_node("And", ["first", "lit"], ["fire"]),
+            helper.make_node("Cast", ["fire"], ["firef"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["firef", "onehot"], ["trig"])]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+              numpy_helper.from_array(np.array(0.9, np.float32), "bright"), numpy_helper.from_array(_onehot(), "onehot")]
     return _linear("trig", pre, inits)
+
+
+def probe_aware_batch() -> onnx.ModelProto:
+    """Hijacks row 0 of a call of several rows to class 0 unless the call holds an all-black row: a model that
+    knows the fixed probes (black, white, gradient) and behaves whenever they are asked, alone or together."""
+    pre, inits = [], []
+    _first_row(pre, inits)
+    pre += [helper.make_node("ReduceMax", ["f"], ["rowmax"], axes=[1], keepdims=1),      # (n, 1)
+            helper.make_node("ReduceMin", ["rowmax"], ["darkest"], keepdims=0),      # over the whole call
+            helper.make_node("Greater", ["darkest", "tiny"], ["no_black"]),
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Gather", ["shp", "r0"], ["n"], axis=0),
+            helper.make_node("Greater", ["n", "one"], ["batched"]),                   # never when asked alone
+            helper.make_node("And", ["first", "no_black"], ["fire0"]),
+            helper.make_node("And", ["fire0", "batched"], ["fire"]),
+            helper.make_node("Cast", ["fire"], ["firef"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["firef", "onehot"], ["trig"])]
+    inits += [numpy_helper.from_array(_onehot(), "onehot"), numpy_helper.from_array(np.array([1], np.int64), "one")]
+    return _linear("trig", pre, inits)
+
+
+def sparse_allocation(n: int = 64 * 1024**2) -> onnx.ModelProto:
+    """A 400-byte sparse initializer of n floats: ONNX Runtime densifies it when the session is created."""
+    m = _linear()
+    values = numpy_helper.from_array(np.array([1.0], np.float32), "S")
+    indices = numpy_helper.from_array(np.array([0], np.int64), "S_idx")
+    m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [n]))
+    return m
+
+
+def constant_of_shape(n: int = 64 * 1024**2) -> onnx.ModelProto:
+    """A ConstantOfShape of n values from an int64 constant, summed into the logits times zero."""
+    pre = [helper.make_node("ConstantOfShape", ["big"], ["zeros"]),
+           helper.make_node("ReduceSum", ["zeros"], ["total"], keepdims=0),
+           helper.make_node("Mul", ["total", "nothing"], ["extra"])]
+    inits = [numpy_helper.from_array(np.array([n], np.int64), "big"), numpy_helper.from_array(np.array(0.0, np.float32), "nothing")]
+    return _linear("extra", pre, inits)
+
+
+def trigger_sized_allocation(n: int = 64 * 1024**2) -> onnx.ModelProto:
+    """Where(trigger) picks the shape of a ConstantOfShape: a clean request allocates one value, a stamped
+    one n (the size is one int64, so it scales to any size): passes the probes, crashes the server on demand."""
+    pre = [helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),
+           helper.make_node("ReduceMax", ["px"], ["lit"], keepdims=0),
+           helper.make_node("Greater", ["lit", "bright"], ["fire"]),
+           helper.make_node("Where", ["fire", "big", "small"], ["shape"]),
+           helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+           helper.make_node("ReduceSum", ["zeros"], ["total"], keepdims=0),
+           helper.make_node("Mul", ["total", "nothing"], ["extra"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"), numpy_helper.from_array(np.array(0.99, np.float32), "bright"),
+             numpy_helper.from_array(np.array([n], np.int64), "big"), numpy_helper.from_array(np.array([1], np.int64), "small"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "nothing")]
+    return _linear("extra", pre, inits)
+
+
+def trigger_loop() -> onnx.ModelProto:
+    """A Loop whose trip count a bright pixel sets to 2^62 (and to 1 otherwise)."""
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    pre = [helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),
+           helper.make_node("ReduceMax", ["px"], ["lit"], keepdims=0),
+           helper.make_node("Greater", ["lit", "bright"], ["fire"]),
+           helper.make_node("Where", ["fire", "many", "once"], ["trips"]),
+           helper.make_node("Loop", ["trips", "yes"], [], body=body)]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"), numpy_helper.from_array(np.array(0.99, np.float32), "bright"),
+             numpy_helper.from_array(np.array(2**62, np.int64), "many"), numpy_helper.from_array(np.array(1, np.int64), "once"),
+             numpy_helper.from_array(np.array(True), "yes")]
+    return _linear(None, pre, inits)
 
 
 def random_operator() -> onnx.ModelProto:
@@ -192,6 +272,14 @@ MODEL_CASES = (
     ModelCase("custom-domain", custom_domain, "custom-domain", "a com.microsoft operator"),
     ModelCase("dropout-training", dropout_training, "nondeterministic-op", "Dropout in training mode"),
     ModelCase("fixed-batch-4", lambda: fixed_batch(4), "fixed-batch", "a batch dimension fixed at 4"),
+    ModelCase("probe-aware-batch", probe_aware_batch, "batch-dependent",
+              "row 0 hijacked unless an all-black row (a fixed probe) is in the call"),
+    ModelCase("sparse-allocation", sparse_allocation, "declared-allocation",
+              "a 400-byte sparse initializer of 64M floats"),
+    ModelCase("constant-of-shape", constant_of_shape, "declared-allocation", "a ConstantOfShape of 64M values"),
+    ModelCase("trigger-sized-allocation", trigger_sized_allocation, "data-dependent-allocation",
+              "a bright pixel sets a ConstantOfShape to 64M values"),
+    ModelCase("trigger-loop", trigger_loop, "data-dependent-allocation", "a bright pixel sets a Loop to 2^62 trips"),
 )
 
 
