@@ -17,13 +17,13 @@ HELP = "gate a registered version: scan, block or patch, attach STRIP, tag, move
 FLAG_KEYS = {"policy": ("gate", "policy"), "alias": ("gate", "alias"), "seed": ("gate", "seed"),
              "max_accuracy_drop": ("gate", "max_accuracy_drop"), "min_per_class": ("gate", "min_per_class"),
              "timeout": ("gate", "timeout_s"), "budget": ("scan", "budget"), "cutoff": ("scan", "cutoff"),
-             "frr": ("strip", "frr"), "n": ("strip", "n_perturbations"), "blend": ("strip", "blend")}
+             "frr": ("check", "frr"), "n": ("check", "n_perturbations"), "blend": ("check", "blend")}
 
 
 def add_arguments(p):
     p.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     p.add_argument("--heldout", required=True, help="held-out labelled data (.npz or image folder)")
-    p.add_argument("--config", help="settings file (TOML, sections gate / scan / patch / strip; see README)")
+    p.add_argument("--config", help="settings file (TOML, sections gate / scan / patch / check; see README)")
     p.add_argument("--policy", choices=["block", "patch"], default=None, help="default block")
     p.add_argument("--alias", default=None, help="alias given to the version that passed (default candidate)")
     p.add_argument("--frr", type=float, default=None, help="STRIP preset false rejection rate (default 0.01)")

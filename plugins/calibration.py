@@ -111,7 +111,7 @@ def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
     summary = describe(det)
     release = write_release(work / "release", onnx_path, boundary_dir, {
         **verdict, "model": ref.uri, "model_sha256": det.model_sha256_, "check_artifact_sha256": digest,
-        "check": summary["check"], "trojan_gate_version": __version__})
+        "check": summary["kind"], "trojan_gate_version": __version__})
     signature = sign_release(release, work / "release.sig", key)
     checkpoint("check.release-signed")
     guarded_name = guarded_name or ref.name + GUARDED_SUFFIX
@@ -120,7 +120,7 @@ def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
         ensure_experiment(experiment)
     with mlflow.start_run(run_name=f"calibrate-{ref.name}-v{ref.version}", nested=nested) as run:
         mlflow.set_tags({"trojan_gate.model": ref.uri, "trojan_gate.version": __version__})
-        mlflow.log_params({"model_uri": ref.uri, "check": summary["check"], "frr": det.frr_,
+        mlflow.log_params({"model_uri": ref.uri, "check": summary["kind"], "frr": det.frr_,
                            "n_perturbations": det.n_perturbations, "blend": det.blend, "seed": det.seed,
                            "calibration_size": len(det.bank_), "rule": det.rule})
         mlflow.log_metrics({"check_threshold": float(det.threshold_), **{
@@ -132,13 +132,13 @@ def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
         guarded = log_guarded_model(release, signature, det.bank_.shape[1:], guarded_name, tags={
             tag("source_model"): ref.name, tag("source_version"): ref.version,
             tag("sha256"): det.model_sha256_, tag("check.artifact_sha256"): digest,
-            tag("check.threshold"): f"{det.threshold_:.6f}", tag("check.kind"): summary["check"],
+            tag("check.threshold"): f"{det.threshold_:.6f}", tag("check.kind"): summary["kind"],
             tag("status"): "guarded",
             tag("signature.key_id"): signer, tag("verdict"): str(verdict.get("verdict")),
         }, client=client)
         set_tags(ref, {
             "check.threshold": f"{det.threshold_:.6f}", "check.n": det.n_perturbations, "check.frr": det.frr_,
-            "check.blend": det.blend, "check.rule": det.rule, "check.kind": summary["check"],
+            "check.blend": det.blend, "check.rule": det.rule, "check.kind": summary["kind"],
             "check.artifact_sha256": digest,
             "check.artifact_uri": artifact_uri, "check.run_id": run.info.run_id, "guarded_model": guarded.uri,
             "check.policy": verdict.get("serving", {}).get("policy"), "signature.key_id": signer,

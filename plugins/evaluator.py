@@ -126,7 +126,7 @@ class TrojanEvaluator(ModelEvaluator):
             metrics.update({f"check_{k}": float(view[v]) for k, v in (
                 ("threshold", "threshold"), ("frr", "frr"), ("realised_frr", "realised_frr"), ("benign_mean", "mean"),
                 ("benign_std", "std")) if view.get(v) is not None})
-            document = out / "check" / (CHECK_FILE if view["check"] == "runtime" else BOUNDARY_FILE)
+            document = out / "check" / (CHECK_FILE if view["kind"] == "runtime" else BOUNDARY_FILE)
             artifacts["check"] = JsonEvaluationArtifact(uri=self._log(run_id, document))
         client = mlflow.MlflowClient()
         for k, v in metrics.items():

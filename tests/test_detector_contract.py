@@ -86,7 +86,7 @@ def test_threshold_keeps_the_preset_frr_on_its_benign_scores(fitted):
     b = np.asarray(fitted.benign_scores_)
     assert abs((b >= fitted.threshold_).mean() - 0.05) <= 0.05  # normal fit or leave-one-out quantile
     d = fitted.describe()
-    assert d["check"] == fitted.kind and d["threshold"] == fitted.threshold_ and d["score_direction"] == SCORE_DIRECTION
+    assert d["kind"] == fitted.kind and d["threshold"] == fitted.threshold_ and d["score_direction"] == SCORE_DIRECTION
 
 
 def test_save_load_gives_the_same_scores_and_guard_serves_it(fitted, setting, tmp_path):

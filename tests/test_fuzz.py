@@ -117,7 +117,7 @@ def test_option_strings_parse_or_are_refused_naming_the_flag(items):
 
 
 @FAST
-@given(st.dictionaries(st.sampled_from(["gate", "scan", "patch", "strip", "gates", "extra"]),
+@given(st.dictionaries(st.sampled_from(["gate", "scan", "patch", "check", "strip", "gates", "extra"]),
                        st.dictionaries(st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12),
                                        st.integers(0, 3), max_size=3), max_size=3))
 def test_settings_with_unknown_keys_are_refused_by_name(doc):

@@ -67,7 +67,7 @@ def test_a_record_is_reused_only_when_the_aliases_agree(mlflow_store, tmp_path, 
 
 def test_the_fingerprint_hashes_the_resolved_configuration():
     base = GateConfig().fingerprint("ab" * 32)
-    assert GateConfig(patch={"soup": 4}, strip={"n_perturbations": 10}).fingerprint("ab" * 32) == base  # defaults
+    assert GateConfig(patch={"soup": 4}, check={"n_perturbations": 10}).fingerprint("ab" * 32) == base  # defaults
     assert GateConfig(patch={"soup": 2}).fingerprint("ab" * 32) != base
     assert GateConfig(scan={"options": {"generator_steps": 100}}).fingerprint("ab" * 32) != base
     assert GateConfig(timeout_s=10).fingerprint("ab" * 32) == base  # how long it may take decides nothing

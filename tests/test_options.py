@@ -24,8 +24,12 @@ def test_gate_config_refuses_unknown_keys_naming_them():
         GateConfig(patch={"seed": 3})
     with pytest.raises(ConfigError, match=r"\[scan\]: unknown key\(s\) 'generator_step'"):
         GateConfig(scan={"options": {"generator_step": 10}})
-    with pytest.raises(ConfigError, match=r"\[strip\]: unknown key\(s\) 'boundary'"):
-        GateConfig(strip={"boundary": 0.1})
+    with pytest.raises(ConfigError, match=r"\[check\]: unknown key\(s\) 'boundary'"):
+        GateConfig(check={"boundary": 0.1})
+    with pytest.raises(ConfigError, match=r"\[strip\] was renamed \[check\]"):  # settings files before format 3
+        GateConfig.from_dict({"strip": {"check": "strip"}})
+    with pytest.raises(ConfigError, match="check.kind"):
+        GateConfig(check={"kind": "entropy"})
     with pytest.raises(ConfigError, match="unknown section"):
         GateConfig.from_dict({"gates": {}})
     with pytest.raises(ConfigError, match="gate.policy"):
@@ -47,7 +51,7 @@ generator_steps = 120
 [patch]
 soup = 2
 
-[strip]
+[check]
 frr = 0.02
 """
 
@@ -60,7 +64,7 @@ def test_the_settings_file_round_trips_and_flags_override_it(tmp_path):
     config = GateConfig.from_toml(path)
     assert (config.policy, config.seed, config.scan.use_heldout, config.scan.cutoff) == ("patch", 3, False, 2.5)
     assert config.scan.options == {"generator_steps": 120} and config.patch == {"soup": 2}
-    assert config.strip.frr == 0.02 and config.strip.n_perturbations == 10
+    assert config.check.frr == 0.02 and config.check.n_perturbations == 10
     assert GateConfig.from_dict(config.to_dict()) == config
     import argparse
 
@@ -69,7 +73,7 @@ def test_the_settings_file_round_trips_and_flags_override_it(tmp_path):
     args = parser.parse_args(["models:/m/1", "--heldout", "h.npz", "--config", str(path), "--policy", "block",
                               "--n", "20", "--patch-option", "epochs=5"])
     merged = config_from_args(args)
-    assert merged.policy == "block" and merged.strip.n_perturbations == 20 and merged.seed == 3
+    assert merged.policy == "block" and merged.check.n_perturbations == 20 and merged.seed == 3
     assert merged.patch == {"soup": 2, "epochs": 5} and merged.scan.options == {"generator_steps": 120}
 
 

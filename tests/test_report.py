@@ -63,11 +63,11 @@ def _pngs(page):
 
 
 def test_full_report_json(tmp_path):
-    rep = build_report(kind="gate", model_name="fmnist", version="3", verdict="patched", scan=_scan(), strip=_strip(),
+    rep = build_report(kind="gate", model_name="fmnist", version="3", verdict="patched", scan=_scan(), check=_strip(),
                        patch=PATCH, errors=(), meta={"class_names": [f"c{i}" for i in range(10)], "run_id": "r1"})
     text = json.dumps(rep, allow_nan=False)  # strict JSON, no arrays of scores
     assert len(text) < 20_000
-    assert set(rep) >= {"summary", "findings", "errors", "meta", "scan", "strip", "patch"}
+    assert set(rep) >= {"summary", "findings", "errors", "meta", "scan", "check", "patch"}
     s = rep["summary"]
     assert s["verdict"] == "patched" and s["model"] == {"name": "fmnist", "version": "3", "sha256": "ab" * 32}
     assert s["flagged_classes"] == [3] and s["instance_score"] > 2.0 and s["is_trojaned"] is True
@@ -82,7 +82,7 @@ def test_full_report_json(tmp_path):
     assert len(critical) == 1 and critical[0]["class"] == 3 and "c3" in critical[0]["title"]
     assert critical[0]["deviation_factor"] == pytest.approx(rep["scan"]["deviation_factors"][3])
     assert any(f["title"].startswith("Trojan mitigated") for f in rep["findings"])
-    st = rep["strip"]
+    st = rep["check"]
     assert st["n_benign"] == 500 and st["n_trojan"] == 200 and st["trojan_detection_rate"] > 0.95
     assert 0.0 <= st["measured_frr"] < 0.05
     assert rep["meta"]["run_id"] == "r1" and "trojan-gate" in rep["meta"]["versions"] and rep["meta"]["created_at"]
@@ -90,8 +90,8 @@ def test_full_report_json(tmp_path):
 
 def test_full_report_html_has_all_figures():
     scan, strip = _scan(), _strip()
-    rep = build_report(kind="gate", model_name="fmnist", version="3", verdict="patched", scan=scan, strip=strip, patch=PATCH)
-    page = render_html(rep, scan=scan, strip=strip)
+    rep = build_report(kind="gate", model_name="fmnist", version="3", verdict="patched", scan=scan, check=strip, patch=PATCH)
+    page = render_html(rep, scan=scan, check=strip)
     assert page.startswith("<!DOCTYPE html>") and page.count("<img") == 3
     pngs = _pngs(page)
     assert len(pngs) == 3
@@ -126,8 +126,8 @@ def test_render_with_missing_parts_uses_placeholders(tmp_path):
 def test_scan_without_arrays_and_strip_without_scores():
     scan = _scan(flagged=(), with_arrays=False)
     strip = {k: v for k, v in _strip(trojan=False).items() if k != "benign_scores"}
-    rep = build_report(kind="gate", model_name="m", version="1", verdict="passed", scan=scan, strip=strip)
-    page = render_html(rep, scan=scan, strip=strip)
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="passed", scan=scan, check=strip)
+    page = render_html(rep, scan=scan, check=strip)
     assert page.count("<img") == 1  # only the deviation chart (drawn from the JSON)
     assert page.count('class="placeholder"') == 3  # triggers, STRIP histogram, patch
     assert "carries no trigger samples" in page and "benign scores were not passed" in page
@@ -222,7 +222,7 @@ def test_a_scan_report_has_the_same_format_without_gate_sections():
     rep = build_report(kind="scan", model_name="m.onnx", version=None, verdict="trojaned", scan=scan)
     assert rep["format"] == "trojan-gate/report" and rep["kind"] == "scan"
     assert rep["summary"]["verdict"] == "trojaned" and rep["summary"]["is_trojaned"] is True
-    assert rep["strip"] is None and rep["patch"] is None
+    assert rep["check"] is None and rep["patch"] is None
     assert not any("STRIP" in f["title"] for f in rep["findings"])  # a scan attaches no threshold
     page = render_html(rep, scan=scan)
     assert "trojan-gate scan report: m.onnx" in page and "Run-time check</h2>" not in page
@@ -233,7 +233,7 @@ def test_a_scan_report_has_the_same_format_without_gate_sections():
 
 def test_write_report(tmp_path):
     scan, strip = _scan(), _strip()
-    jp, hp = write_report(tmp_path / "out", kind="gate", model_name="m", version="7", verdict="blocked", scan=scan, strip=strip,
+    jp, hp = write_report(tmp_path / "out", kind="gate", model_name="m", version="7", verdict="blocked", scan=scan, check=strip,
                           errors=[{"type": "QueryBudgetExceeded", "message": "budget", "phase": "generator"}])
     rep = json.loads(jp.read_text())
     assert rep["summary"]["verdict"] == "blocked" and rep["errors"][0]["phase"] == "generator"
@@ -259,7 +259,7 @@ def test_a_co_target_finding_names_its_link_not_a_deviation_factor():
     a[3, 5], a[5, 3] = 0.09, 0.04  # link sqrt(0.09 * 0.04) = 0.06
     scan = replace(scan, flagged_classes=[3, 5], co_targets=[5], co_activation=a.tolist(),
                    config={"link_threshold": 0.035})
-    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan, check=None, patch=None, errors=())
     by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
     assert set(by_class) == {3, 5}
     assert "co-target" in by_class[5]["title"] and by_class[5]["linked_to"] == 3
@@ -278,7 +278,7 @@ def test_a_link_flagged_on_its_own_reports_both_classes_and_the_natural_level():
     refs[2, 9] = refs[9, 2] = 0.004
     scan = replace(scan, is_trojaned=True, flagged_classes=[2, 9], co_targets=[2, 9],
                    co_activation=a.tolist(), reference_links=refs.tolist(), config={"link_threshold": 0.035})
-    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan, strip=None, patch=None, errors=())
+    rep = build_report(kind="gate", model_name="m", version="1", verdict="blocked", scan=scan, check=None, patch=None, errors=())
     by_class = {f.get("class"): f for f in rep["findings"] if f["severity"] == "CRITICAL"}
     assert by_class[2]["linked_to"] == 9 and by_class[9]["linked_to"] == 2
     assert "0.004 on the benign reference models" in by_class[2]["detail"]

@@ -97,7 +97,7 @@ def test_the_artifact_round_trips_and_refuses_tampering(fitted, tmp_path):
     assert isinstance(again, RuntimeCheck) and again.threshold_ == det.threshold_
     x = test.x[300:340]
     assert again.predict(x)["data"]["instance_score"].tolist() == det.predict(x)["data"]["instance_score"].tolist()
-    assert describe(again)["check"] == "runtime" and describe(again)["frr_interval"] == list(det.calibration_.frr_interval)
+    assert describe(again)["kind"] == "runtime" and describe(again)["frr_interval"] == list(det.calibration_.frr_interval)
 
     def broken(edit):
         bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"

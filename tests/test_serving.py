@@ -29,7 +29,7 @@ def _stamped_victims(test, lab, n=100):
     return clean, stamped, hijacked
 
 
-def _passed(trojan_onnx, digits, name, **strip):
+def _passed(trojan_onnx, digits, name, **check):
     """Register the trojaned digits model as `name` and gate it with a (cheap) scan that misses the trojan."""
     from trojan_gate.gates import DeepInspect
 
@@ -41,7 +41,7 @@ def _passed(trojan_onnx, digits, name, **strip):
         return replace(scan, is_trojaned=False, flagged_classes=[], co_targets=[])
 
     ref = intake_onnx(trojan_onnx, name)
-    out = run_gate(ref.uri, Dataset(test.x, test.y), GateConfig(strip={"frr": 0.05, **strip}), scan_fn=missed)
+    out = run_gate(ref.uri, Dataset(test.x, test.y), GateConfig(check={"frr": 0.05, **check}), scan_fn=missed)
     assert out.verdict == "passed", out.error
     return ref, version_tags(ref)
 
@@ -81,7 +81,7 @@ def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, troja
     import mlflow
     import pandas as pd
 
-    _, tags = _passed(trojan_onnx, digits, "digits-clf-local", policy="flag", check=check)
+    _, tags = _passed(trojan_onnx, digits, "digits-clf-local", policy="flag", kind=check)
     assert tags["trojan_gate.check.kind"] == check
     model = mlflow.pyfunc.load_model(tags["trojan_gate.guarded_model"])
     _, test = digits

@@ -219,7 +219,7 @@ class RuntimeCheck(RuntimeDetector):
         """The settings and threshold of the fitted check, as the gate logs, tags and reports them."""
         self.check_threshold()
         cal = self.calibration_
-        return {"check": self.kind, "threshold": float(self.threshold_), "frr": float(cal.frr), "rule": self.rule,
+        return {"kind": self.kind, "threshold": float(self.threshold_), "frr": float(cal.frr), "rule": self.rule,
                 "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
                 "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION,
                 "statistics": list(self.statistics), "stages": list(self.stages), "realised_frr": cal.realised_frr,

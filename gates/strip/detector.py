@@ -207,7 +207,7 @@ class Strip(RuntimeDetector):
     def describe(self) -> dict:
         """The settings and threshold of the fitted check, as the gate logs, tags and reports them."""
         self.check_threshold()
-        return {"check": self.kind, "threshold": float(self.threshold_), "frr": float(self.frr_), "rule": self.rule,
+        return {"kind": self.kind, "threshold": float(self.threshold_), "frr": float(self.frr_), "rule": self.rule,
                 "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
                 "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION, "mean": self.mean_,
                 "std": self.std_, "empirical_threshold": self.empirical_threshold_,

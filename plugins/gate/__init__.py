@@ -6,9 +6,9 @@
 - `verdict`: the claim / re-check / finish / fail protocol and the reuse rule;
 - `runner`: `run_gate`, which strings them together inside one MLflow run.
 """
-from .config import ConfigError, GateConfig, ScanSettings, StripSettings
+from .config import ConfigError, GateConfig, ScanSettings, CheckSettings
 from .runner import GATE_EXPERIMENT, GateOutcome, run_gate
 from .verdict import BLOCKED, ERROR, EXIT_CODES, PASSED, PATCHED, PENDING, GateSuperseded
 
 __all__ = ["BLOCKED", "ConfigError", "ERROR", "EXIT_CODES", "GATE_EXPERIMENT", "GateConfig", "GateOutcome",
-           "GateSuperseded", "PASSED", "PATCHED", "PENDING", "ScanSettings", "StripSettings", "run_gate"]
+           "GateSuperseded", "PASSED", "PATCHED", "PENDING", "ScanSettings", "CheckSettings", "run_gate"]

@@ -1,4 +1,4 @@
-"""The gate's configuration: scan, patch and STRIP settings, from code, a TOML file or CLI flags.
+"""The gate's configuration: scan, patch and run-time check settings, from code, a TOML file or CLI flags.
 
 A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate.toml`):
 
@@ -22,8 +22,8 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     [patch]
     soup = 4                  # any Patcher parameter
 
-    [strip]
-    check = "runtime"         # runtime (entropy + reference disagreement, gates.runtime) | strip (the paper)
+    [check]
+    kind = "runtime"          # runtime (entropy + reference disagreement, gates.runtime) | strip (the paper)
     statistics = ["entropy", "reference"]
     stages = [2, 4]           # adaptive N: copies asked before each early accept (those >= N are ignored)
     frr = 0.01
@@ -97,12 +97,12 @@ class ScanSettings:
 
 
 @dataclass
-class StripSettings:
+class CheckSettings:
     """The run-time check the gate attaches: its kind (the run-time check beyond STRIP, or STRIP as
     in the paper), its statistics and adaptive-N stages, preset FRR, N, superimposition rule, FAR
     estimate, and the serving policy signed into the release (no client chooses it per request)."""
 
-    check: str = DEFAULT_KIND
+    kind: str = DEFAULT_KIND
     statistics: list = field(default_factory=lambda: list(DEFAULT_STATISTICS))
     stages: list = field(default_factory=lambda: list(DEFAULT_STAGES))
     frr: float = 0.01
@@ -117,26 +117,26 @@ class StripSettings:
         from trojan_gate.gates.copies import BLEND_RULES
         from trojan_gate.gates.guard import SERVING_POLICIES
 
-        if self.check not in KINDS:
-            raise ConfigError(f"strip.check must be one of {KINDS}, not {self.check!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"check.kind must be one of {KINDS}, not {self.kind!r}")
         self.statistics = list(self.statistics)
         bad = sorted(set(self.statistics) - set(STATISTICS))
         if bad or not self.statistics:
-            raise ConfigError(f"strip.statistics must be a non-empty list from {STATISTICS}, not {self.statistics!r}")
+            raise ConfigError(f"check.statistics must be a non-empty list from {STATISTICS}, not {self.statistics!r}")
         try:
             self.stages = sorted(int(v) for v in self.stages)
         except (TypeError, ValueError):
-            raise ConfigError(f"strip.stages must be a list of copy counts, not {self.stages!r}") from None
+            raise ConfigError(f"check.stages must be a list of copy counts, not {self.stages!r}") from None
         if any(v < 1 for v in self.stages):
-            raise ConfigError(f"strip.stages must be positive copy counts, not {self.stages!r}")
+            raise ConfigError(f"check.stages must be positive copy counts, not {self.stages!r}")
         if self.policy not in SERVING_POLICIES:
-            raise ConfigError(f"strip.policy must be one of {SERVING_POLICIES}, not {self.policy!r}")
+            raise ConfigError(f"check.policy must be one of {SERVING_POLICIES}, not {self.policy!r}")
         if not 0.0 < float(self.frr) < 1.0:
-            raise ConfigError(f"strip.frr must lie in (0, 1), not {self.frr!r}")
+            raise ConfigError(f"check.frr must lie in (0, 1), not {self.frr!r}")
         if int(self.n_perturbations) < 1:
-            raise ConfigError(f"strip.n_perturbations must be >= 1, not {self.n_perturbations!r}")
+            raise ConfigError(f"check.n_perturbations must be >= 1, not {self.n_perturbations!r}")
         if self.blend not in BLEND_RULES:
-            raise ConfigError(f"strip.blend must be one of {tuple(BLEND_RULES)}, not {self.blend!r}")
+            raise ConfigError(f"check.blend must be one of {tuple(BLEND_RULES)}, not {self.blend!r}")
 
 
 @dataclass
@@ -151,13 +151,13 @@ class GateConfig:
     timeout_s: float | None = DEFAULT_TIMEOUT_S
     scan: ScanSettings = field(default_factory=ScanSettings)
     patch: dict = field(default_factory=dict)  # Patcher parameters
-    strip: StripSettings = field(default_factory=StripSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)
 
     def __post_init__(self):
         if isinstance(self.scan, dict):
             self.scan = ScanSettings(**_section("scan", self.scan, ScanSettings))
-        if isinstance(self.strip, dict):
-            self.strip = StripSettings(**_section("strip", self.strip, StripSettings))
+        if isinstance(self.check, dict):
+            self.check = CheckSettings(**_section("check", self.check, CheckSettings))
         if self.policy not in GATE_POLICIES:
             raise ConfigError(f"gate.policy must be one of {GATE_POLICIES}, not {self.policy!r}")
         if not isinstance(self.alias, str):
@@ -170,16 +170,19 @@ class GateConfig:
 
     @classmethod
     def from_dict(cls, doc: dict) -> "GateConfig":
-        """From the settings file's layout: sections gate, scan, patch, strip."""
-        unknown = sorted(set(doc) - {"gate", "scan", "patch", "strip"})
+        """From the settings file's layout: sections gate, scan, patch, check."""
+        if "strip" in doc:
+            raise ConfigError("section [strip] was renamed [check] (its key check was renamed kind); "
+                              "rename it in the settings file")
+        unknown = sorted(set(doc) - {"gate", "scan", "patch", "check"})
         if unknown:
-            raise ConfigError(f"unknown section(s) {unknown}; choose from gate, scan, patch, strip")
+            raise ConfigError(f"unknown section(s) {unknown}; choose from gate, scan, patch, check")
         gate = dict(doc.get("gate") or {})
         _known("gate", gate, GATE_KEYS)
         scan = dict(doc.get("scan") or {})
         settings = {k: scan.pop(k) for k in SCAN_KEYS if k in scan}
         return cls(**gate, scan=ScanSettings(**settings, options=scan), patch=dict(doc.get("patch") or {}),
-                   strip=StripSettings(**_section("strip", doc.get("strip") or {}, StripSettings)))
+                   check=CheckSettings(**_section("check", doc.get("check") or {}, CheckSettings)))
 
     @classmethod
     def from_toml(cls, path) -> "GateConfig":
@@ -200,7 +203,7 @@ class GateConfig:
         """The settings file's layout (only what was set)."""
         return {"gate": {k: getattr(self, k) for k in GATE_KEYS},
                 "scan": {**{k: getattr(self.scan, k) for k in SCAN_KEYS}, **self.scan.options},
-                "patch": dict(self.patch), "strip": asdict(self.strip)}
+                "patch": dict(self.patch), "check": asdict(self.check)}
 
     def resolved(self) -> dict:
         """Every setting with its default filled in: what actually decides the outcome."""

@@ -138,8 +138,8 @@ def calibrate(state: GateState):
     cfg, final = state.config, state.final
     onnx_path = state.onnx_path if final == state.ref else fetch_onnx(final, client=state.client)
     oracle = ModelOracle(onnx_path, deadline=state.deadline)
-    s = cfg.strip
-    det = calibrate_check(oracle, state.heldout, kind=s.check, frr=s.frr, n_perturbations=s.n_perturbations,
+    s = cfg.check
+    det = calibrate_check(oracle, state.heldout, kind=s.kind, frr=s.frr, n_perturbations=s.n_perturbations,
                           blend=s.blend, statistics=s.statistics, stages=s.stages, seed=cfg.seed,
                           min_per_class=cfg.min_per_class)
     checkpoint("check.fitted")
@@ -205,7 +205,7 @@ def write_gate_report(state: GateState) -> tuple[dict, str]:
     out = state.workdir / "report"
     json_path, _ = write_report(out, kind="gate", model_name=state.ref.name, version=state.ref.version,
                                 verdict=state.verdict, scan=state.scan, decision=state.decision,
-                                strip=state.check_report,
+                                check=state.check_report,
                                 patch=patch_view(state), errors=state.errors, meta=meta)
     mlflow.log_artifacts(str(out), artifact_path="report")
     return json.loads(Path(json_path).read_text()), mlflow.get_artifact_uri("report")

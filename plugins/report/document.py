@@ -3,14 +3,15 @@
 Inputs are plain data:
 
 - `scan`: a `ScanResult` (DeepInspect), or None when the scan did not complete;
-- `strip`: a dict describing the STRIP threshold (Gao et al. Sec. V-D): benign_scores, mean,
-  std, threshold, empirical_threshold, normal_threshold, frr, rule, n_perturbations, blend,
-  optional estimated_far and trojan_scores (entropies of trigger-stamped inputs);
+- `check`: a dict describing the run-time check's threshold (STRIP, Gao et al. Sec. V-D, or the
+  run-time check beyond it): benign_scores, mean, std, threshold, empirical_threshold,
+  normal_threshold, frr, rule, n_perturbations, blend, optional estimated_far and trojan_scores
+  (scores of trigger-stamped inputs);
 - `patch`: a dict of before/after figures ({"before": {...}, "after": {...}, "source_version",
   "new_version", "passed", ...}) or a `PatchResult`.
 
 `build_report` returns the document (format, kind, summary, findings by severity, errors,
-scan, strip, patch, meta); `writer.write_report` writes it with its HTML page (`html.render_html`).
+scan, check, patch, meta); `writer.write_report` writes it with its HTML page (`html.render_html`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .findings import SEVERITIES, findings
 from .format import num
 
 FORMAT = "trojan-gate/report"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the run-time check's section is `check` (was `strip`)
 KINDS = ("scan", "gate")
 
 VERDICTS = {  # verdict -> (badge colour, one-line meaning)
@@ -70,31 +71,31 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "matplotlib": matplotlib.__version__}
 
 
-def strip_summary(strip: dict | None) -> dict | None:
+def summarise_check(check: dict | None) -> dict | None:
     """The run-time check's threshold without its score arrays (counts and quantiles instead); scores are
     higher for more trojan-like inputs, so the measured FRR is the share of benign scores at or above it."""
-    if strip is None:
+    if check is None:
         return None
-    benign = np.asarray(strip.get("benign_scores", []), dtype=np.float64).ravel()
+    benign = np.asarray(check.get("benign_scores", []), dtype=np.float64).ravel()
     out = {
-        "threshold": num(strip.get("threshold")), "empirical_threshold": num(strip.get("empirical_threshold")),
-        "normal_threshold": num(strip.get("normal_threshold")),
-        "mean": num(strip.get("mean")), "std": num(strip.get("std")), "frr": num(strip.get("frr")),
-        "rule": strip.get("rule"), "n_perturbations": strip.get("n_perturbations"), "blend": strip.get("blend"),
-        "estimated_far": num(strip.get("estimated_far")), "n_benign": int(benign.size),
+        "threshold": num(check.get("threshold")), "empirical_threshold": num(check.get("empirical_threshold")),
+        "normal_threshold": num(check.get("normal_threshold")),
+        "mean": num(check.get("mean")), "std": num(check.get("std")), "frr": num(check.get("frr")),
+        "rule": check.get("rule"), "n_perturbations": check.get("n_perturbations"), "blend": check.get("blend"),
+        "estimated_far": num(check.get("estimated_far")), "n_benign": int(benign.size),
     }
     if benign.size:
         q = np.quantile(benign, [0.01, 0.5, 0.99])
         out["benign_quantiles"] = {"q01": float(q[0]), "q50": float(q[1]), "q99": float(q[2])}
         if out["threshold"] is not None:
             out["measured_frr"] = float((benign >= out["threshold"]).mean())
-    trojan = strip.get("trojan_scores")
+    trojan = check.get("trojan_scores")
     if trojan is not None:
         trojan = np.asarray(trojan, dtype=np.float64).ravel()
         out["n_trojan"] = int(trojan.size)
         if trojan.size and out["threshold"] is not None:
             out["trojan_detection_rate"] = float((trojan >= out["threshold"]).mean())
-    out.update({k: v for k, v in strip.items() if k not in out and k not in ("benign_scores", "trojan_scores", "bank")
+    out.update({k: v for k, v in check.items() if k not in out and k not in ("benign_scores", "trojan_scores", "bank")
                 and not isinstance(v, np.ndarray)})
     return jsonable(out)
 
@@ -121,9 +122,9 @@ def error_entry(e) -> dict:
 
 
 
-def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, patch=None, errors=(),
+def build_report(*, kind: str, model_name, version, verdict, scan, check=None, patch=None, errors=(),
                  meta=None, decision=None) -> dict:
-    """The machine report: format, kind, summary, findings (by severity), errors, scan/strip/patch, meta.
+    """The machine report: format, kind, summary, findings (by severity), errors, scan/check/patch, meta.
 
     `kind` is "scan" (verdict clean | trojaned | error) or "gate" (passed | patched | blocked |
     error). `decision` is the scan's `ScanDecision` (which test decided and both results); without
@@ -139,10 +140,10 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
     names = meta.get("class_names")
     scan_d = jsonable(scan.to_dict()) if scan is not None else None
     decision_d = jsonable(decision.to_dict()) if decision is not None else None
-    strip_d = strip_summary(strip)
+    check_d = summarise_check(check)
     patch_d = patch_summary(patch)
     errs = [error_entry(e) for e in errors]
-    found = jsonable(findings(verdict, scan_d, strip_d, patch_d, errs, names, decision_d))
+    found = jsonable(findings(verdict, scan_d, check_d, patch_d, errs, names, decision_d))
     decided = decision_d or scan_d
     by_sev = {s: sum(1 for x in found if x["severity"] == s) for s in SEVERITIES}
     summary = {
@@ -163,7 +164,7 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
         "flagged_classes": [] if decided is None else decided["flagged_classes"],
         "queries": None if decided is None else decided["queries"],
         "seconds": None if decided is None else decided["seconds"],
-        "check_threshold": None if strip_d is None else strip_d["threshold"],
+        "check_threshold": None if check_d is None else check_d["threshold"],
         "patched": bool(patch_d and patch_d.get("passed")),
         "new_version": None if patch_d is None else patch_d.get("new_version"),
         "total_issues": sum(by_sev[s] for s in SEVERITIES if s != "INFO"),
@@ -172,5 +173,5 @@ def build_report(*, kind: str, model_name, version, verdict, scan, strip=None, p
     meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     meta["versions"] = {**versions(), **(meta.get("versions") or {})}
     return jsonable({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "summary": summary,
-                      "findings": found, "errors": errs, "decision": decision_d, "scan": scan_d, "strip": strip_d,
+                      "findings": found, "errors": errs, "decision": decision_d, "scan": scan_d, "check": check_d,
                       "patch": patch_d, "meta": meta})

@@ -2,7 +2,7 @@
 
 - `deviation_figure`: DeepInspect's per-class deviation factors with the threshold (Eq. 7);
 - `trigger_grid_figure`: the recovered triggers per class and a stamped substitute image;
-- `strip_figure`: the STRIP benign-entropy histogram, its fitted normal and the threshold
+- `check_figure`: the STRIP benign-entropy histogram, its fitted normal and the threshold
   (Gao et al. Sec. V-D), with trigger-stamped inputs' entropies when known.
 """
 from __future__ import annotations
@@ -121,21 +121,21 @@ def _example(x, y, k):
     return np.asarray(x[0], dtype=np.float32)
 
 
-def strip_figure(strip: dict) -> str:
+def check_figure(check: dict) -> str:
     """Benign score histogram, the threshold (and trojan scores if given), higher = more trojan-like:
     STRIP's negated entropy with its fitted normal, or the run-time check's -min p as -log10(min p)."""
-    runtime = strip.get("check") == "runtime"
+    runtime = check.get("kind") == "runtime"
     scale = (lambda v: -np.log10(np.clip(-v, 1e-12, None))) if runtime else (lambda v: v)
-    benign = scale(np.asarray(strip["benign_scores"], dtype=np.float64).ravel())
-    trojan = strip.get("trojan_scores")
+    benign = scale(np.asarray(check["benign_scores"], dtype=np.float64).ravel())
+    trojan = check.get("trojan_scores")
     trojan = None if trojan is None else scale(np.asarray(trojan, dtype=np.float64).ravel())
-    mean = num(strip.get("mean"))
-    std = num(strip.get("std"))
+    mean = num(check.get("mean"))
+    std = num(check.get("std"))
     mean = float(benign.mean()) if mean is None else mean
     std = float(benign.std(ddof=1)) if std is None and benign.size > 1 and not runtime else std
-    thr = num(strip.get("threshold"))
+    thr = num(check.get("threshold"))
     thr = None if thr is None else float(scale(np.float64(thr)))
-    emp = num(strip.get("empirical_threshold"))
+    emp = num(check.get("empirical_threshold"))
     fig = figure(7, 3.2)
     ax = fig.add_subplot(111)
     values = [benign] + ([trojan] if trojan is not None and trojan.size else [])
@@ -154,11 +154,11 @@ def strip_figure(strip: dict) -> str:
         pdf = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
         ax.plot(grid, pdf, color="#24292f", lw=1.4, label=f"fitted normal ({mean:.3f}, {std:.3f})")
     if thr is not None:
-        ax.axvline(thr, color="#cf222e", lw=1.6, label=f"threshold {thr:.4f} ({strip.get('rule', '')})")
+        ax.axvline(thr, color="#cf222e", lw=1.6, label=f"threshold {thr:.4f} ({check.get('rule', '')})")
     if emp is not None and (thr is None or not math.isclose(emp, thr)):
         ax.axvline(emp, color="#cf222e", lw=1.0, ls=":", label=f"empirical quantile {emp:.4f}")
     if runtime:
-        ax.set_xlabel(f"-log10 combined min-p over {', '.join(strip.get('statistics') or [])} (high = trojan-like)")
+        ax.set_xlabel(f"-log10 combined min-p over {', '.join(check.get('statistics') or [])} (high = trojan-like)")
         ax.set_title("Run-time check scores of held-out inputs (leave-one-out)")
     else:
         ax.set_xlabel("negated normalised entropy -H (high = trojan-like)")

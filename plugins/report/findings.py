@@ -146,37 +146,37 @@ def patch_findings(patch: dict | None, names) -> list[dict]:
     return out
 
 
-def strip_findings(strip: dict | None, verdict: str) -> list[dict]:
-    if strip is None:
+def check_findings(check: dict | None, verdict: str) -> list[dict]:
+    if check is None:
         if verdict in ("passed", "patched"):
-            return [{"severity": "LOW", "title": "No STRIP threshold",
-                     "detail": "Serving is not guarded at run time: no held-out data gave a STRIP threshold."}]
+            return [{"severity": "LOW", "title": "No run-time check",
+                     "detail": "Serving is not guarded at run time: no held-out data gave a run-time check threshold."}]
         return []
-    if strip.get("check") == "runtime":
-        lo, hi = (strip.get("frr_interval") or [None, None])[:2]
-        detail = (f"Run-time check: threshold {fmt(strip['threshold'])} on the negated combined min-p of "
-                  f"{', '.join(strip.get('statistics') or [])} (preset FRR {pct(strip.get('frr'))}, realised "
-                  f"{pct(strip.get('realised_frr'))}, 95% interval {pct(lo)}–{pct(hi)}, N = "
-                  f"{strip.get('n_perturbations')}, early accept after {strip.get('stages')} copies, "
-                  f"{strip['n_benign']} benign inputs)")
+    if check.get("kind") == "runtime":
+        lo, hi = (check.get("frr_interval") or [None, None])[:2]
+        detail = (f"Run-time check: threshold {fmt(check['threshold'])} on the negated combined min-p of "
+                  f"{', '.join(check.get('statistics') or [])} (preset FRR {pct(check.get('frr'))}, realised "
+                  f"{pct(check.get('realised_frr'))}, 95% interval {pct(lo)}–{pct(hi)}, N = "
+                  f"{check.get('n_perturbations')}, early accept after {check.get('stages')} copies, "
+                  f"{check['n_benign']} benign inputs)")
     else:
-        detail = (f"Threshold {fmt(strip['threshold'])} on the negated normalised entropy ({strip.get('rule')} rule, "
-                  f"preset FRR {pct(strip.get('frr'))}, N = {strip.get('n_perturbations')}, "
-                  f"{strip['n_benign']} benign inputs)")
-    if strip.get("estimated_far") is not None:
-        detail += f"; estimated FAR {pct(strip['estimated_far'])} (an upper bound, see docs/strip.md)"
-    if strip.get("trojan_detection_rate") is not None:
-        detail += (f"; {pct(strip['trojan_detection_rate'])} of {strip['n_trojan']} "
+        detail = (f"Threshold {fmt(check['threshold'])} on the negated normalised entropy ({check.get('rule')} rule, "
+                  f"preset FRR {pct(check.get('frr'))}, N = {check.get('n_perturbations')}, "
+                  f"{check['n_benign']} benign inputs)")
+    if check.get("estimated_far") is not None:
+        detail += f"; estimated FAR {pct(check['estimated_far'])} (an upper bound, see docs/strip.md)"
+    if check.get("trojan_detection_rate") is not None:
+        detail += (f"; {pct(check['trojan_detection_rate'])} of {check['n_trojan']} "
                    "trigger-stamped inputs score at or above it")
-    title = "Run-time check fitted" if strip.get("check") == "runtime" else "STRIP threshold fitted"
+    title = "Run-time check fitted" if check.get("kind") == "runtime" else "STRIP threshold fitted"
     return [{"severity": "INFO", "title": title, "detail": detail + "."}]
 
 
-def findings(verdict: str, scan: dict | None, strip: dict | None, patch: dict | None, errors: list,
+def findings(verdict: str, scan: dict | None, check: dict | None, patch: dict | None, errors: list,
              names, decision: dict | None = None) -> list[dict]:
     """Every finding of a report, most severe first."""
     out = (decision_findings(decision, names) + scan_findings(scan, names, decision) + patch_findings(patch, names)
-           + strip_findings(strip, verdict))
+           + check_findings(check, verdict))
     out += [{"severity": "HIGH", "title": f"Error: {e['type']}", "detail": e["message"]} for e in errors]
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda x: order[x["severity"]])

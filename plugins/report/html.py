@@ -15,7 +15,7 @@ import numpy as np
 from trojan_gate.gates.deepinspect.reference import reference_level
 
 from .document import FORMAT, FORMAT_VERSION, VERDICTS
-from .figures import calibrated_figure, deviation_figure, strip_figure, trigger_grid_figure
+from .figures import calibrated_figure, deviation_figure, check_figure, trigger_grid_figure
 from .format import class_name, fmt, num, pct
 
 SEVERITY_COLOURS = {"CRITICAL": "#82071e", "HIGH": "#cf222e", "MEDIUM": "#bf8700", "LOW": "#0969da",
@@ -160,8 +160,8 @@ def _section_triggers(rep, scan) -> str:
                        "recovered triggers per class")
 
 
-def _section_strip(rep, strip) -> str:
-    d = rep.get("strip")
+def _section_check(rep, check) -> str:
+    d = rep.get("check")
     if d is None:
         return _placeholder("No run-time check: no held-out data was given or calibration failed; "
                             "serving is not guarded at run time.")
@@ -177,9 +177,9 @@ def _section_strip(rep, strip) -> str:
     if d.get("trojan_detection_rate") is not None:
         rows.append(("trigger-stamped inputs detected", _e(f"{pct(d['trojan_detection_rate'])} of {d['n_trojan']}")))
     table = _table(("", ""), [(f"<b>{_e(a)}</b>", b) for a, b in rows])
-    if strip is None or not len(np.ravel(strip.get("benign_scores", []))):
+    if check is None or not len(np.ravel(check.get("benign_scores", []))):
         return _placeholder("The benign scores were not passed to the renderer; no histogram.") + table
-    return _img(strip_figure(strip), "Run-time check score histogram") + table
+    return _img(check_figure(check), "Run-time check score histogram") + table
 
 
 def _section_patch(rep) -> str:
@@ -213,7 +213,7 @@ def _section_errors(rep) -> str:
     return _table(("type", "message"), [(_e(e["type"]), f"<pre>{_e(e['message'])}</pre>") for e in rep["errors"]])
 
 
-def render_html(report: dict, scan=None, strip=None, decision=None) -> str:
+def render_html(report: dict, scan=None, check=None, decision=None) -> str:
     """One self-contained HTML page for `report` (from `build_report`)."""
     s = report["summary"]
     what = "gate report" if report.get("kind") == "gate" else "scan report"
@@ -227,7 +227,7 @@ def render_html(report: dict, scan=None, strip=None, decision=None) -> str:
         ("Recovered triggers", _section_triggers(report, scan)),
     ]
     if report.get("kind") == "gate":
-        sections += [("Run-time check", _section_strip(report, strip)), ("Patch before/after", _section_patch(report))]
+        sections += [("Run-time check", _section_check(report, check)), ("Patch before/after", _section_patch(report))]
     sections += [
         ("Errors", _section_errors(report)),
         ("Details", "<pre>" + _e(json.dumps({"meta": report.get("meta"),
