@@ -35,7 +35,7 @@ def run(args) -> int:
         raise ValueError(f"the webhook secret variable {args.secret_env} is not set")
     logging.getLogger("trojan_gate").setLevel(logging.INFO)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    queue, workers = gate_setup(args, "listen-queue")
+    queue, workers = gate_setup(args)
     requeued = queue.recover()
     server = receiver(args.host, args.port, make_handler(secret, queue, lambda n, v: resolve(n, v), args.window,
                                                         skip_reason=registry_skip_reason()))

@@ -24,7 +24,7 @@ def run(args) -> int:
     from trojan_gate.plugins.automation.watcher import watch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    queue, workers = gate_setup(args, "watch-queue")
+    queue, workers = gate_setup(args)
     queue.recover()
     if args.once:
         queued = watch(queue, workers, once=True)

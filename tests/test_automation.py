@@ -68,17 +68,18 @@ def test_events_and_regate_requests():
 
 def test_the_queue_survives_a_restart_and_keeps_one_live_job_per_version(tmp_path):
     q = GateQueue(tmp_path / "q.db")
-    assert q.enqueue("m", "1", "created") and not q.enqueue("m", "1", "again")
-    assert q.enqueue("m", "2", "created")
-    job = q.claim_next()
+    assert q.enqueue("m", "1", "created") == "queued" and q.enqueue("m", "1", "again") == "live"
+    assert q.enqueue("m", "2", "created") == "queued"
+    job = q.claim_next(lease_s=0.0)  # the receiver dies: its lease is not renewed
     assert (job.name, job.version, job.attempts) == ("m", "1", 1)
-    assert not q.enqueue("m", "1", "while running")
-    again = GateQueue(tmp_path / "q.db")  # the receiver died; a new one opens the same file
+    assert q.enqueue("m", "1", "while running") == "live"
+    again = GateQueue(tmp_path / "q.db")  # a new receiver opens the same file
+    time.sleep(0.05)
     assert again.recover() == 1
     assert [(j["version"], j["state"]) for j in again.jobs()] == [("1", "queued"), ("2", "queued")]
     job = again.claim_next()
     again.finish(job, 0)
-    assert again.enqueue("m", "1", "a regate request after it finished")
+    assert again.enqueue("m", "1", "a regate request after it finished") == "queued"
     assert again.remember_delivery("d1") and not again.remember_delivery("d1")
     assert not GateQueue(tmp_path / "q.db").remember_delivery("d1")  # replays are refused across restarts
 
@@ -96,9 +97,50 @@ def test_the_watcher_reads_every_page_of_the_registry(mlflow_store, tmp_path):
         for _ in range(versions):
             client.create_model_version(name, source=str(tmp_path))
     client.set_model_version_tag("b", "1", "trojan_gate.verdict", "passed")
-    want = [("a", "1"), ("a", "2"), ("c", "1")]
+    fresh = "watcher: no verdict"
+    want = [("a", "1", fresh), ("a", "2", fresh), ("c", "1", fresh)]
     assert ungated_versions(client, page_size=1) == want
     assert ungated_versions(client) == want
+    # a name holding quotes breaks no filter string; versions left pending are reconciled
+    client.create_registered_model("it's \"quoted\"")
+    client.create_model_version("it's \"quoted\"", source=str(tmp_path))
+    import mlflow
+
+    with mlflow.start_run() as killed:  # a gate that died: its run ended
+        pass
+    with mlflow.start_run() as alive:
+        client.set_model_version_tag("c", "1", "trojan_gate.verdict", "pending")
+        client.set_model_version_tag("c", "1", "trojan_gate.gate.run_id", alive.info.run_id)
+        client.set_model_version_tag("a", "2", "trojan_gate.verdict", "pending")
+        client.set_model_version_tag("a", "2", "trojan_gate.gate.run_id", killed.info.run_id)
+        found = ungated_versions(client, page_size=2)
+        assert found == [("a", "1", fresh), ("a", "2", "watcher: pending, its gate no longer runs"),
+                         ("it's \"quoted\"", "1", fresh)]  # c's gate still runs
+        assert ("c", "1", "watcher: pending, its gate no longer runs") in ungated_versions(client, stale_after_s=-1)
+
+
+def test_the_watcher_survives_a_failing_registry_and_backs_off(tmp_path):
+    import threading
+
+    from trojan_gate.plugins.automation.watcher import watch
+
+    calls = []
+
+    class Down:
+        def search_registered_models(self, **kwargs):
+            calls.append(time.monotonic())
+            raise ConnectionError("registry unreachable")
+
+    stop = threading.Event()
+    t = threading.Thread(target=watch, args=(GateQueue(tmp_path / "q.db"), None),
+                         kwargs={"interval_s": 0.05, "client": Down(), "stop": stop, "max_backoff_s": 0.4})
+    t.start()
+    time.sleep(1.5)
+    stop.set()
+    t.join(5)
+    assert not t.is_alive() and 3 <= len(calls) <= 12  # alive through every failure, waiting longer each time
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[1] > gaps[0] and max(gaps) < 0.9
 
 
 # ----------------------------------------------------------------------------- end to end on a real server
@@ -381,6 +423,9 @@ class _Queue:
     def live(self):
         return len(self.jobs)
 
+    def seen_delivery(self, delivery):
+        return delivery in self.seen
+
     def remember_delivery(self, delivery):
         new = delivery not in self.seen
         self.seen.add(delivery)
@@ -388,7 +433,7 @@ class _Queue:
 
     def enqueue(self, name, version, reason):
         self.jobs.append((name, version, reason))
-        return True
+        return "queued"
 
 
 @pytest.fixture()
@@ -405,8 +450,15 @@ def bounded_receiver(monkeypatch):
     def skip(ref, reason):
         return "a guarded model" if ref.name.endswith("-guarded") else None
 
-    handler = webhook.make_handler(SECRET, queue, lambda n, v: SimpleNamespace(name=n, version=v, uri=f"models:/{n}/{v}"),
-                                   skip_reason=skip)
+    failures = {"flaky": 1}  # the registry fails once for model "flaky"
+
+    def resolve(name, version):
+        if failures.get(name):
+            failures[name] -= 1
+            raise ConnectionError("registry unreachable")
+        return SimpleNamespace(name=name, version=version, uri=f"models:/{name}/{version}")
+
+    handler = webhook.make_handler(SECRET, queue, resolve, skip_reason=skip)
     server = webhook.receiver("127.0.0.1", 0, handler, max_connections=2)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1], queue
@@ -477,6 +529,62 @@ def test_the_receiver_applies_the_watchers_filters(bounded_receiver):
     assert skip_reason({}, {tag + "verdict": "passed"}, gated_again=True) is None and skip_reason({}, {}) is None
 
 
+def test_a_delivery_is_recorded_only_once_handled_so_mlflows_retry_is_welcome(bounded_receiver):
+    port, queue = bounded_receiver
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "flaky", "version": "2"}})
+    head = "".join(f"{k}: {v}\r\n" for k, v in _headers(body).items())
+    request = (f"POST /hook HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    assert b" 503 " in _raw(port, request, body.encode())  # the registry failed: nothing queued, id not kept
+    assert queue.jobs == [] and not queue.seen
+    assert b" 202 " in _raw(port, request, body.encode())  # MLflow's retry of the same delivery is gated
+    assert [j[:2] for j in queue.jobs] == [("flaky", "2")]
+    assert b" 401 " in _raw(port, request, body.encode())  # and only then is it a replay
+
+
+def test_two_processes_on_one_queue_file_never_run_one_job_twice(tmp_path):
+    from trojan_gate.plugins.automation import queue as queue_module
+
+    first, second = GateQueue(tmp_path / "q.db"), GateQueue(tmp_path / "q.db")
+    assert first.enqueue("m", "1", "created") == "queued"
+    job = first.claim_next()
+    assert second.recover() == 0 and second.claim_next() is None  # a live owner's lease holds
+    assert not second.finish(job, 0) and not second.heartbeat(job)  # only the owner records its end
+    assert first.heartbeat(job, lease_s=0.0)
+    time.sleep(0.05)
+    assert second.recover() == 1  # the lease ran out: another process takes the job over
+    taken = second.claim_next()
+    assert taken.id == job.id and taken.attempts == 2
+    assert not first.heartbeat(job) and not first.finish(job, 0)  # the first worker learns it lost the job
+    assert second.finish(taken, 1) and [j["state"] for j in second.jobs()] == ["done"]
+    # an owner that is a dead process of this host is recovered at once, lease or not
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert first.enqueue("m", "2", "created") == "queued"
+    first.claim_next()
+    host = queue_module.socket.gethostname()
+    with first._connect() as db:
+        db.execute("UPDATE jobs SET owner = ? WHERE version = '2'", (f"{host}:{dead.stdout.strip()}:x",))
+    assert second.recover() == 1
+
+
+def test_the_queue_limits_gates_per_model_and_opens_files_made_before_leases(tmp_path):
+    import sqlite3
+
+    q = GateQueue(tmp_path / "q.db", max_per_model_per_hour=2)
+    assert [q.enqueue("m", v, "created") for v in ("1", "2", "3")] == ["queued", "queued", "rate-limited"]
+    assert q.enqueue("m", "1", "again") == "rate-limited" and q.enqueue("other", "1", "created") == "queued"
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as db:  # the jobs table as it was before leases, with a job left running
+        db.executescript("CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version TEXT "
+                         "NOT NULL, reason TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT "
+                         "NULL DEFAULT 0, enqueued_at REAL NOT NULL, started_at REAL, finished_at REAL, exit_code "
+                         "INTEGER, detail TEXT);"
+                         "INSERT INTO jobs(name, version, reason, state, attempts, enqueued_at) "
+                         "VALUES ('m', '1', 'x', 'running', 1, 0);")
+    again = GateQueue(old)
+    assert again.recover() == 1 and again.claim_next().version == "1"
+
+
 def test_a_hanging_gate_is_killed_and_a_job_that_never_finishes_is_given_up(tmp_path, monkeypatch):
     from trojan_gate.plugins.automation.queue import MAX_ATTEMPTS
     from trojan_gate.plugins.automation.workers import TIMED_OUT, GateCommand, GateWorkers
@@ -492,7 +600,8 @@ def test_a_hanging_gate_is_killed_and_a_job_that_never_finishes_is_given_up(tmp_
     assert job["state"] == "error" and job["exit_code"] == TIMED_OUT and "killed after 1 s" in job["detail"]
     q.enqueue("m", "2", "test")  # a job whose process dies with its receiver every time
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        assert q.claim_next().attempts == attempt
-        assert q.recover() == (1 if attempt < MAX_ATTEMPTS else 0)
+        assert q.claim_next(lease_s=0.0).attempts == attempt
+        time.sleep(0.02)
+        assert GateQueue(q.path).recover() == (1 if attempt < MAX_ATTEMPTS else 0)  # the next receiver
     last = q.jobs()[-1]
     assert last["state"] == "error" and "gave up after" in last["detail"] and q.live() == 0

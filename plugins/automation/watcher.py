@@ -5,8 +5,11 @@ seconds it lists the registered models and their versions and queues each versio
 `trojan_gate.verdict` yet: registered by `trojan-gate intake` (status pending) or straight through
 MLflow (the gate adopts it first). Guarded models (`NAME-guarded`), registered scan calibrations
 and patched versions a gate is still registering are skipped. MLflow's search filters cannot ask for a missing tag, so the
-watcher reads the tags of each model's versions itself (one search per registered model), page
-after page.
+watcher reads the tags of every version itself, page after page, with no filter string (a model
+name holding a quote cannot break one). A version left `pending` by a gate that was killed (its
+gate run ended, or is older than `STALE_GATE_S`) is queued again: the reconciliation pass. A pass
+that fails (the registry unreachable, a transient error) is logged and retried with a doubling
+wait (at most `MAX_BACKOFF_S`); one bad version never stops the others.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ from mlflow import MlflowClient
 from ..registry import tag
 
 log = logging.getLogger("trojan_gate.watch")
+
+STALE_GATE_S = 6 * 3600.0  # a gate run still "running" after this long was killed (the worker's job timeout)
+MAX_BACKOFF_S = 600.0
 
 
 def every_page(search, **kwargs):
@@ -57,36 +63,73 @@ def registry_skip_reason(client: MlflowClient | None = None):
     return reason
 
 
-def ungated_versions(client: MlflowClient | None = None, page_size: int | None = None) -> list[tuple[str, str]]:
-    """(name, version) of every version without a verdict, oldest first (`page_size`: results per
-    search call, MLflow's default when None)."""
+def stale_claim(client, version_tags: dict, now: float | None = None, stale_after_s: float = STALE_GATE_S) -> bool:
+    """True when a version's `pending` verdict was left by a gate that no longer runs: its gate run
+    ended (finished, failed, killed) or cannot be found, or started more than `stale_after_s` ago."""
+    if version_tags.get(tag("verdict")) != "pending":
+        return False
+    run_id = version_tags.get(tag("gate.run_id"))
+    if not run_id:
+        return True
+    try:
+        info = client.get_run(run_id).info
+    except Exception as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return True
+        raise
+    if info.status != "RUNNING":
+        return True
+    now = time.time() if now is None else now
+    return now - info.start_time / 1000.0 > stale_after_s
+
+
+def ungated_versions(client: MlflowClient | None = None, page_size: int | None = None,
+                     stale_after_s: float = STALE_GATE_S) -> list[tuple[str, str, str]]:
+    """(name, version, reason) of every version without a verdict, and of every version left
+    `pending` by a killed gate, oldest first (`page_size`: results per search call, MLflow's
+    default when None). A version whose tags cannot be read is logged and left for the next pass."""
     client = client or MlflowClient()
     size = {} if page_size is None else {"max_results": int(page_size)}
+    models = {m.name: m.tags for m in every_page(client.search_registered_models, **size)}
     found = []
-    for model in every_page(client.search_registered_models, **size):
-        if skip_reason(model.tags, {}):
-            continue
-        for v in every_page(client.search_model_versions, filter_string=f"name='{model.name}'", **size):
-            if skip_reason(model.tags, v.tags):
-                continue
-            found.append((model.name, str(v.version)))
-    return sorted(found, key=lambda nv: (nv[0], int(nv[1])))
+    for v in every_page(client.search_model_versions, **size):
+        try:
+            if v.name not in models:  # registered after the model listing
+                models[v.name] = client.get_registered_model(v.name).tags
+            tags = dict(v.tags or {})
+            if stale_claim(client, tags, stale_after_s=stale_after_s):
+                if not skip_reason(models[v.name], {}):
+                    found.append((v.name, str(v.version), "watcher: pending, its gate no longer runs"))
+            elif not skip_reason(models[v.name], tags):
+                found.append((v.name, str(v.version), "watcher: no verdict"))
+        except Exception as e:  # one unreadable version never stops the pass
+            log.warning("models:/%s/%s skipped this pass: %s: %s", v.name, v.version, type(e).__name__, e)
+    return sorted(found, key=lambda f: (f[0], int(f[1])))
 
 
 def watch(queue, workers, interval_s: float = 60.0, once: bool = False, client: MlflowClient | None = None,
-          stop=None) -> int:
+          stop=None, max_backoff_s: float = MAX_BACKOFF_S) -> int:
     """Queue every ungated version, every `interval_s` seconds; with `once`, one pass and then run the
-    queue dry in this thread. Returns how many versions were queued."""
-    queued = 0
+    queue dry in this thread. A failed pass waits twice as long as the last (at most `max_backoff_s`)
+    before the next. Returns how many versions were queued."""
+    queued, failures = 0, 0
     while True:
-        for name, version in ungated_versions(client):
-            if queue.enqueue(name, version, "watcher: no verdict"):
-                queued += 1
-                log.info("queued models:/%s/%s", name, version)
+        try:
+            for name, version, reason in ungated_versions(client):
+                if queue.enqueue(name, version, reason) == "queued":
+                    queued += 1
+                    log.info("queued models:/%s/%s (%s)", name, version, reason)
+            failures = 0
+        except Exception as e:
+            failures += 1
+            log.warning("watch pass failed (%d in a row): %s: %s", failures, type(e).__name__, e)
+            if once:
+                raise
         if once:
             workers.drain()
             return queued
-        if stop is not None and stop.wait(interval_s):
+        wait = interval_s if not failures else min(max_backoff_s, interval_s * 2 ** failures)
+        if stop is not None and stop.wait(wait):
             return queued
         if stop is None:
-            time.sleep(interval_s)
+            time.sleep(wait)

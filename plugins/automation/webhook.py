@@ -157,30 +157,47 @@ def make_handler(secret: str, queue, resolve_version, window_s: float = 300.0, s
                 return self._answer(400, f"the body ended after {len(body)} of {length} bytes")
             try:
                 delivery = verify_delivery(self.headers, body, secret, window_s=window_s)
-                if not queue.remember_delivery(delivery):
+                if queue.seen_delivery(delivery):
                     raise DeliveryRefused(f"delivery {delivery} was seen before (a replay)")
             except DeliveryRefused as e:
                 log.warning("refused a webhook delivery from %s: %s", self.address_string(), e)
                 return self._answer(401, str(e))
+            code, message = self._handle(delivery, body)
+            if code < 500 and code != 429 and not queue.remember_delivery(delivery):  # handled: replays refused
+                code, message = 401, f"delivery {delivery} was seen before (a replay)"
+            self._answer(code, message)
+
+        def _handle(self, delivery: str, body: bytes) -> tuple[int, str]:
+            """(status, message) for one authenticated delivery. 5xx and 429 leave the delivery id
+            unrecorded, so MLflow's retry (on 429 and 5xx) is welcome."""
             try:
                 event = parse_event(body)
             except DeliveryRefused as e:
-                return self._answer(400, str(e))
+                return 400, str(e)
             if event.name is None:
-                return self._answer(200, event.reason)
+                return 200, event.reason
             try:
                 ref = resolve_version(event.name, event.version)  # the registry, not the payload, decides
             except Exception as e:
-                log.warning("delivery %s names %s/%s, which the registry does not have: %s", delivery, event.name,
-                            event.version, e)
-                return self._answer(400, f"no such model version {event.name}/{event.version}")
-            why = None if skip_reason is None else skip_reason(ref, event.reason)
+                if any(getattr(x, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" for x in (e, e.__cause__)):
+                    log.warning("delivery %s names %s/%s, which the registry does not have", delivery, event.name,
+                                event.version)
+                    return 400, f"no such model version {event.name}/{event.version}"
+                log.warning("delivery %s: the registry could not be read: %s", delivery, e)
+                return 503, f"the registry could not be read ({type(e).__name__}); retry later"
+            try:
+                why = None if skip_reason is None else skip_reason(ref, event.reason)
+                status = None if why else queue.enqueue(ref.name, ref.version, event.reason)
+            except Exception as e:  # a registry read or the queue file failed: MLflow retries
+                log.warning("delivery %s: %s could not be queued: %s", delivery, ref.uri, e)
+                return 503, f"{ref.uri} could not be queued ({type(e).__name__}); retry later"
             if why:
                 log.info("delivery %s: %s not gated: %s", delivery, ref.uri, why)
-                return self._answer(200, f"{ref.uri} not gated: {why}")
-            queued = queue.enqueue(ref.name, ref.version, event.reason)
-            log.info("delivery %s: %s %s", delivery, ref.uri, "queued" if queued else "already queued")
-            self._answer(202, f"{ref.uri} {'queued' if queued else 'already queued or running'}")
+                return 200, f"{ref.uri} not gated: {why}"
+            log.info("delivery %s: %s %s", delivery, ref.uri, status)
+            if status == "rate-limited":
+                return 429, f"{ref.uri} not queued: model {ref.name} reached its gates per hour"
+            return 202, f"{ref.uri} {'queued' if status == 'queued' else 'already queued or running'}"
 
     return Handler
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("trojan_gate.workers")
@@ -93,22 +94,43 @@ class GateWorkers:
             t.join(timeout)
 
     def run_one(self) -> bool:
-        """Run the next queued gate in this thread; False when the queue is empty."""
+        """Run the next queued gate in this thread, renewing its lease while it runs; False when the
+        queue is empty. A gate past `job_timeout_s`, or whose lease another process took over, is killed."""
         job = self.queue.claim_next()
         if job is None:
             return False
         log.info("gate %s (%s, attempt %d)", job.uri, job.reason, job.attempts)
+        code, detail = 2, ""
         try:
-            proc = subprocess.run(self.command.argv(job.uri), env=self.command.env(), capture_output=True, text=True,
-                                  timeout=self.job_timeout_s)
-            code, detail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-        except subprocess.TimeoutExpired as e:  # subprocess.run has killed the child
-            out = (e.stdout or b"") + (e.stderr or b"")
-            out = out.decode(errors="replace") if isinstance(out, bytes) else out
-            code, detail = TIMED_OUT, f"killed after {self.job_timeout_s:.0f} s\n" + out[-1800:]
-        self.queue.finish(job, code, detail)
+            code, detail = self._run(job)
+        except Exception as e:  # the job ends in error with its cause instead of staying running
+            code, detail = 2, f"the worker could not run the gate: {type(e).__name__}: {e}"
+        finally:
+            if not self.queue.finish(job, code, detail):
+                log.warning("gate %s: this worker no longer held its lease; its exit %d is not recorded", job.uri, code)
         log.info("gate %s exited %d", job.uri, code)
         return True
+
+    def _run(self, job) -> tuple[int, str]:
+        proc = subprocess.Popen(self.command.argv(job.uri), env=self.command.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + self.job_timeout_s
+        beat = max(0.05, self.queue.lease_s / 4)
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=max(0.01, min(beat, deadline - time.monotonic())))
+                return proc.returncode, (out or "")[-2000:]
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() >= deadline:
+                why = f"killed after {self.job_timeout_s:.0f} s"
+            elif not self.queue.heartbeat(job):
+                why = "killed: its lease was taken over by another process"
+            else:
+                continue
+            proc.kill()
+            out, _ = proc.communicate()
+            return TIMED_OUT, why + "\n" + (out or "")[-1800:]
 
     def _loop(self):
         while not self._stop.is_set():
