@@ -542,6 +542,21 @@ def test_a_delivery_is_recorded_only_once_handled_so_mlflows_retry_is_welcome(bo
     assert b" 401 " in _raw(port, request, body.encode())  # and only then is it a replay
 
 
+def test_the_servers_webhook_secret_key_is_kept_in_its_workdir(tmp_path, monkeypatch):
+    import stat
+
+    from trojan_gate.plugins.automation.server import KEY_FILE, persistent_key, server_env
+
+    key = persistent_key(tmp_path)
+    assert persistent_key(tmp_path) == key  # a restart decrypts what the last run stored
+    assert stat.S_IMODE((tmp_path / KEY_FILE).stat().st_mode) == 0o600
+    monkeypatch.delenv("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", raising=False)
+    assert server_env(secret_key=key)["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == key
+    (tmp_path / KEY_FILE).write_text("not a key")
+    with pytest.raises(RuntimeError, match="does not hold a webhook-secret encryption key"):
+        persistent_key(tmp_path)
+
+
 def test_two_processes_on_one_queue_file_never_run_one_job_twice(tmp_path):
     from trojan_gate.plugins.automation import queue as queue_module
 

@@ -6,9 +6,13 @@ targets; a receiver on this machine needs, in the *server's* environment:
 
 - ``MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https``  (plain http to the receiver; use https in production)
 - ``MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true``       (a loopback or private receiver)
-- ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=<key>``  (so stored webhook secrets survive a restart)
+- ``MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=<key>``  (required: without one, stored webhook secrets
+  cannot be decrypted after a restart or by another worker, and every real delivery fails in the
+  server while `webhook install`'s test delivery still succeeds)
 
-`server_env(loopback_webhooks=True)` sets them; `tracking_server(...)` starts the server with them.
+`server_env(loopback_webhooks=True)` sets them; `tracking_server(...)` starts the server with them,
+its encryption key kept in the workdir (`KEY_FILE`, mode 0600) unless the environment or the caller
+gives one, so a restarted server still decrypts the secrets it stored.
 """
 from __future__ import annotations
 
@@ -21,6 +25,30 @@ import sys
 from pathlib import Path
 
 from ..serving import free_port, stop_process_group, wait_for_http
+
+KEY_FILE = "webhook-secret-encryption.key"
+
+
+def persistent_key(workdir) -> str:
+    """The webhook-secret encryption key kept in `workdir` (created once, mode 0600); a file that
+    does not hold a Fernet key (32 bytes, url-safe base64) is refused by name."""
+    path = Path(workdir) / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_text().strip()
+        try:
+            ok = len(base64.urlsafe_b64decode(key.encode())) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"{path} does not hold a webhook-secret encryption key (32 bytes, url-safe "
+                               "base64); restore it, or remove it and install the webhooks again") from None
+        return key
+    key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
 
 
 def server_env(loopback_webhooks: bool = True, secret_key: str | None = None) -> dict:
@@ -68,6 +96,8 @@ def tracking_server(workdir, backend_store_uri: str | None = None, port: int | N
     backend = backend_store_uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
     require_driver(backend)
     port = port or free_port()
+    if secret_key is None and not os.environ.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):
+        secret_key = persistent_key(workdir)
     log = open(log_path or workdir / "server.log", "a")
     proc = subprocess.Popen(server_command(backend, workdir / "mlartifacts", port),
                             env=server_env(loopback_webhooks, secret_key), stdout=log, stderr=subprocess.STDOUT,
