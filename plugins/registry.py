@@ -47,9 +47,17 @@ def configure_tracking(tracking_uri: str | None = None) -> str:
 
 
 def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+    """The experiment `name`, created if missing, made current. Two gates starting at once may both
+    find it missing: the one whose create loses the race reads the winner's."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        exp_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException as e:
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise RegistryError(f"experiment {name!r} could not be created: {e}") from e
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)

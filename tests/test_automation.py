@@ -620,3 +620,22 @@ def test_a_hanging_gate_is_killed_and_a_job_that_never_finishes_is_given_up(tmp_
         assert GateQueue(q.path).recover() == (1 if attempt < MAX_ATTEMPTS else 0)  # the next receiver
     last = q.jobs()[-1]
     assert last["state"] == "error" and "gave up after" in last["detail"] and q.live() == 0
+
+
+def test_two_gates_creating_the_experiment_at_once_both_run(mlflow_store, monkeypatch):
+    """Two gates started together both found the experiment missing; the loser of the create used to exit 2
+    (RESOURCE_ALREADY_EXISTS) and its job ended in error."""
+    import mlflow
+
+    from trojan_gate.plugins.registry import ensure_experiment
+
+    real = mlflow.create_experiment
+
+    def lost_the_race(name, artifact_location=None):
+        real(name, artifact_location=artifact_location)  # the other gate's create wins
+        raise mlflow.exceptions.MlflowException(f"Experiment(name={name}) already exists",
+                                                error_code="RESOURCE_ALREADY_EXISTS")
+
+    monkeypatch.setattr(mlflow, "create_experiment", lost_the_race)
+    exp_id = ensure_experiment("trojan-gate-gate")
+    assert mlflow.get_experiment_by_name("trojan-gate-gate").experiment_id == exp_id
