@@ -1,4 +1,4 @@
-"""Release approval: move an alias (e.g. `production`) only to a version the gate let through.
+"""Release approval: move an alias (e.g. `production`) to the guarded model of a version the gate let through.
 
 Refuses unless a finished gate decided the version passed or patched, its ONNX still hashes
 to the intake tag, and its guarded model is a release signed by the gate's key whose verdict,
@@ -78,13 +78,19 @@ def verify_for_promotion(name: str, version: str | int, client: MlflowClient | N
 
 
 def promote(name: str, version: str | int, alias: str = "production", client: MlflowClient | None = None) -> dict:
-    """Move `alias` to the version after `verify_for_promotion`, under the gate's version lock."""
+    """Move `alias` to the version's guarded model (`NAME-guarded`, the model that checks every
+    input) after `verify_for_promotion`, under the gate's version lock. The raw ONNX version never
+    holds the release alias (one it held is removed): serving it by alias would skip the run-time
+    check. The raw version is tagged `trojan_gate.promoted.<alias>` with the guarded model's URI."""
     from .gate.verdict import version_lock
 
     client = client or MlflowClient()
     ref = resolve(name, version, client=client)
     with version_lock(ref):
         info = verify_for_promotion(name, version, client)
-        client.set_registered_model_alias(name, alias, str(version))
-        client.set_model_version_tag(name, str(version), tag(f"promoted.{alias}"), "true")
-    return {**info, "alias": alias}
+        guarded = resolve(info["guarded_model"], client=client)
+        client.set_registered_model_alias(guarded.name, alias, guarded.version)
+        if alias in (client.get_registered_model(ref.name).aliases or {}):
+            client.delete_registered_model_alias(ref.name, alias)
+        client.set_model_version_tag(name, str(version), tag(f"promoted.{alias}"), guarded.uri)
+    return {**info, "alias": alias, "serve": f"models:/{guarded.name}@{alias}"}

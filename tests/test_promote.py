@@ -24,10 +24,16 @@ def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_be
 
     good = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
     assert run_gate(good.uri, held, GateConfig(), scan_fn=cached_scan).verdict == "passed"
+    client = MlflowClient()
+    client.set_registered_model_alias("clf", "production", good.version)  # set by hand before this release
     assert main(["promote", "clf", good.version, "--alias", "production"]) == 0
-    assert str(MlflowClient().get_registered_model("clf").aliases["production"]) == good.version
+    guarded = client.get_model_version("clf", good.version).tags["trojan_gate.guarded_model"]
+    served = client.get_model_version_by_alias("clf-guarded", "production")
+    assert f"models:/clf-guarded/{served.version}" == guarded  # what a serving team deploys checks every input
+    assert "production" not in client.get_registered_model("clf").aliases  # the raw ONNX never holds it
+    assert client.get_model_version("clf", good.version).tags["trojan_gate.promoted.production"] == guarded
     assert main(["promote", "clf", pending.version, "--alias", "production"]) == 1
-    assert str(MlflowClient().get_registered_model("clf").aliases["production"]) == good.version
+    assert client.get_model_version_by_alias("clf-guarded", "production").version == served.version
 
     # an attacker with write access to the artifact store moves the threshold and re-hashes the
     # artifact so that its own integrity checks pass: the signature still refuses it
@@ -39,5 +45,5 @@ def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_be
         move_threshold(path / "boundary", 1e9)
     with pytest.raises(PromotionRefused, match="signature does not verify"):
         promote("clf", good.version, alias="production2")
-    assert "production2" not in MlflowClient().get_registered_model("clf").aliases
+    assert "production2" not in MlflowClient().get_registered_model("clf-guarded").aliases
     assert main(["promote", "clf", good.version, "--alias", "production2"]) == 1
