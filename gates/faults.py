@@ -21,6 +21,7 @@ POINTS = (
     "check.fitted", "check.release-signed", "check.attached",    # STRIP calibration and the guarded model
     "registry.tag", "registry.alias-dropped", "registry.alias-set",  # every single registry write
     "verdict.tags", "verdict.decided", "verdict.aliased", "verdict.done", "verdict.failed",
+    "verdict.revoked",
 )
 _hits: Counter = Counter()
 

@@ -42,6 +42,8 @@ def add_arguments(p):
     p.add_argument("--scan-option", action="append", default=[], metavar="KEY=JSON", help="a DeepInspect option")
     p.add_argument("--patch-option", action="append", default=[], metavar="KEY=JSON", help="a Patcher option")
     p.add_argument("--force", action="store_true", help="gate again even if this configuration decided the version")
+    p.add_argument("--force-gate", choices=("true", "false"), default="false",
+                   help="--force as a value (for MLflow Projects, whose commands cannot drop a flag)")
     p.add_argument("--adopt", action="store_true",
                    help="a version registered straight through MLflow (no intake tags) is admitted and tagged first")
     p.add_argument("--report", help="also write the JSON report here")
@@ -86,7 +88,7 @@ def run(args) -> int:
         adopt_version(resolve(args.model_uri))
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM fails the gate closed (verdict error)
     try:
-        outcome = run_gate(args.model_uri, args.heldout, config, force=args.force)
+        outcome = run_gate(args.model_uri, args.heldout, config, force=args.force or args.force_gate == "true")
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.report:

@@ -3,8 +3,10 @@
 Logged with models-from-code (`guarded_model_code.py` calls `mlflow.models.set_model`);
 artifacts: `release` (model.onnx, boundary/, verdict.json) and `signature` (see `signing`).
 Loading refuses unless the signature verifies with the public key in `TROJAN_GATE_VERIFY_KEY`,
-the signed verdict is passed or patched, and the ONNX and the artifact hash to what the verdict
-names. The serving policy (`reject` by default: a flagged input's label is -1; `flag`: the label
+the signed verdict is passed or patched, the ONNX and the artifact hash to what the verdict
+names, and the registry does not revoke it (`revocation`: the version it serves was blocked by a
+later gate; checked when the registry is reachable, logged when not, refused when not and
+`TROJAN_GATE_REQUIRE_REVOCATION_CHECK=1`). The serving policy (`reject` by default: a flagged input's label is -1; `flag`: the label
 is kept) and the row cap come from the signed verdict; a client's `params` change nothing.
 
 The input is what the logged signature says: a float32 tensor (n, C, H, W) in [0, 1]. Per input,
@@ -15,6 +17,8 @@ HTTP 400 with the reason, never a stack trace.
 """
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import mlflow
@@ -24,6 +28,29 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 CODE_FILE = Path(__file__).with_name("guarded_model_code.py")
+REQUIRE_REVOCATION_ENV = "TROJAN_GATE_REQUIRE_REVOCATION_CHECK"
+log = logging.getLogger("trojan_gate.guarded")
+
+
+def revocation(verdict: dict, client=None) -> str | None:
+    """Why the registry revokes this signed release (None: it does not, or it could not be read,
+    which is logged; with `TROJAN_GATE_REQUIRE_REVOCATION_CHECK=1` an unreadable registry raises).
+    A release is revoked when a later gate blocked the version it serves (`revoke_release`)."""
+    from .registry import resolve, tag, version_tags
+
+    try:
+        ref = resolve(str(verdict.get("model")), client=client)
+        tags = version_tags(ref, client)
+    except Exception as e:
+        if os.environ.get(REQUIRE_REVOCATION_ENV) == "1":
+            raise RuntimeError(f"the registry could not be read to check revocation of {verdict.get('model')}: "
+                               f"{type(e).__name__}: {e}") from e
+        log.warning("revocation of %s not checked: the registry could not be read (%s)", verdict.get("model"),
+                    type(e).__name__)
+        return None
+    if tags.get(tag("verdict")) == "blocked":
+        return f"{ref.uri} was blocked by a later gate (run {tags.get(tag('gate.run_id'))}): its release is revoked"
+    return None
 OUTPUT_COLUMNS = ("label", "probability", "instance_score", "is_trojaned", "model_calls")
 
 
@@ -48,9 +75,20 @@ def load_release(release, signature, public_key=None):
     return guard, verdict
 
 
+def load_served_release(release, signature, public_key=None, client=None):
+    """`load_release`, then refused (ArtifactIntegrityError) when the registry revokes it."""
+    from trojan_gate.gates.errors import ArtifactIntegrityError
+
+    guard, verdict = load_release(release, signature, public_key)
+    why = revocation(verdict, client)
+    if why:
+        raise ArtifactIntegrityError(why)
+    return guard, verdict
+
+
 class GuardedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self._guard, verdict = load_release(context.artifacts["release"], context.artifacts["signature"])
+        self._guard, verdict = load_served_release(context.artifacts["release"], context.artifacts["signature"])
         self._max_rows = int((verdict.get("serving") or {}).get("max_rows", 4096))
 
     def predict(self, context, model_input: np.ndarray, params=None):

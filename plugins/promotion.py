@@ -63,6 +63,8 @@ def verify_for_promotion(name: str, version: str | int, client: MlflowClient | N
     try:
         fetch_onnx(ref, client=client)  # re-hashed against the intake tag
         guarded = resolve(guarded_uri, client=client)
+        if version_tags(guarded, client).get(tag("revoked")):
+            raise PromotionRefused(f"{guarded.uri} is revoked: {version_tags(guarded, client)[tag('revoked')]}")
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=guarded.uri,
                                                          dst_path=tempfile.mkdtemp(prefix="trojan-gate-promote-")))
         _, signed = load_release(guarded_artifact(local, "release"), guarded_artifact(local, "signature"))

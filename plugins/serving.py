@@ -32,6 +32,8 @@ def check_servable(guarded_uri: str) -> str:
     name, version = gtags.get(tag("source_model")), gtags.get(tag("source_version"))
     if not name or not version:
         raise ServingRefused(f"{guarded.uri} is not a trojan-gate guarded model (no source version tags)")
+    if gtags.get(tag("revoked")):
+        raise ServingRefused(f"{guarded.uri} is revoked: {gtags[tag('revoked')]}")
     source = VersionRef(name, version)
     stags = version_tags(source)
     verdict, state = stags.get(tag("verdict")), stags.get(tag("gate.state"))

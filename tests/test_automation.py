@@ -397,6 +397,14 @@ def test_the_kubernetes_project_and_job_template_are_well_formed():
     argv = GateCommand(heldout="/data/h.npz", dispatch="kubernetes", backend_config=str(root / "kubernetes_config.json"),
                        project_uri=str(root)).argv("models:/m/3")
     assert argv[1:4] == ["-m", "mlflow", "run"] and "kubernetes" in argv and "model_uri=models:/m/3" in argv
+    assert "force=true" not in argv and "force=true" in GateCommand(
+        heldout="/data/h.npz", dispatch="kubernetes", backend_config="c.json", project_uri=str(root)).argv(
+        "models:/m/3", "model_version_tag.set regate")
+    project = yaml.safe_load((root / "MLproject").read_text())["entry_points"]["gate"]
+    assert "force" in project["parameters"] and "--force-gate {force}" in project["command"]
+    local = GateCommand(heldout="/data/h.npz")
+    assert "--force" not in local.argv("models:/m/3", "model_version.created")
+    assert local.argv("models:/m/3", "model_version_tag.set regate")[-1] == "--force"  # a regate scans again
 
 
 @pytest.mark.slow
@@ -607,7 +615,7 @@ def test_a_hanging_gate_is_killed_and_a_job_that_never_finishes_is_given_up(tmp_
     q = GateQueue(tmp_path / "q.sqlite")
     q.enqueue("m", "1", "test")
     command = GateCommand(heldout="h.npz")
-    monkeypatch.setattr(command, "argv", lambda uri: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(command, "argv", lambda uri, reason="": [sys.executable, "-c", "import time; time.sleep(60)"])
     t0 = time.monotonic()
     assert GateWorkers(q, command, job_timeout_s=1.0).run_one()
     assert time.monotonic() - t0 < 20

@@ -72,6 +72,8 @@ def test_the_fingerprint_hashes_the_resolved_configuration():
     assert GateConfig(scan={"options": {"generator_steps": 100}}).fingerprint("ab" * 32) != base
     assert GateConfig(timeout_s=10).fingerprint("ab" * 32) == base  # how long it may take decides nothing
     assert GateConfig().fingerprint("cd" * 32) != base
+    assert GateConfig().fingerprint("ab" * 32, None, "e" * 64) != base  # a verdict on other held-out data
+    assert GateConfig().fingerprint("ab" * 32, None, "e" * 64) != GateConfig().fingerprint("ab" * 32, None, "f" * 64)
 
 
 def test_a_passing_version_is_downloaded_once(mlflow_store, tmp_path, digits_benign, heldout, cached_scan,
@@ -148,7 +150,47 @@ def test_the_claim_comes_first_no_alias_while_the_gate_runs(mlflow_store, tmp_pa
     assert out.verdict == "passed"
     assert seen["aliases"] == {} and seen["trojan_gate.verdict"] == "pending"
     assert seen["trojan_gate.gate.state"] == "running" and seen["trojan_gate.gate.run_id"] == out.run_id
-    assert _aliases("clf") == {"candidate": ref.version}  # the gate gives back only the alias it was asked for
+    # the gate gives the aliases its claim removed back to a version that passed, and its own
+    assert _aliases("clf") == {"candidate": ref.version, "production": ref.version}
+    assert version_tags(ref)["trojan_gate.gate.removed_aliases"] == ""
+
+
+def test_a_regate_that_blocks_keeps_the_aliases_away_and_revokes_the_release(mlflow_store, tmp_path, digits_benign,
+                                                                              heldout, cached_scan):
+    from dataclasses import replace
+
+    from trojan_gate.plugins.guarded_pyfunc import revocation
+    from trojan_gate.plugins.promotion import PromotionRefused, promote
+    from trojan_gate.plugins.serving import ServingRefused, check_servable
+
+    ref = intake_onnx(digits_benign.save(tmp_path / "benign.onnx"), "clf")
+    assert run_gate(ref.uri, heldout, GateConfig(), scan_fn=cached_scan).verdict == "passed"
+    promote("clf", ref.version)
+    guarded = version_tags(ref)["trojan_gate.guarded_model"]
+    MlflowClient().set_registered_model_alias("clf", "champion", ref.version)
+    signed = {"model": ref.uri}
+    assert revocation(signed) is None and check_servable(guarded) == ref.uri
+
+    def flags(oracle, data, config):  # the same model, now found trojaned (a new scan, a new calibration)
+        return replace(cached_scan(oracle, data, config), is_trojaned=True, flagged_classes=[3])
+
+    assert run_gate(ref.uri, heldout, GateConfig(), scan_fn=flags).verdict == "passed"  # reused: no force
+    out = run_gate(ref.uri, heldout, GateConfig(), scan_fn=flags, force=True)  # what a regate request runs
+    assert out.verdict == "blocked" and _aliases("clf") == {}  # champion and candidate stay away
+    assert "champion" in version_tags(ref)["trojan_gate.gate.removed_aliases"]
+    assert _aliases("clf-guarded") == {}  # the release alias promote set is dropped
+    assert "blocked by gate run" in version_tags(ref_of(guarded))["trojan_gate.revoked"]
+    assert "revoked" in revocation(signed)
+    with pytest.raises(ServingRefused, match="revoked"):
+        check_servable(guarded)
+    with pytest.raises(PromotionRefused, match="blocked"):
+        promote("clf", ref.version)
+
+
+def ref_of(uri):
+    from trojan_gate.plugins.registry import resolve
+
+    return resolve(uri)
 
 
 def test_a_failure_mid_gate_fails_closed(mlflow_store, tmp_path, digits_benign, heldout, cached_scan, monkeypatch):

@@ -55,10 +55,12 @@ class GateCommand:
     project_uri: str = "deploy/kubernetes"
     backend_config: str | None = None
 
-    def argv(self, model_uri: str) -> list[str]:
+    def argv(self, model_uri: str, reason: str = "") -> list[str]:
+        """The command of one job; a regate request (`trojan_gate.regate`) scans again (`--force`)."""
+        force = "regate" in reason
         if self.dispatch == "kubernetes":  # Kubernetes schedules; the queue only bounds how many at once
             params = {"model_uri": model_uri, "heldout": self.heldout, "policy": self.policy, "alias": self.alias,
-                      **({"config": self.config} if self.config else {})}
+                      **({"config": self.config} if self.config else {}), **({"force": "true"} if force else {})}
             return [sys.executable, "-m", "mlflow", "run", self.project_uri, "-e", "gate", "-b", "kubernetes",
                     "--backend-config", str(self.backend_config)] + [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
         args = [sys.executable, "-m", "trojan_gate.pipelines", "gate", model_uri, "--adopt", "--heldout", self.heldout,
@@ -67,7 +69,7 @@ class GateCommand:
             args += ["--config", self.config]
         if self.tracking_uri:
             args += ["--tracking-uri", self.tracking_uri]
-        return args
+        return args + (["--force"] if force else [])
 
     def env(self) -> dict:
         return {**os.environ, **self.extra_env, DIE_WITH_PARENT_ENV: "1"}
@@ -112,7 +114,7 @@ class GateWorkers:
         return True
 
     def _run(self, job) -> tuple[int, str]:
-        proc = subprocess.Popen(self.command.argv(job.uri), env=self.command.env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self.command.argv(job.uri, job.reason), env=self.command.env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + self.job_timeout_s
         beat = max(0.05, self.queue.lease_s / 4)

@@ -37,6 +37,16 @@ def _heldout_dataset(heldout, input_shape) -> Dataset:
     return heldout if isinstance(heldout, Dataset) else load_heldout(heldout, input_shape)
 
 
+def heldout_digest(heldout, model_tags: dict) -> str:
+    """The held-out data's sha256 for the reuse fingerprint; data that cannot be read gets a digest
+    of its error (no recorded verdict has one, and the gate refuses the data by name later)."""
+    try:
+        shape = tuple(int(v) for v in model_tags.get(tag("input_shape"), "").split("x") if v)
+        return heldout_sha256(_heldout_dataset(heldout, shape or None))
+    except Exception as e:
+        return "unreadable:" + type(e).__name__
+
+
 def choose_calibration(settings, model_tags: dict, heldout, client) -> CalibrationChoice:
     """Name the calibration this gate will use (see the module doc); never raises for `auto`."""
     from ..scan_calibration import find_registered, task_key

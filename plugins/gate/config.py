@@ -214,12 +214,15 @@ class GateConfig:
         doc["patch"] = Patcher(**{**self.patch, "seed": self.seed}).get_params()
         return doc
 
-    def fingerprint(self, model_sha256: str, calibration_sha256: str | None = None) -> str:
+    def fingerprint(self, model_sha256: str, calibration_sha256: str | None = None,
+                    heldout_sha256: str | None = None) -> str:
         """sha256 over the resolved configuration (timeout aside), the model, the scan calibration
-        that will decide (None: the paper's test) and the package version."""
+        that will decide (None: the paper's test), the held-out data and the package version."""
         doc = self.resolved()
         doc["gate"].pop("timeout_s", None)
         doc.update(model_sha256=model_sha256, gate_version=__version__, calibration_sha256=calibration_sha256)
+        if heldout_sha256 is not None:  # a verdict reached on other held-out data is not reused
+            doc["heldout_sha256"] = heldout_sha256
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

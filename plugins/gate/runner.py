@@ -21,7 +21,7 @@ from trojan_gate.gates.faults import checkpoint
 
 from ..registry import ensure_experiment, resolve, set_tags, tag
 from . import steps
-from .calibration_choice import choose_calibration
+from .calibration_choice import choose_calibration, heldout_digest
 from .config import GateConfig
 from .state import GateState
 from .verdict import (BLOCKED, ERROR, EXIT_CODES, PASSED, PATCHED, GateSuperseded, claim, fail, finish,
@@ -70,7 +70,8 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
     with version_lock(ref):
         model_tags = dict(client.get_model_version(ref.name, ref.version).tags)
         choice = choose_calibration(config.scan, model_tags, heldout, client)
-        fingerprint = config.fingerprint(model_tags.get(tag("sha256"), ""), choice.sha256)
+        data_sha = heldout_digest(heldout, model_tags)
+        fingerprint = config.fingerprint(model_tags.get(tag("sha256"), ""), choice.sha256, data_sha)
         if not force:
             record = recorded_outcome(client, ref, fingerprint, config.alias)
             if record is not None:
@@ -82,7 +83,7 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
         with mlflow.start_run(run_name=f"gate-{ref.name}-v{ref.version}") as run:
             state = GateState(ref=ref, config=config, client=client, run_id=run.info.run_id,
                               fingerprint=fingerprint, workdir=Path(tempfile.mkdtemp(prefix="trojan-gate-gate-")),
-                              calibration_choice=choice)
+                              calibration_choice=choice, heldout_sha256=data_sha)
             return _run(state, heldout, scan_fn)
 
 

@@ -35,6 +35,7 @@ class GateState:
     oracle: object = None  # ModelOracle of the version under test
     heldout: object = None  # validated Dataset
     calibration_choice: object = None  # CalibrationChoice: the scan calibration named before the run
+    heldout_sha256: str | None = None  # the held-out data's digest in the reuse fingerprints
     calibration: object = None  # the loaded, verified ScanCalibration (None: the paper's test decides)
     decision: object = None  # ScanDecision of the version (what decided, both tests' results)
     scan: object = None  # DeepInspect ScanResult of the version (None when it did not run)
@@ -56,7 +57,10 @@ class GateState:
     @property
     def patched_fingerprint(self) -> str:
         """The reuse fingerprint of the patched version ("" when there is no patch)."""
-        return self.config.fingerprint(self.patch.sha256) if self.patch is not None else ""
+        if self.patch is None:
+            return ""
+        choice = self.calibration_choice
+        return self.config.fingerprint(self.patch.sha256, None if choice is None else choice.sha256, self.heldout_sha256)
 
     @property
     def deadline(self) -> float | None:

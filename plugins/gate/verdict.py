@@ -78,7 +78,14 @@ def drop_aliases(client, ref: VersionRef):
 
 
 def claim(client, ref: VersionRef, run_id: str):
-    """Step 1: no alias, then `pending` / `running` under this run's id."""
+    """Step 1: no alias, then `pending` / `running` under this run's id. The aliases dropped are
+    remembered first (`gate.removed_aliases`, joined with any an interrupted gate left there), so a
+    gate that passes the version gives them back (`finish`); no other verdict does."""
+    held = aliases_of(client, ref)
+    if held:
+        earlier = version_tags(ref, client).get(tag("gate.removed_aliases"), "")
+        set_tags(ref, {"gate.removed_aliases": ",".join(sorted(set(filter(None, earlier.split(","))) | set(held)))},
+                 client)
     drop_aliases(client, ref)
     set_tags(ref, {"verdict": PENDING, "gate.state": RUNNING, "gate.run_id": run_id, "gate.fingerprint": "",
                    "verdict.error": "", "gate.version": __version__}, client)
@@ -126,20 +133,26 @@ def finish(client, ref: VersionRef, run_id: str, verdict: str, fingerprint: str,
         raise ValueError(f"finish writes a decided verdict, not {verdict!r}")
     require_claim(client, ref, run_id)
     common = {"gate.version": __version__, "gate.run_id": run_id, "verdict.error": ""}
+    removed = [a for a in version_tags(ref, client).get(tag("gate.removed_aliases"), "").split(",") if a]
     if verdict == PASSED:
         set_tags(ref, {**common, **source_tags, "status": PASSED}, client)
         checkpoint("verdict.tags")
         set_tags(ref, {"verdict": PASSED, "gate.fingerprint": fingerprint}, client)
         checkpoint("verdict.decided")
         set_alias(client, ref, alias)
+        for other in removed:  # the aliases the claim took away, back on a version that passed
+            if other != alias:
+                set_alias(client, ref, other)
     elif verdict == BLOCKED:
         drop_aliases(client, ref)
+        revoke_release(client, ref, run_id)
         set_tags(ref, {**common, **source_tags, "status": BLOCKED}, client)
         checkpoint("verdict.tags")
         set_tags(ref, {"verdict": BLOCKED, "gate.fingerprint": fingerprint}, client)
         checkpoint("verdict.decided")
     else:  # patched: the source is blocked and superseded by the new version, which gets the alias
         drop_aliases(client, ref)
+        revoke_release(client, ref, run_id)
         set_tags(ref, {**common, **source_tags, "status": "superseded", "superseded_by": new_ref.uri}, client)
         set_tags(ref, {"verdict": BLOCKED, "gate.fingerprint": fingerprint}, client)
         set_tags(new_ref, {**common, **(new_tags or {}), "status": PATCHED, "patched_from": ref.version,
@@ -149,8 +162,27 @@ def finish(client, ref: VersionRef, run_id: str, verdict: str, fingerprint: str,
         checkpoint("verdict.decided")
         set_alias(client, new_ref, alias)
     checkpoint("verdict.aliased")
-    set_tags(ref, {"gate.state": DONE}, client)
+    restored = verdict == PASSED and removed  # kept otherwise: a later gate that passes gives them back
+    set_tags(ref, {"gate.state": DONE, **({"gate.removed_aliases": ""} if restored else {})}, client)
     checkpoint("verdict.done")
+
+
+def revoke_release(client, ref: VersionRef, run_id: str):
+    """A version blocked by a later gate loses the release an earlier gate gave it: its guarded
+    model's aliases are dropped and the guarded version is tagged `trojan_gate.revoked`, which
+    `serve`, `promote` and the guarded model's load (when the registry is reachable) refuse."""
+    guarded_uri = version_tags(ref, client).get(tag("guarded_model"))
+    if not guarded_uri:
+        return
+    from ..registry import resolve
+
+    try:
+        guarded = resolve(guarded_uri, client=client)
+    except TrojanGateError:
+        return  # deleted: nothing left to serve
+    drop_aliases(client, guarded)
+    set_tags(guarded, {"revoked": f"{ref.uri} blocked by gate run {run_id}"}, client)
+    checkpoint("verdict.revoked")
 
 
 def set_alias(client, ref: VersionRef, alias: str):
