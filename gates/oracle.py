@@ -9,8 +9,8 @@ and what comes out (a finite (n, K) matrix). No weights and no gradients are eve
 
 Against hostile models: the file passes the static admission rules before a session exists
 (see `model_file.inspect_model`), `probe()` runs the behaviour probes of `admission`, and a
-per-call watchdog terminates an ONNX Runtime call that runs past `call_timeout_s` or the
-deadline (`RunOptions.terminate`).
+watchdog (one thread for the process, `watchdog.WATCHDOG`) terminates an ONNX Runtime call that
+runs past `call_timeout_s` (default `DEFAULT_CALL_TIMEOUT_S`) or the deadline (`RunOptions.terminate`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from .admission import AdmissionLimits, probe_behaviour
 from .errors import (InputRangeError, InputShapeError, ModelLoadError, ModelOutputError, OracleTimeout,
                      QueryBudgetExceeded)
 from .model_file import ModelInfo, default_providers, inspect_model
+from .watchdog import WATCHDOG
+
+DEFAULT_CALL_TIMEOUT_S = 300.0  # one ONNX Runtime call (a batch) of a hostile model cannot hang longer
 
 __all__ = ["ModelInfo", "ModelOracle", "QueryLedger", "default_providers", "inspect_model", "softmax"]
 
@@ -80,14 +83,15 @@ class ModelOracle:
     providers : ONNX Runtime execution providers; default CUDA when present, else CPU
     limits : AdmissionLimits (file size, input size, probe settings)
     value_range : the inputs' declared range; values outside it are refused
-    call_timeout_s : one ONNX Runtime call longer than this is terminated (OracleTimeout)
+    call_timeout_s : one ONNX Runtime call longer than this is terminated (OracleTimeout); default
+        `DEFAULT_CALL_TIMEOUT_S`, None for no limit
     deadline : time.monotonic() value after which no call starts and running ones are terminated
     """
 
     def __init__(self, model, batch_size: int = 2048, budget: int | None = None, output: str = "auto",
                  providers: list[str] | None = None, intra_op_threads: int = 0,
                  limits: AdmissionLimits = AdmissionLimits(), value_range: tuple = (0.0, 1.0),
-                 call_timeout_s: float | None = None, deadline: float | None = None):
+                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, deadline: float | None = None):
         self._bytes, self.info = inspect_model(model, limits)
         if output not in ("auto", "probabilities", "logits"):
             raise ValueError(f"output must be auto, probabilities or logits, not {output!r}")
@@ -190,9 +194,7 @@ class ModelOracle:
         if left <= 0:
             raise OracleTimeout(f"the oracle's deadline passed before a call in phase '{self._phase}'")
         options = ort.RunOptions()
-        watchdog = threading.Timer(left, lambda: setattr(options, "terminate", True))
-        watchdog.daemon = True
-        watchdog.start()
+        token = WATCHDOG.arm(left, options)
         try:
             return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x}, options)[0])
         except Exception as e:
@@ -201,7 +203,7 @@ class ModelOracle:
                                     f"'{self._phase}' and was terminated") from e
             raise
         finally:
-            watchdog.cancel()
+            WATCHDOG.disarm(token)
 
     def _run_batched(self, x: np.ndarray) -> np.ndarray:
         outs = [self._run(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 from . import keys
 
@@ -84,8 +85,9 @@ def run(args) -> int:
     config = config_from_args(args)  # a bad setting stops here, before MLflow is touched
     keys.apply(args)
     configure_tracking(args.tracking_uri)
-    if args.adopt:
-        adopt_version(resolve(args.model_uri))
+    if args.adopt:  # inside the gate's time limit: a hostile model cannot hang its admission probes
+        deadline = None if config.timeout_s is None else time.monotonic() + float(config.timeout_s)
+        adopt_version(resolve(args.model_uri), deadline=deadline)
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM fails the gate closed (verdict error)
     try:
         outcome = run_gate(args.model_uri, args.heldout, config, force=args.force or args.force_gate == "true")

@@ -21,7 +21,7 @@ from trojan_gate.gates.errors import ArtifactIntegrityError, TrojanGateError
 from trojan_gate.gates.faults import checkpoint
 from trojan_gate.gates.hashing import sha256_file
 from trojan_gate.gates.admission import AdmissionLimits
-from trojan_gate.gates.oracle import ModelOracle
+from trojan_gate.gates.oracle import DEFAULT_CALL_TIMEOUT_S, ModelOracle
 
 TAG = "trojan_gate."
 STATUS_PENDING = "pending"
@@ -128,7 +128,8 @@ def onnx_signature(input_shape, n_classes):
 
 def intake_onnx(path, name: str, source: str | None = None, description: str | None = None,
                 experiment: str = "trojan-gate-intake", extra_tags: dict | None = None,
-                limits: AdmissionLimits = AdmissionLimits()) -> VersionRef:
+                limits: AdmissionLimits = AdmissionLimits(),
+                call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S) -> VersionRef:
     """Register a third-party ONNX file as a new version of `name`, status pending.
 
     The file must pass admission (see `gates.admission`: size, no external data, standard
@@ -142,7 +143,7 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
     import onnx
 
     path = Path(path)
-    oracle = ModelOracle(path, limits=limits).probe()  # raises ModelLoadError before anything is written
+    oracle = ModelOracle(path, limits=limits, call_timeout_s=call_timeout_s).probe()  # raises before anything is written
     info = oracle.info
     proto = onnx.load_model_from_string(oracle.model_bytes)
     client = MlflowClient()
@@ -188,7 +189,7 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
 
 
 def adopt_version(ref: VersionRef, client: MlflowClient | None = None,
-                  limits: AdmissionLimits = AdmissionLimits()) -> dict:
+                  limits: AdmissionLimits = AdmissionLimits(), deadline: float | None = None) -> dict:
     """Bring a version registered straight through MLflow (no `trojan-gate intake`) under the gate:
     download it, require an mlflow.onnx model that passes admission, and write the intake tags
     (sha256 of the ONNX that MLmodel loads and of MLmodel itself, input shape, classes,
@@ -203,7 +204,7 @@ def adopt_version(ref: VersionRef, client: MlflowClient | None = None,
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri,
                                                          dst_path=tempfile.mkdtemp(prefix="trojan-gate-adopt-")))
         onnx_file, mlmodel_sha = loaded_onnx(local)
-        info = ModelOracle(onnx_file, limits=limits).probe().info
+        info = ModelOracle(onnx_file, limits=limits, deadline=deadline).probe().info
     except TrojanGateError as e:
         for alias in client.get_model_version(ref.name, ref.version).aliases or []:
             client.delete_registered_model_alias(ref.name, alias)

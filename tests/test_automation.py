@@ -474,7 +474,7 @@ def bounded_receiver(monkeypatch):
     server.server_close()
 
 
-def _raw(port, head: bytes, body: bytes = b"", close_write=False, wait=3.0) -> bytes:
+def _raw(port, head: bytes, body: bytes = b"", close_write=False, wait=10.0) -> bytes:
     import socket
 
     s = socket.create_connection(("127.0.0.1", port), timeout=wait)

@@ -201,3 +201,46 @@ def test_a_model_that_knows_the_fixed_probes_is_caught_by_the_keyed_ones():
     with pytest.raises(AdmissionError) as refused:
         probe_behaviour(run, hm.SHAPE, hm.K)
     assert refused.value.cause == "batch-dependent"
+
+
+def test_a_model_call_that_runs_on_is_terminated_by_the_one_watchdog(mlflow_store, tmp_path):
+    """A graph that computes for as long as its author wants passes every static rule; the per-call limit
+    (default 300 s, one watchdog thread for the process) ends it by name, at intake too."""
+    import time
+
+    from trojan_gate.gates.errors import OracleTimeout
+    from trojan_gate.gates.oracle import DEFAULT_CALL_TIMEOUT_S
+    from trojan_gate.gates.watchdog import WATCHDOG
+
+    slow = hm.slow_model()
+    assert ModelOracle(slow.SerializeToString()).call_timeout_s == DEFAULT_CALL_TIMEOUT_S  # a bound by default
+    oracle = ModelOracle(slow.SerializeToString(), call_timeout_s=0.2)
+    x = np.full((2,) + oracle.input_shape, 0.5, np.float32)
+    t0 = time.monotonic()
+    with pytest.raises(OracleTimeout, match="ran past its 0.2 s limit"):
+        oracle.predict_proba(x)
+    assert time.monotonic() - t0 < 3.0 and WATCHDOG.armed() == 0
+    path = tmp_path / "slow.onnx"
+    path.write_bytes(slow.SerializeToString())
+    with pytest.raises(OracleTimeout):
+        intake_onnx(path, "slow", call_timeout_s=0.2)
+    assert not MlflowClient().search_registered_models(filter_string="name = 'slow'")
+
+
+def test_the_watchdog_terminates_only_calls_past_their_limit_and_keeps_its_heap_small():
+    import time
+    from types import SimpleNamespace
+
+    from trojan_gate.gates.watchdog import Watchdog
+
+    dog = Watchdog()
+    calls = [SimpleNamespace(terminate=False) for _ in range(3)]
+    late, early, done = dog.arm(0.3, calls[0]), dog.arm(0.05, calls[1]), dog.arm(0.05, calls[2])
+    dog.disarm(done)  # this call returned in time
+    time.sleep(0.15)
+    assert (calls[0].terminate, calls[1].terminate, calls[2].terminate) == (False, True, False)
+    time.sleep(0.3)
+    assert calls[0].terminate and dog.terminated == 2 and dog.armed() == 0
+    for _ in range(10_000):  # a long deadline armed and disarmed per call, as a 4 h gate does
+        dog.disarm(dog.arm(4 * 3600, SimpleNamespace(terminate=False)))
+    assert len(dog._heap) <= 2 * dog.armed() + 65

@@ -8,7 +8,7 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     seed = 0
     max_accuracy_drop = 0.01
     min_per_class = 5
-    timeout_s = 3600
+    timeout_s = 14400          # the gate's deadline (default 4 h); call_timeout_s = 300 per model call
 
     [scan]
     decision = "calibrated"   # calibrated (a task calibration decides when one matches) | paper (double MAD)
@@ -45,14 +45,15 @@ from pathlib import Path
 
 from trojan_gate.gates import __version__
 from trojan_gate.gates.errors import TrojanGateError
+from trojan_gate.gates.oracle import DEFAULT_CALL_TIMEOUT_S
 from trojan_gate.gates.runtime import DEFAULT_KIND
 from trojan_gate.gates.runtime.check import DEFAULT_STAGES, DEFAULT_STATISTICS
 
-# No deadline by default: the per-call watchdog (a threading.Timer per ONNX Runtime call) costs ~1.1 ms a call,
-# 20x a small model's call; a default deadline waits for a single long-lived watchdog.
-DEFAULT_TIMEOUT_S = None
+# A gate ends with verdict error after 4 hours by default (the worker kills its process after 6); the
+# deadline is enforced per ONNX Runtime call by one long-lived watchdog thread (~12 us a call).
+DEFAULT_TIMEOUT_S = 4 * 3600.0
 GATE_POLICIES = ("block", "patch")  # what the gate does with a flagged model
-GATE_KEYS = ("policy", "alias", "seed", "max_accuracy_drop", "min_per_class", "timeout_s")
+GATE_KEYS = ("policy", "alias", "seed", "max_accuracy_drop", "min_per_class", "timeout_s", "call_timeout_s")
 
 
 class ConfigError(TrojanGateError):
@@ -149,6 +150,7 @@ class GateConfig:
     max_accuracy_drop: float = 0.01
     min_per_class: int = 5
     timeout_s: float | None = DEFAULT_TIMEOUT_S
+    call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S  # one ONNX Runtime call (a batch) of the model
     scan: ScanSettings = field(default_factory=ScanSettings)
     patch: dict = field(default_factory=dict)  # Patcher parameters
     check: CheckSettings = field(default_factory=CheckSettings)
@@ -164,8 +166,10 @@ class GateConfig:
             raise ConfigError(f"gate.alias must be a name, not {self.alias!r}")
         if not self.alias or self.alias == "latest" or (self.alias.startswith("v") and self.alias[1:].isdigit()):
             raise ConfigError(f"gate.alias {self.alias!r} is reserved by MLflow")
-        if self.timeout_s is not None and not float(self.timeout_s) > 0:
-            raise ConfigError(f"gate.timeout_s must be positive, not {self.timeout_s!r}")
+        for key in ("timeout_s", "call_timeout_s"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"gate.{key} must be a positive number of seconds, not {value!r}")
         _known("patch", self.patch, set(patcher_names()) - {"seed", "progress"})
 
     @classmethod
@@ -220,6 +224,7 @@ class GateConfig:
         that will decide (None: the paper's test), the held-out data and the package version."""
         doc = self.resolved()
         doc["gate"].pop("timeout_s", None)
+        doc["gate"].pop("call_timeout_s", None)
         doc.update(model_sha256=model_sha256, gate_version=__version__, calibration_sha256=calibration_sha256)
         if heldout_sha256 is not None:  # a verdict reached on other held-out data is not reused
             doc["heldout_sha256"] = heldout_sha256

@@ -58,7 +58,8 @@ def _decide(state: GateState, oracle, scan_fn, calibration, paper_beside: bool):
 def fetch_model(state: GateState):
     """The version's ONNX, downloaded once and re-hashed against its intake tag."""
     state.onnx_path = fetch_onnx(state.ref, dst=str(state.workdir / "model"), client=state.client)
-    state.oracle = ModelOracle(state.onnx_path, deadline=state.deadline).probe()
+    state.oracle = ModelOracle(state.onnx_path, deadline=state.deadline,
+                               call_timeout_s=state.config.call_timeout_s).probe()
 
 
 def validate_data(state: GateState, heldout):
@@ -99,7 +100,8 @@ def patch_model(state: GateState, scan_fn):
     patched_path = patch.save(state.workdir / "patched" / "model.onnx")
     state.check_deadline("the patched model's scan")
     # the patched model is scanned afresh by both tests: each must find it clean
-    state.fresh_decision = _decide(state, ModelOracle(patch.onnx_bytes, deadline=state.deadline), scan_fn,
+    fresh_oracle = ModelOracle(patch.onnx_bytes, deadline=state.deadline, call_timeout_s=state.config.call_timeout_s)
+    state.fresh_decision = _decide(state, fresh_oracle, scan_fn,
                                    state.calibration, paper_beside=True)
     state.fresh = state.fresh_decision.paper
     checkpoint("patch.rescanned")
@@ -137,7 +139,7 @@ def calibrate(state: GateState):
 
     cfg, final = state.config, state.final
     onnx_path = state.onnx_path if final == state.ref else fetch_onnx(final, client=state.client)
-    oracle = ModelOracle(onnx_path, deadline=state.deadline)
+    oracle = ModelOracle(onnx_path, deadline=state.deadline, call_timeout_s=state.config.call_timeout_s)
     s = cfg.check
     det = calibrate_check(oracle, state.heldout, kind=s.kind, frr=s.frr, n_perturbations=s.n_perturbations,
                           blend=s.blend, statistics=s.statistics, stages=s.stages, seed=cfg.seed,
