@@ -71,6 +71,7 @@ class AdmissionLimits:
     tolerance: float = 1e-4
     max_declared_elements: int = 16 * 1024**2
     max_loop_trips: int = 1_000_000
+    max_memory_bytes: int = 4 * 1024**3  # what ONNX Runtime may allocate while running (execution_memory)
 
 
 def check_size(n_bytes: int, limits: AdmissionLimits):

@@ -29,6 +29,10 @@ class OracleTimeout(DeadlineExceeded):
     """A model call ran past its time limit or the deadline and was stopped."""
 
 
+class ModelMemoryError(TrojanGateError):
+    """A model call asked ONNX Runtime for more memory than the execution cap and was stopped."""
+
+
 class QueryBudgetExceeded(TrojanGateError):
     """The scan asked the oracle for more inputs than its budget allows."""
 

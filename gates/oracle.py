@@ -23,8 +23,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .admission import AdmissionLimits, probe_behaviour
-from .errors import (InputRangeError, InputShapeError, ModelLoadError, ModelOutputError, OracleTimeout,
-                     QueryBudgetExceeded)
+from .errors import (InputRangeError, InputShapeError, ModelLoadError, ModelMemoryError, ModelOutputError,
+                     OracleTimeout, QueryBudgetExceeded)
+from .execution_memory import capped_providers, capped_session_options, is_allocation_failure
 from .model_file import ModelInfo, default_providers, inspect_model
 from .watchdog import WATCHDOG
 
@@ -107,8 +108,10 @@ class ModelOracle:
         if intra_op_threads:
             so.intra_op_num_threads = int(intra_op_threads)
         self.providers = providers or default_providers()
+        self.memory_cap = capped_session_options(so, limits.max_memory_bytes)
         try:
-            self._session = ort.InferenceSession(self._bytes, sess_options=so, providers=self.providers)
+            self._session = ort.InferenceSession(self._bytes, sess_options=so,
+                                                 providers=capped_providers(self.providers, self.memory_cap))
         except Exception as e:
             raise ModelLoadError(f"ONNX Runtime cannot load the model: {e}") from e
         self.queries = 0
@@ -190,7 +193,11 @@ class ModelOracle:
     def _run(self, x: np.ndarray) -> np.ndarray:
         left = self._time_left()
         if left is None:
-            return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x})[0])
+            try:
+                return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x})[0])
+            except Exception as e:
+                self._raise_named(e)
+                raise
         if left <= 0:
             raise OracleTimeout(f"the oracle's deadline passed before a call in phase '{self._phase}'")
         options = ort.RunOptions()
@@ -201,9 +208,16 @@ class ModelOracle:
             if options.terminate:
                 raise OracleTimeout(f"an ONNX Runtime call ran past its {left:.1f} s limit in phase "
                                     f"'{self._phase}' and was terminated") from e
+            self._raise_named(e)
             raise
         finally:
             WATCHDOG.disarm(token)
+
+    def _raise_named(self, error: Exception):
+        if is_allocation_failure(error):
+            raise ModelMemoryError(f"the model asked ONNX Runtime for more memory than the cap of "
+                                   f"{self.memory_cap / 1024**2:.0f} MiB in phase '{self._phase}' and was "
+                                   "stopped") from error
 
     def _run_batched(self, x: np.ndarray) -> np.ndarray:
         outs = [self._run(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]

@@ -244,3 +244,27 @@ def test_the_watchdog_terminates_only_calls_past_their_limit_and_keeps_its_heap_
     for _ in range(10_000):  # a long deadline armed and disarmed per call, as a 4 h gate does
         dog.disarm(dog.arm(4 * 3600, SimpleNamespace(terminate=False)))
     assert len(dog._heap) <= 2 * dog.armed() + 65
+
+
+def test_what_admission_misses_meets_the_execution_memory_cap():
+    """A graph whose intermediates outgrow the cap (here 100 MiB, in a fresh process: the cap is
+    process-wide) fails with a named error instead of taking the process's memory."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from trojan_gate.gates.admission import AdmissionLimits\n"
+        "from trojan_gate.gates.errors import ModelMemoryError\n"
+        "from trojan_gate.gates.oracle import ModelOracle\n"
+        "from trojan_gate.pipelines.benchmarks import hostile_models as hm\n"
+        "oracle = ModelOracle(hm.slow_model(side=4000, rounds=2).SerializeToString(),\n"
+        "                     limits=AdmissionLimits(max_memory_bytes=100 * 2**20))\n"
+        "try:\n"
+        "    oracle.predict_proba(np.full((1,) + oracle.input_shape, 0.5, np.float32))\n"
+        "    print('ran')\n"
+        "except ModelMemoryError as e:\n"
+        "    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: the model asked ONNX Runtime for more memory than the cap of 100 MiB" in out.stdout
