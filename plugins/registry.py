@@ -105,6 +105,29 @@ def resolve(uri_or_name: str, version: str | int | None = None, client: MlflowCl
     return VersionRef(name, str(ver))
 
 
+def every_page(search, **kwargs):
+    """Every result of an MLflow search, page after page (one call returns one page and a token:
+    `search_registered_models` stops at 100 models unless asked for the next page)."""
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def versions_of(name: str, client: MlflowClient | None = None) -> list:
+    """Every version of registered model `name` (any name: one holding both quote characters, which no
+    filter string can hold, is matched over all versions instead)."""
+    client = client or MlflowClient()
+    if "'" not in name:
+        return list(every_page(client.search_model_versions, filter_string=f"name='{name}'"))
+    if '"' not in name:
+        return list(every_page(client.search_model_versions, filter_string=f'name="{name}"'))
+    return [v for v in every_page(client.search_model_versions) if v.name == name]
+
+
 def version_tags(ref: VersionRef, client: MlflowClient | None = None) -> dict:
     client = client or MlflowClient()
     return dict(client.get_model_version(ref.name, ref.version).tags)

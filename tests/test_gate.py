@@ -175,11 +175,16 @@ def test_a_regate_that_blocks_keeps_the_aliases_away_and_revokes_the_release(mlf
         return replace(cached_scan(oracle, data, config), is_trojaned=True, flagged_classes=[3])
 
     assert run_gate(ref.uri, heldout, GateConfig(), scan_fn=flags).verdict == "passed"  # reused: no force
+    assert run_gate(ref.uri, heldout, GateConfig(), scan_fn=cached_scan, force=True).verdict == "passed"
+    renewed = version_tags(ref)["trojan_gate.guarded_model"]  # a passing regate signs a new release
+    assert renewed != guarded and _aliases("clf-guarded") == {"production": renewed.rsplit("/", 1)[1]}
+    assert _aliases("clf")["champion"] == ref.version
     out = run_gate(ref.uri, heldout, GateConfig(), scan_fn=flags, force=True)  # what a regate request runs
     assert out.verdict == "blocked" and _aliases("clf") == {}  # champion and candidate stay away
     assert "champion" in version_tags(ref)["trojan_gate.gate.removed_aliases"]
     assert _aliases("clf-guarded") == {}  # the release alias promote set is dropped
-    assert "blocked by gate run" in version_tags(ref_of(guarded))["trojan_gate.revoked"]
+    for release in (guarded, renewed):  # every release of the version, the earlier one included
+        assert "blocked by gate run" in version_tags(ref_of(release))["trojan_gate.revoked"]
     assert "revoked" in revocation(signed)
     with pytest.raises(ServingRefused, match="revoked"):
         check_servable(guarded)

@@ -173,8 +173,10 @@ def test_the_hostile_benchmark_reports_no_crash_no_promotion_nothing_served_unch
     out = tmp_path / "hostile.md"
     assert main(["benchmark", "hostile", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "crashed 0, promoted 0, served unchecked 0." in text
-    assert text.count("| refused |") == len(hm.MODEL_CASES) + 6
+    assert "crashed 0, promoted 0, served unchecked 0, hung past its deadline 0." in text
+    from trojan_gate.pipelines.benchmarks.hostile_automation import CASES
+
+    assert text.count("| refused |") + text.count("| survived |") == len(hm.MODEL_CASES) + 6 + len(CASES)
 
 
 def test_a_model_that_knows_the_fixed_probes_is_caught_by_the_keyed_ones():

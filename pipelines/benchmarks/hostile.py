@@ -2,9 +2,11 @@
 
 Every case of `hostile_models` (and a few attacks on the registry and serving path) goes through
 the product as an attacker would use it: intake, gate, promote, the guarded model. Per case the
-table gives the outcome: refused (with the named cause), crashed (an error the project did not
-name), promoted (an alias on an attacker's version) or served unchecked (a request answered with
-a label that should have been refused or flagged). The last three must be 0.
+table gives the outcome: refused (with the named cause), survived (the attack on the receiver,
+queue or watcher held, with what held), crashed (an error the project did not name), promoted (an
+alias on an attacker's version), served unchecked (a request answered with a label that should
+have been refused or flagged) or hung (past its deadline). The last four must be 0. The attacks on
+the automation and release path are in `hostile_automation`.
 """
 from __future__ import annotations
 
@@ -162,18 +164,29 @@ def run(args) -> int:
         outcome, cause = _outcome(fn)
         rows.append((name, what, outcome, cause))
 
-    counts = {k: sum(r[2] == k for r in rows) for k in ("refused", "crashed", "promoted", "served unchecked")}
+    from types import SimpleNamespace
+
+    from . import hostile_automation
+
+    env = SimpleNamespace(work=work, heldout=heldout, cheap=cheap, benign_path=benign)
+    for name, what, fn in hostile_automation.CASES:  # the receiver, the queue, time and memory, the release path
+        outcome, cause = _outcome(lambda f=fn: f(env))
+        rows.append((name, what, outcome, cause))
+
+    kinds = ("refused", "survived", "crashed", "promoted", "served unchecked", "hung")
+    counts = {k: sum(r[2] == k for r in rows) for k in kinds}
     lines = ["# Hostile benchmark", "", f"Command: `trojan-gate benchmark hostile` ({time.strftime('%Y-%m-%d')})", "",
              "| case | attack | outcome | cause |", "|---|---|---|---|"]
     lines += [f"| {n} | {w} | {o} | {c.replace('|', '/')} |" for n, w, o, c in rows]
-    lines += ["", f"Tried {len(rows)}: refused by name {counts['refused']}, crashed {counts['crashed']}, "
-                  f"promoted {counts['promoted']}, served unchecked {counts['served unchecked']}."]
+    lines += ["", f"Tried {len(rows)}: refused by name {counts['refused']}, survived {counts['survived']}, crashed "
+                  f"{counts['crashed']}, promoted {counts['promoted']}, served unchecked {counts['served unchecked']}, "
+                  f"hung past its deadline {counts['hung']}."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
-    return 0 if counts["crashed"] == counts["promoted"] == counts["served unchecked"] == 0 else 1
+    return 0 if counts["crashed"] == counts["promoted"] == counts["served unchecked"] == counts["hung"] == 0 else 1
 
 
 def move_threshold(directory, value: float) -> Path:

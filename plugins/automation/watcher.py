@@ -18,24 +18,12 @@ import time
 
 from mlflow import MlflowClient
 
-from ..registry import tag
+from ..registry import every_page, tag
 
 log = logging.getLogger("trojan_gate.watch")
 
 STALE_GATE_S = 6 * 3600.0  # a gate run still "running" after this long was killed (the worker's job timeout)
 MAX_BACKOFF_S = 600.0
-
-
-def every_page(search, **kwargs):
-    """Every result of an MLflow search, page after page (one call returns one page and a token:
-    `search_registered_models` stops at 100 models unless asked for the next page)."""
-    token = None
-    while True:
-        page = search(page_token=token, **kwargs)
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def skip_reason(model_tags: dict, version_tags: dict, gated_again: bool = False) -> str | None:

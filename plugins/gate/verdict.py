@@ -143,6 +143,7 @@ def finish(client, ref: VersionRef, run_id: str, verdict: str, fingerprint: str,
         for other in removed:  # the aliases the claim took away, back on a version that passed
             if other != alias:
                 set_alias(client, ref, other)
+        carry_release_aliases(client, ref)
     elif verdict == BLOCKED:
         drop_aliases(client, ref)
         revoke_release(client, ref, run_id)
@@ -167,21 +168,42 @@ def finish(client, ref: VersionRef, run_id: str, verdict: str, fingerprint: str,
     checkpoint("verdict.done")
 
 
-def revoke_release(client, ref: VersionRef, run_id: str):
-    """A version blocked by a later gate loses the release an earlier gate gave it: its guarded
-    model's aliases are dropped and the guarded version is tagged `trojan_gate.revoked`, which
-    `serve`, `promote` and the guarded model's load (when the registry is reachable) refuse."""
-    guarded_uri = version_tags(ref, client).get(tag("guarded_model"))
-    if not guarded_uri:
-        return
-    from ..registry import resolve
+def guarded_versions(client, ref: VersionRef) -> list[VersionRef]:
+    """Every guarded model version (every release) made for `ref`, current and earlier: the versions
+    of its guarded model whose source tags name `ref`."""
+    from ..registry import resolve, versions_of
 
+    uri = version_tags(ref, client).get(tag("guarded_model"))
+    if not uri:
+        return []
     try:
-        guarded = resolve(guarded_uri, client=client)
+        name = resolve(uri, client=client).name
     except TrojanGateError:
-        return  # deleted: nothing left to serve
-    drop_aliases(client, guarded)
-    set_tags(guarded, {"revoked": f"{ref.uri} blocked by gate run {run_id}"}, client)
+        return []
+    return [VersionRef(v.name, str(v.version)) for v in versions_of(name, client)
+            if (v.tags or {}).get(tag("source_model")) == ref.name
+            and (v.tags or {}).get(tag("source_version")) == str(ref.version)]
+
+
+def carry_release_aliases(client, ref: VersionRef):
+    """After a pass that made a new release: aliases on the version's earlier releases (a `production`
+    that `promote` set) move to the current one, which this gate signed for the same version."""
+    current = version_tags(ref, client).get(tag("guarded_model"))
+    for old in guarded_versions(client, ref):
+        if old.uri == current:
+            continue
+        for a in aliases_of(client, old):
+            client.set_registered_model_alias(old.name, a, current.rsplit("/", 1)[1])
+            checkpoint("registry.alias-set")
+
+
+def revoke_release(client, ref: VersionRef, run_id: str):
+    """A version blocked by a later gate loses every release an earlier gate gave it: the guarded
+    versions' aliases are dropped and each is tagged `trojan_gate.revoked`, which `serve`, `promote`
+    and the guarded model's load (when the registry is reachable) refuse."""
+    for guarded in guarded_versions(client, ref):
+        drop_aliases(client, guarded)
+        set_tags(guarded, {"revoked": f"{ref.uri} blocked by gate run {run_id}"}, client)
     checkpoint("verdict.revoked")
 
 
@@ -200,3 +222,4 @@ def fail(client, ref: VersionRef, run_id: str, error: str, new_ref: VersionRef |
             set_tags(r, {"verdict": ERROR, "verdict.error": error[:4000], "gate.run_id": run_id,
                          "gate.version": __version__, "gate.fingerprint": "", "gate.state": DONE}, client)
         checkpoint("verdict.failed")
+
