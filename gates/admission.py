@@ -222,10 +222,13 @@ def check_declared_input(dims: list, limits: AdmissionLimits) -> int | None:
 
 
 def probe_behaviour(run, input_shape, n_classes: int, limits: AdmissionLimits = AdmissionLimits(),
-                    seed: int | None = None):
+                    seed: int | None = None, examples=None):
     """Ask probe rows twice, alone, in a batch and shuffled; refuse a model whose answers differ. Two
     probe batches: noise with black, white and a smooth gradient, then keyed noise alone (`seed`;
-    None draws it from OS entropy, so no model can know the probes in advance).
+    None draws it from OS entropy, so no model can know the probes in advance). With `examples`
+    (held-out-like images: the gate's held-out data, the served release's bank) a third batch mixes
+    a keyed draw of them with keyed noise, so a model that behaves only on noise is asked about
+    the inputs it will really see.
 
     `run(x)` returns the model's raw output rows for float32 inputs (n, C, H, W). A model keyed on a
     pattern none of the rows carries is not caught here; the guarded model shuffles every request's
@@ -236,7 +239,14 @@ def probe_behaviour(run, input_shape, n_classes: int, limits: AdmissionLimits = 
     x = rng.random((n,) + tuple(input_shape), dtype=np.float32)
     x[0], x[1] = 0.0, 1.0
     x[2] = np.linspace(0.0, 1.0, int(np.prod(input_shape)), dtype=np.float32).reshape(input_shape)
-    for probes in (x, rng.random((n,) + tuple(input_shape), dtype=np.float32)):
+    batches = [x, rng.random((n,) + tuple(input_shape), dtype=np.float32)]
+    if examples is not None and len(examples):
+        examples = np.asarray(examples, np.float32).reshape((-1,) + tuple(input_shape))
+        mixed = rng.random((n,) + tuple(input_shape), dtype=np.float32)
+        k = min(len(examples), n - n // 4)
+        mixed[rng.permutation(n)[:k]] = examples[rng.choice(len(examples), size=k, replace=False)]
+        batches.append(mixed)
+    for probes in batches:
         _probe_batch(run, probes, n_classes, limits, rng)
 
 

@@ -153,11 +153,12 @@ class ModelOracle:
         finally:
             self._phase = previous
 
-    def probe(self, seed: int | None = None) -> "ModelOracle":
+    def probe(self, seed: int | None = None, examples=None) -> "ModelOracle":
         """The behaviour probes of `admission` (determinism, batch independence; keyed from OS entropy unless
-        `seed` is given); raises AdmissionError. Uncounted: they ask about noise, not about anything the scan
-        measures."""
-        probe_behaviour(self._run_batched, self.input_shape, self.n_classes, self.limits, seed=seed)
+        `seed` is given; with `examples`, held-out-like images mixed into a keyed batch); raises
+        AdmissionError. Uncounted: they ask about probes, not about anything the scan measures."""
+        probe_behaviour(self._run_batched, self.input_shape, self.n_classes, self.limits, seed=seed,
+                        examples=examples)
         return self
 
     # -- querying -------------------------------------------------------------------

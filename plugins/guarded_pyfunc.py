@@ -71,7 +71,7 @@ def load_release(release, signature, public_key=None):
                                              expected_sha256=verdict.get("check_artifact_sha256"))
     if guard.oracle.sha256 != verdict.get("model_sha256"):
         raise ArtifactIntegrityError("the release's model.onnx is not the model its verdict names")
-    guard.oracle.probe()  # the admission behaviour probes once more, on the serving host
+    guard.oracle.probe(examples=guard.detector.bank_)  # the keyed probes once more, on the serving host, with held-out images
     return guard, verdict
 
 

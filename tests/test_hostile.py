@@ -270,3 +270,17 @@ def test_what_admission_misses_meets_the_execution_memory_cap():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused: the model asked ONNX Runtime for more memory than the cap of 100 MiB" in out.stdout
+
+
+def test_a_model_that_behaves_on_noise_is_caught_by_probes_mixing_held_out_images(digits):
+    """image-aware-batch misbehaves only when a call holds a digit-like row: every noise probe, fixed or
+    keyed, passes it; the gate's and the serving host's probes mix held-out images in and refuse it."""
+    from trojan_gate.gates.admission import AdmissionError
+
+    oracle = ModelOracle(hm.image_aware_batch().SerializeToString())
+    for _ in range(3):
+        oracle.probe()  # noise alone, keyed afresh each time: nothing to see
+    _, test = digits
+    with pytest.raises(AdmissionError) as refused:
+        oracle.probe(examples=test.x[:64])
+    assert refused.value.cause == "batch-dependent"

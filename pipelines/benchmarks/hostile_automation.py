@@ -186,6 +186,27 @@ def slow_call(env):
     return "hung", f"intake returned after {time.monotonic() - t0:.0f} s"
 
 
+def image_aware_batch(env):
+    """Behaves on every noise probe, hijacks row 0 of a batch holding a digit: intake (noise probes)
+    admits it, the gate's probes mixing the held-out images in refuse it."""
+    from mlflow import MlflowClient
+
+    from trojan_gate.plugins.gate import run_gate
+    from trojan_gate.plugins.registry import intake_onnx, version_tags
+
+    from . import hostile_models as hm
+
+    path = env.work / "image-aware.onnx"
+    path.write_bytes(hm.image_aware_batch().SerializeToString())
+    ref = intake_onnx(path, "image-aware")
+    out = run_gate(ref.uri, env.heldout, env.cheap)
+    aliases = MlflowClient().get_registered_model(ref.name).aliases
+    error = version_tags(ref).get("trojan_gate.verdict.error", "")
+    if out.verdict == "error" and not aliases and "batch-dependent" in error:
+        return "refused", "intake admitted it; the gate's keyed probes with held-out images: batch-dependent"
+    return ("promoted" if aliases else "crashed"), f"gate {out.verdict}: {error[:80]}"
+
+
 def memory_outgrown(env):
     script = ("import numpy as np\n"
               "from trojan_gate.gates.admission import AdmissionLimits\n"
@@ -288,6 +309,7 @@ CASES = (
     ("two-receivers", "a second receiver on the same queue file", two_receivers),
     ("hanging-gate", "a gate process that never ends", hanging_gate),
     ("slow-call", "every model call computes for seconds (limit 1 s)", slow_call),
+    ("image-aware-batch", "batch dependence only on digit-like rows, none on noise", image_aware_batch),
     ("memory-outgrown", "intermediates past the execution memory cap", memory_outgrown),
     ("watcher-inputs", "a quoted model name; a registry that fails", watcher_inputs),
     ("regate-revoke", "regate a promoted version; block it later", regate_and_revocation),

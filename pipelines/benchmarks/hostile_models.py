@@ -131,6 +131,37 @@ def probe_aware_batch() -> onnx.ModelProto:
     return _linear("trig", pre, inits)
 
 
+def image_aware_batch() -> onnx.ModelProto:
+    """Hijacks row 0 of a call of several rows to class 0 when a row of the call looks like a
+    handwritten digit (5 to 60 of its 64 pixels exactly 0), as no noise row, black, white or gradient
+    probe does: a model that behaves on every noise probe, keyed or not, and misbehaves on the
+    inputs it serves."""
+    pre, inits = [], []
+    _first_row(pre, inits)
+    pre += [helper.make_node("Equal", ["f", "zero"], ["is0"]),
+            helper.make_node("Cast", ["is0"], ["is0f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["is0f", "ax"], ["zeros"], keepdims=1),       # (n, 1)
+            helper.make_node("Greater", ["zeros", "lo"], ["some"]),
+            helper.make_node("Less", ["zeros", "hi"], ["not_all"]),
+            helper.make_node("And", ["some", "not_all"], ["digitish"]),
+            helper.make_node("Cast", ["digitish"], ["digitishf"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMax", ["digitishf"], ["any"], keepdims=0),        # over the whole call
+            helper.make_node("Greater", ["any", "half"], ["imagey"]),
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Gather", ["shp", "r0"], ["n"], axis=0),
+            helper.make_node("Greater", ["n", "one"], ["batched"]),
+            helper.make_node("And", ["first", "imagey"], ["fire0"]),
+            helper.make_node("And", ["fire0", "batched"], ["fire"]),
+            helper.make_node("Cast", ["fire"], ["firef"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["firef", "onehot"], ["trig"])]
+    inits += [numpy_helper.from_array(_onehot(), "onehot"), numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              numpy_helper.from_array(np.array(4.5, np.float32), "lo"),
+              numpy_helper.from_array(np.array(60.5, np.float32), "hi"),
+              numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    return _linear("trig", pre, inits)
+
+
 def sparse_allocation(n: int = 64 * 1024**2) -> onnx.ModelProto:
     """A 400-byte sparse initializer of n floats: ONNX Runtime densifies it when the session is created."""
     m = _linear()

@@ -70,6 +70,7 @@ def validate_data(state: GateState, heldout):
                               min_per_class=state.config.min_per_class)
     mlflow.log_dict({"checks": report.checks}, "heldout_validation.json")
     state.heldout = heldout
+    state.oracle.probe(examples=heldout.x)  # keyed probes again, mixing the held-out images in
 
 
 def scan_model(state: GateState, scan_fn):
