@@ -12,7 +12,8 @@ def add_gate_options(p):
     p.add_argument("--alias", default="candidate", help="alias given to a version that passes")
     p.add_argument("--config", help="settings file for every gate (TOML, see README)")
     p.add_argument("--workers", type=int, default=1, help="gates run at once (one per version at a time)")
-    p.add_argument("--queue", help="the persistent queue file, one for listen and watch (default: ~/.cache/trojan-gate/gate-queue.db)")
+    p.add_argument("--queue", help="the persistent queue file, one for listen and watch "
+                                   "(default: ~/.cache/trojan-gate/gate-queue.db)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--dispatch", choices=("local", "kubernetes"), default="local",
                    help="run each gate here, or as an MLflow Project run on Kubernetes (one Job per gate)")

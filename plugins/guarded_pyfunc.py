@@ -6,8 +6,8 @@ Loading refuses unless the signature verifies with the public key in `TROJAN_GAT
 the signed verdict is passed or patched, the ONNX and the artifact hash to what the verdict
 names, and the registry does not revoke it (`revocation`: the version it serves was blocked by a
 later gate; checked when the registry is reachable, logged when not, refused when not and
-`TROJAN_GATE_REQUIRE_REVOCATION_CHECK=1`). The serving policy (`reject` by default: a flagged input's label is -1; `flag`: the label
-is kept) and the row cap come from the signed verdict; a client's `params` change nothing.
+`TROJAN_GATE_REQUIRE_REVOCATION_CHECK=1`). The serving policy (`reject` by default: a flagged
+input's label is -1; `flag`: the label is kept) and the row cap come from the signed verdict; a client's `params` change nothing.
 
 The input is what the logged signature says: a float32 tensor (n, C, H, W) in [0, 1]. Per input,
 predict returns `label`, `probability`, `instance_score` (higher means more trojan-like: the run-time
@@ -71,7 +71,7 @@ def load_release(release, signature, public_key=None):
                                              expected_sha256=verdict.get("check_artifact_sha256"))
     if guard.oracle.sha256 != verdict.get("model_sha256"):
         raise ArtifactIntegrityError("the release's model.onnx is not the model its verdict names")
-    guard.oracle.probe(examples=guard.detector.bank_)  # the keyed probes once more, on the serving host, with held-out images
+    guard.oracle.probe(examples=guard.detector.bank_)  # keyed probes on the serving host, held-out images mixed in
     return guard, verdict
 
 

@@ -202,7 +202,8 @@ def slow_model(side: int = 1500, rounds: int = 40) -> onnx.ModelProto:
     itself `rounds` times (~rounds * 2 side^3 flops a call, seconds on 2 cores), adding nothing to
     the answer: a call that runs as long as its author wants, passing every static rule."""
     pre = [helper.make_node("ReduceMean", ["f"], ["level"], keepdims=0),
-           helper.make_node("ConstantOfShape", ["side"], ["ones"], value=numpy_helper.from_array(np.array([1e-4], np.float32))),
+           helper.make_node("ConstantOfShape", ["side"], ["ones"],
+                            value=numpy_helper.from_array(np.array([1e-4], np.float32))),
            helper.make_node("Mul", ["ones", "level"], ["m0"])]
     for i in range(rounds):
         pre.append(helper.make_node("MatMul", [f"m{i}", f"m{i}"], [f"m{i + 1}"]))
