@@ -467,7 +467,7 @@ def bounded_receiver(monkeypatch):
         return SimpleNamespace(name=name, version=version, uri=f"models:/{name}/{version}")
 
     handler = webhook.make_handler(SECRET, queue, resolve, skip_reason=skip)
-    server = webhook.receiver("127.0.0.1", 0, handler, max_connections=2)
+    server = webhook.receiver("127.0.0.1", 0, handler, max_connections=2, deadline_s=3.0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1], queue
     server.shutdown()
@@ -516,6 +516,34 @@ def test_the_receiver_limits_connections_and_times_out_idle_ones(bounded_receive
     for s in idle:  # the socket timeout closes an idle connection and frees its slot
         assert s.recv(10) == b""
         s.close()
+    time.sleep(0.2)
+    assert b" 200 " in _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def test_a_client_trickling_bytes_loses_its_connection_at_the_deadline(bounded_receiver):
+    """Slowloris: one byte every 0.5 s never trips the 1 s per-read timeout; the 3 s connection deadline
+    shuts the connection down and frees its slot."""
+    import socket
+
+    port, queue = bounded_receiver
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    t0, closed = time.monotonic(), False
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 100
+    for byte in request:
+        try:
+            s.sendall(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        s.settimeout(0.5)
+        try:
+            if s.recv(1024) == b"":
+                closed = True
+                break
+        except TimeoutError:
+            pass
+    s.close()
+    assert closed and 2.5 < time.monotonic() - t0 < 6.0
     time.sleep(0.2)
     assert b" 200 " in _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 

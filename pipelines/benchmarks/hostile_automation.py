@@ -31,7 +31,8 @@ def _rss_mib() -> float:
 class _Receiver:
     """The real receiver (handler, bounded server, GateQueue) on a loopback port, in this process."""
 
-    def __init__(self, queue_path, resolve, timeout_s: float = 1.0, max_connections: int = 32):
+    def __init__(self, queue_path, resolve, timeout_s: float = 1.0, max_connections: int = 32,
+                 deadline_s: float = 3.0):
         from trojan_gate.plugins.automation import webhook
         from trojan_gate.plugins.automation.queue import GateQueue
         from trojan_gate.plugins.automation.watcher import skip_reason
@@ -41,7 +42,8 @@ class _Receiver:
         self.queue = GateQueue(queue_path)
         handler = webhook.make_handler(SECRET, self.queue, resolve,
                                        skip_reason=lambda ref, why: skip_reason({}, {}, "regate" in why))
-        self.server = webhook.receiver("127.0.0.1", 0, handler, max_connections=max_connections)
+        self.server = webhook.receiver("127.0.0.1", 0, handler, max_connections=max_connections,
+                                       deadline_s=deadline_s)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -124,6 +126,30 @@ def connection_flood(env):
         if peak <= 34 and b" 200 " in health:
             return "survived", f"200 idle connections: at most {peak} threads, closed after 1 s, then /health 200"
         return "crashed", f"{peak} threads for 200 idle connections; /health {health[:12]!r}"
+    finally:
+        rx.close()
+
+
+def trickle(env):
+    """Slowloris: 32 connections each sending a byte every 0.5 s (never 1 s idle)."""
+    rx = _Receiver(env.work / "q-trickle.db", _resolver(), timeout_s=1.0, max_connections=32, deadline_s=3.0)
+    try:
+        conns = [socket.create_connection(("127.0.0.1", rx.port), timeout=10) for _ in range(32)]
+        t0, open_ = time.monotonic(), list(conns)
+        while open_ and time.monotonic() - t0 < 15:
+            for s in list(open_):
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    open_.remove(s)
+            time.sleep(0.5)
+        took = time.monotonic() - t0
+        health = rx.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in conns:
+            s.close()
+        if not open_ and b" 200 " in health:
+            return "survived", f"32 trickling connections shut at the 3 s deadline (all gone after {took:.1f} s)"
+        return "hung", f"{len(open_)} trickling connections still open after {took:.0f} s"
     finally:
         rx.close()
 
@@ -305,6 +331,7 @@ def regate_and_revocation(env):
 CASES = (
     ("receiver-body", "Content-Length -1 with 64 MiB; a signed 3 MiB body", body_flood),
     ("receiver-connections", "200 idle connections", connection_flood),
+    ("receiver-trickle", "32 connections sending a byte every 0.5 s", trickle),
     ("lost-delivery", "the registry fails while a delivery is handled; MLflow retries", lost_delivery),
     ("two-receivers", "a second receiver on the same queue file", two_receivers),
     ("hanging-gate", "a gate process that never ends", hanging_gate),

@@ -21,8 +21,11 @@ gate's own tag writes are other keys and are ignored. The watcher's filters appl
 Bounds, because anyone who can reach the port can send anything: the body must come with a
 numeric `Content-Length` of at most `MAX_BODY` bytes (411 without one, 400 when it is not a
 non-negative number or fewer bytes arrive, 413 above the cap) and is read to exactly that length
-before the signature is checked; every connection has a socket timeout (`TIMEOUT_S`), and at most
-`MAX_CONNECTIONS` are served at once (a further connection is answered 503 and closed).
+before the signature is checked; every connection has a socket timeout (`TIMEOUT_S`, per read) and
+an absolute deadline (`CONNECTION_DEADLINE_S`: a reaper thread shuts down a connection still open
+after it, so a client trickling one byte at a time cannot hold a slot; the standard library's
+server and uvicorn alike only time out single reads), and at most `MAX_CONNECTIONS` are served at
+once (a further connection is answered 503 and closed).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ REGATE_TAG = "trojan_gate.regate"
 MAX_BODY = 1 << 20
 TIMEOUT_S = 10.0  # a connection idle or half-sent for this long is closed
 MAX_CONNECTIONS = 32
+CONNECTION_DEADLINE_S = 30.0  # a connection, however busy, is closed after this long
 
 
 class DeliveryRefused(TrojanGateError):
@@ -208,9 +212,33 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS,
+                 deadline_s: float | None = None):
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.deadline_s = CONNECTION_DEADLINE_S if deadline_s is None else float(deadline_s)
+        self._open: dict = {}  # socket -> time.monotonic() past which it is shut down
+        self._open_lock = threading.Lock()
+        self.reaped = 0
+        threading.Thread(target=self._reap, name="receiver-reaper", daemon=True).start()
+
+    def _reap(self):
+        """Shut down connections past their deadline (the handler's blocked read then returns)."""
+        import socket
+
+        while True:
+            time.sleep(min(1.0, self.deadline_s / 4))
+            now = time.monotonic()
+            with self._open_lock:
+                late = [s for s, due in self._open.items() if due < now]
+                for s in late:
+                    del self._open[s]
+            for s in late:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    self.reaped += 1
+                except OSError:
+                    pass
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -227,12 +255,17 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address):
+        with self._open_lock:
+            self._open[request] = time.monotonic() + self.deadline_s
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.pop(request, None)
             self.slots.release()
 
 
-def receiver(host: str, port: int, handler, max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
-    """The receiver's HTTP server (bounded connections; see the module doc)."""
-    return BoundedHTTPServer((host, port), handler, max_connections)
+def receiver(host: str, port: int, handler, max_connections: int = MAX_CONNECTIONS,
+             deadline_s: float | None = None) -> ThreadingHTTPServer:
+    """The receiver's HTTP server (bounded connections, per-read timeout, connection deadline; see the module doc)."""
+    return BoundedHTTPServer((host, port), handler, max_connections, deadline_s)
