@@ -94,3 +94,32 @@ def test_the_calibration_that_decides_enters_the_verdicts_reuse_fingerprint():
         GateConfig(scan={"decision": "vote"})
     doc = GateConfig().to_dict()
     assert doc["scan"]["calibration"] == "auto" and GateConfig.from_dict(doc).fingerprint("ab" * 32) == base
+
+
+def test_the_pool_widens_its_recipes_without_moving_the_cached_shadows():
+    """A third of the shadows train with another optimiser / schedule (their own stream); every other
+    shadow keeps the specification, hence the cache key, it had before recipes were drawn."""
+    from trojan_gate.gates.metascan.shadows import RECIPE_SHARE, sample_shadow, shadow_key
+
+    rng = np.random.default_rng([0, 7001])
+    specs = [sample_shadow(rng, i % 2 == 1, 10, index=i, seed=0) for i in range(400)]
+    plain = {i: shadow_key(s, "0" * 64) for i, s in enumerate(specs) if "recipe" not in s}
+    assert {4: "e6d1673ee2d26fb582f4c873", 7: "628dd0abfecab2d2ff87fdab"}.items() <= plain.items()  # as cached
+    recipes = [s for s in specs if "recipe" in s]
+    assert abs(len(recipes) / len(specs) - RECIPE_SHARE) < 0.07
+    assert {r["recipe"]["optimizer"] for r in recipes} == {"adam", "adamw", "sgd"}
+    assert not any(r["recipe"]["optimizer"] == "adam" and r["recipe"]["schedule"] == "onecycle" for r in recipes)
+    assert sum(r["augment"] == "none" for r in recipes) > len(recipes) / 2
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("sgd", "step"), ("adam", "constant")])
+def test_every_recipe_trains_a_working_classifier(digits, optimizer, schedule):
+    from trojan_gate.gates.metascan.training import predict_labels, train_classifier
+
+    train, test = digits
+    lr = 5e-2 if optimizer == "sgd" else 3e-3
+    model = train_classifier(train.x, train.y, 10, epochs=10, lr=lr, batch_size=64, seed=0, optimizer=optimizer,
+                             schedule=schedule, label_smoothing=0.1)
+    assert (predict_labels(model, test.x) == test.y).mean() > 0.6
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train_classifier(train.x[:10], train.y[:10], 10, epochs=1, optimizer="rmsprop")

@@ -11,6 +11,10 @@ held-out set the gate already has, with its own draw of
   800-3,000 steps, log-uniform, so that the pool reaches the confidence of a vendor's model
   trained on far more data), learning rate, batch size, weight decay, augmentation,
 - the share of the held-out training part it sees (60-100%), and seed,
+- for `RECIPE_SHARE` of the shadows, a training recipe other than Adam + one-cycle (`recipe`:
+  AdamW or SGD with momentum, cosine / constant / step schedules, label smoothing), mostly
+  unaugmented and often trained to convergence, as vendors commonly train (a pool of Adam +
+  one-cycle alone flagged benign models of other recipes: docs/calibrated-scan.md),
 
 so that the pool spans the ways a vendor may have trained a model of the task. Shadows are sized
 to train in seconds on one CPU core; one process per core trains them in parallel. Each is cached under the sha256 of its specification and of
@@ -44,6 +48,7 @@ EVAL_SHARE = 0.2  # of the held-out set, never trained on: every shadow's accura
 
 LONG_SHARE = 0.4  # shadows trained 800-3,000 steps: as confident as a vendor's model trained on far more data
 LONG_STEPS = (800, 3000)
+RECIPE_SHARE = 0.35  # shadows trained with another optimiser / schedule (their own stream: the rest keep their keys)
 
 
 def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, archs=SHADOW_ARCHITECTURES,
@@ -61,6 +66,21 @@ def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, arch
     if long.random() < LONG_SHARE:
         spec["steps"] = int(np.exp(long.uniform(np.log(LONG_STEPS[0]), np.log(LONG_STEPS[1]))))
         spec["batch_size"] = max(spec["batch_size"], 64)
+    other = np.random.default_rng([seed, index, 13])
+    if other.random() < RECIPE_SHARE:
+        recipe = {"optimizer": str(other.choice(["adam", "adamw", "sgd"])),
+                  "schedule": str(other.choice(["cosine", "constant", "step", "onecycle"])),
+                  "label_smoothing": float(other.choice([0.0, 0.1]))}
+        if recipe["optimizer"] == "adam" and recipe["schedule"] == "onecycle":
+            recipe["schedule"] = "cosine"  # a recipe other than the default
+        if recipe["optimizer"] == "sgd":
+            spec["lr"] = float(spec["lr"] * 20)  # SGD's usual learning rates: 2e-2 to 1e-1
+        if other.random() < 0.75:
+            spec["augment"] = "none"
+        if other.random() < 0.6:  # to convergence
+            spec["steps"] = int(np.exp(other.uniform(np.log(LONG_STEPS[0]), np.log(LONG_STEPS[1]))))
+            spec["batch_size"] = max(spec["batch_size"], 64)
+        spec["recipe"] = recipe
     return spec
 
 
@@ -127,7 +147,7 @@ def train_shadow(spec: dict, train: Dataset, evaluation: Dataset, n_classes: int
     epochs = max(1, int(round(spec["steps"] / np.ceil(len(x) / spec["batch_size"]))))
     model = train_classifier(x, y, n_classes, arch=spec["arch"], width=spec["width"], epochs=epochs,
                              lr=spec["lr"], batch_size=spec["batch_size"], seed=spec["seed"],
-                             augment=spec["augment"], weight_decay=spec["weight_decay"])
+                             augment=spec["augment"], weight_decay=spec["weight_decay"], **spec.get("recipe", {}))
     seconds = time.perf_counter() - t0
     acc = float((predict_labels(model, evaluation.x) == evaluation.y).mean())
     asr = None if trojan is None else attack_success(lambda z: predict_labels(model, z), evaluation.x,
