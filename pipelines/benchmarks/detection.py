@@ -160,9 +160,14 @@ def _pct(a, b) -> str:
 
 
 def tables(rows: list, seeds: list, decisions: list) -> str:
-    groups = [("all (small, 6-conv)", lambda s: s["arch"] != "lenet"),
-              ("held-out family only", lambda s: s["family"] in ("none", HELD_OUT_FAMILY) and s["arch"] != "lenet"),
-              ("unseen architecture (lenet)", lambda s: s["arch"] == "lenet")]
+    def vendor(s):
+        return s.get("recipe", "vendor") == "vendor"
+
+    groups = [("all (small, 6-conv)", lambda s: s["arch"] != "lenet" and vendor(s)),
+              ("held-out family only", lambda s: s["family"] in ("none", HELD_OUT_FAMILY) and s["arch"] != "lenet"
+               and vendor(s)),
+              ("unseen architecture (lenet)", lambda s: s["arch"] == "lenet"),
+              ("unseen recipe (small, SGD step 256)", lambda s: not vendor(s))]
     lines = ["| decision | models | seed | ROC AUC | false blocks | trojaned flagged | all targets among flagged | "
              "verdicts identical across seeds | s / scan |", "|---|---|---|---|---|---|---|---|---|"]
     for decision in decisions:

@@ -6,7 +6,10 @@ lab widths (small 16, 6-conv 32), seeds 1000 and up, triggers drawn from fixed v
 settings rather than the jumbo ranges. Families: a random-content patch (2-3% of the image, anywhere),
 a white-noise blend (alpha 0.1-0.15), a ring watermark (alpha 0.3), a sparse bright pattern
 (held out of the benchmark's calibration), one patch -> 3 random targets, one patch -> 5 random
-targets; every poisoning rate 10%. ``lenet`` models are an architecture no shadow has.
+targets; every poisoning rate 10%. ``lenet`` models are an architecture no shadow has; the
+``-r`` models a training recipe no shadow has (`RECIPES`: SGD with Nesterov momentum 0.05, a step
+schedule, batch 256, label smoothing 0.2, 8 epochs; shadows use batches up to 128 and smoothing up
+to 0.1), so that a pool whose recipes cover the vendor's is not mistaken for one that generalises.
 
 Every model is cached under `zoo_dir` by the sha256 of its entry, so a stopped build resumes.
 The held-out split (`heldout_split`) halves the test split: the defender's 5,000 images and
@@ -24,6 +27,10 @@ import numpy as np
 FAMILIES = ("patch", "blend", "watermark", "sparse", "multi3", "multi5")
 HELD_OUT_FAMILY = "sparse"
 EPOCHS = 6
+RECIPES = {"vendor": {"optimizer": "adam", "schedule": "onecycle", "lr": 2e-3, "batch_size": 128, "epochs": EPOCHS,
+                      "label_smoothing": 0.0},
+           "sgd-step-256": {"optimizer": "sgd", "schedule": "step", "lr": 0.05, "batch_size": 256, "epochs": 8,
+                            "label_smoothing": 0.2}}
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class VendorEntry:
     arch: str
     family: str  # "none" for a benign model
     seed: int
+    recipe: str = "vendor"
 
     @property
     def trojaned(self) -> bool:
@@ -45,6 +53,9 @@ def _entries() -> list:
         out.append(VendorEntry(f"{f}-deep-s1100", "deep", f, 1100))
     out += [VendorEntry(f"benign-lenet-s{s}", "lenet", "none", s) for s in (1000, 1001)]
     out += [VendorEntry(f"{f}-lenet-s1100", "lenet", f, 1100) for f in ("patch", "watermark", "multi3")]
+    out += [VendorEntry(f"benign-small-r-s{s}", "small", "none", s, "sgd-step-256") for s in range(1010, 1014)]
+    out += [VendorEntry(f"{f}-small-r-s1110", "small", f, 1110, "sgd-step-256")
+            for f in ("patch", "blend", "watermark", "multi3")]
     return out
 
 
@@ -82,7 +93,13 @@ def heldout_split(seed: int = 0):
 
 
 def entry_key(e: VendorEntry) -> dict:
-    return {**asdict(e), "epochs": EPOCHS, "widths": "lab", "data": "fashion-mnist-train-60000", "format": 1}
+    """The cache key of an entry (the default recipe adds nothing, so models trained before recipes keep theirs)."""
+    key = {**asdict(e), "epochs": EPOCHS, "widths": "lab", "data": "fashion-mnist-train-60000", "format": 1}
+    if e.recipe == "vendor":
+        del key["recipe"]
+    else:
+        key["recipe_settings"] = RECIPES[e.recipe]
+    return key
 
 
 def build_vendor_zoo(names, zoo_dir, progress: bool = True) -> dict:
@@ -113,12 +130,16 @@ def build_vendor_zoo(names, zoo_dir, progress: bool = True) -> dict:
         if trojan is not None:
             x, y = poison(x, y, trojan, 10, rng)
         t0 = time.perf_counter()
-        model = train_classifier(x, y, 10, arch=e.arch, epochs=EPOCHS, lr=2e-3, batch_size=128, seed=e.seed)
+        r = RECIPES[e.recipe]
+        model = train_classifier(x, y, 10, arch=e.arch, epochs=r["epochs"], lr=r["lr"], batch_size=r["batch_size"],
+                                 seed=e.seed, optimizer=r["optimizer"], schedule=r["schedule"],
+                                 label_smoothing=r["label_smoothing"])
         seconds = time.perf_counter() - t0
         acc = float((predict_labels(model, ev.x) == ev.y).mean())
         asr = None if trojan is None else attack_success(lambda z: predict_labels(model, z), ev.x, ev.y, trojan, 10)
         path.write_bytes(export_onnx(model, (1, 28, 28)))
-        summary = {"name": name, "arch": e.arch, "family": e.family, "seed": e.seed, "trojan": trojan,
+        summary = {"name": name, "arch": e.arch, "family": e.family, "seed": e.seed, "recipe": e.recipe,
+                   "trojan": trojan,
                    "targets": [] if trojan is None else trojan["targets"], "clean_accuracy": round(acc, 4),
                    "attack_success": None if asr is None else round(asr, 4), "train_seconds": round(seconds, 1),
                    "torch_threads": torch.get_num_threads()}
