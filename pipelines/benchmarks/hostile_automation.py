@@ -179,6 +179,51 @@ def two_receivers(env):
     return "crashed", f"the second receiver took {stolen} job(s)"
 
 
+def queue_abuse(env):
+    """A tag-happy client asks for gate after gate of one model; the queue file is one for listen and watch."""
+    from trojan_gate.plugins.automation.queue import MAX_JOBS_PER_MODEL_PER_HOUR, GateQueue
+
+    queue = GateQueue(env.work / "q-rate.db")
+    answers = [queue.enqueue("m", str(v), "model_version_tag.set regate") for v in range(100)]
+    queued = answers.count("queued")
+    from trojan_gate.pipelines import gateopts
+
+    shared = gateopts.gate_setup.__defaults__ == ("gate-queue",)  # listen and watch open the same file
+    if queued == MAX_JOBS_PER_MODEL_PER_HOUR and shared:
+        return "refused", f"100 requests for one model: {queued} queued, {answers.count('rate-limited')} answered 429"
+    return "crashed", f"{queued} of 100 queued; one queue file for listen and watch: {shared}"
+
+
+def webhook_filters(env):
+    """Deliveries for a guarded model, a scan calibration and a patched version, read back from the registry."""
+    from mlflow import MlflowClient
+
+    from trojan_gate.plugins.automation.watcher import registry_skip_reason
+    from trojan_gate.plugins.registry import VersionRef
+
+    client = MlflowClient()
+    cases = {"filter-guarded": ({"trojan_gate.kind": "guarded"}, {}),
+             "filter-calibration": ({"trojan_gate.kind": "scan-calibration"}, {}),
+             "filter-patched": ({}, {"trojan_gate.patched_from": "1"})}
+    why = {}
+    for name, (model_tags, version_tags) in cases.items():
+        client.create_registered_model(name, tags=model_tags)
+        v = client.create_model_version(name, source=str(env.work), tags=version_tags)
+        why[name] = registry_skip_reason(client)(VersionRef(name, str(v.version)), "model_version.created")
+    if all(why.values()):
+        return "refused", "; ".join(f"{k[7:]}: {v}" for k, v in why.items())
+    return "crashed", f"queued: {[k for k, v in why.items() if not v]}"
+
+
+def server_key(env):
+    from trojan_gate.plugins.automation.server import persistent_key
+
+    first, again = persistent_key(env.work / "server"), persistent_key(env.work / "server")
+    if first == again:
+        return "survived", "the webhook-secret key is kept in the server's workdir across restarts (0600)"
+    return "crashed", "a restart drew a new key: stored secrets no longer decrypt"
+
+
 def hanging_gate(env):
     from trojan_gate.plugins.automation.queue import GateQueue
     from trojan_gate.plugins.automation.workers import TIMED_OUT, GateCommand, GateWorkers
@@ -334,6 +379,9 @@ CASES = (
     ("receiver-trickle", "32 connections sending a byte every 0.5 s", trickle),
     ("lost-delivery", "the registry fails while a delivery is handled; MLflow retries", lost_delivery),
     ("two-receivers", "a second receiver on the same queue file", two_receivers),
+    ("queue-abuse", "100 regate requests for one model in an hour", queue_abuse),
+    ("webhook-filters", "deliveries for a guarded model, a calibration, a patched version", webhook_filters),
+    ("server-key", "restart a webhook server", server_key),
     ("hanging-gate", "a gate process that never ends", hanging_gate),
     ("slow-call", "every model call computes for seconds (limit 1 s)", slow_call),
     ("image-aware-batch", "batch dependence only on digit-like rows, none on noise", image_aware_batch),

@@ -33,6 +33,7 @@ def persistent_key(workdir) -> str:
     """The webhook-secret encryption key kept in `workdir` (created once, mode 0600); a file that
     does not hold a Fernet key (32 bytes, url-safe base64) is refused by name."""
     path = Path(workdir) / KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
