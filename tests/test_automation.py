@@ -475,20 +475,9 @@ def bounded_receiver(monkeypatch):
 
 
 def _raw(port, head: bytes, body: bytes = b"", close_write=False, wait=10.0) -> bytes:
-    import socket
+    from trojan_gate.pipelines.benchmarks.hostile_automation import exchange
 
-    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
-    s.sendall(head + body)
-    if close_write:
-        s.shutdown(socket.SHUT_WR)
-    out = b""
-    try:
-        while chunk := s.recv(65536):
-            out += chunk
-    except TimeoutError:
-        pass
-    s.close()
-    return out
+    return exchange(port, head + body, wait=wait, close_write=close_write)
 
 
 def test_the_receiver_bounds_bodies_before_reading_them(bounded_receiver):

@@ -53,21 +53,7 @@ class _Receiver:
         self._webhook.TIMEOUT_S = self._old_timeout
 
     def raw(self, data: bytes, body_chunks=(), wait: float = 10.0) -> bytes:
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=wait)
-        try:
-            s.sendall(data)
-            for chunk in body_chunks:
-                s.sendall(chunk)
-        except OSError:  # the receiver closed the connection while the attacker was still sending
-            pass
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except OSError:
-            pass
-        s.close()
-        return out
+        return exchange(self.port, data, body_chunks, wait)
 
     def signed(self, body: str, delivery: str | None = None) -> bytes:
         from trojan_gate.plugins.automation.webhook import sign
@@ -79,6 +65,28 @@ class _Receiver:
         lines = "".join(f"{k}: {v}\r\n" for k, v in head.items())
         return (f"POST / HTTP/1.1\r\nHost: x\r\n{lines}Content-Length: {len(body.encode())}\r\n"
                 "Connection: close\r\n\r\n").encode() + body.encode()
+
+
+def exchange(port: int, data: bytes, body_chunks=(), wait: float = 10.0, close_write: bool = False) -> bytes:
+    """Send `data` (then `body_chunks`) to a loopback port as a raw client would; everything answered
+    until the server closes the connection or `wait` passes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    try:
+        s.sendall(data)
+        for chunk in body_chunks:
+            s.sendall(chunk)
+        if close_write:
+            s.shutdown(socket.SHUT_WR)
+    except OSError:  # the receiver closed the connection while the attacker was still sending
+        pass
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    s.close()
+    return out
 
 
 def _resolver(fail_once=()):
