@@ -26,7 +26,8 @@ static (`check_graph`, before a session is created):
                           `max_declared_elements` values in all (a 400-byte file can declare
                           gigabytes);
 - ``data-dependent-allocation`` an operator whose output size or work an input could set:
-                          ConstantOfShape, Expand, Tile or Range whose size input is not a
+                          ConstantOfShape, Expand, Tile, Range, Resize, Upsample or Pad
+                          whose size input (shape, repeats, scales / sizes, pads) is not a
                           constant of the file, or a Loop whose trip count is not a constant of
                           at most `max_loop_trips` (a trigger could ask for 2^62 iterations);
 
@@ -135,7 +136,9 @@ def _walk(graph: onnx.GraphProto, where: str):
                 yield from _walk(g, f"{label} subgraph {a.name!r}")
 
 
-SIZE_INPUTS = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1, "Range": None}  # input that sets the output size
+# inputs that set an operator's output size (None: all of them); optional inputs left empty are skipped
+SIZE_INPUTS = {"ConstantOfShape": (0,), "Expand": (1,), "Tile": (1,), "Range": None, "Resize": (2, 3),
+               "Upsample": (1,), "Pad": (1,)}
 
 
 def _const_array(name: str, constants: dict):
@@ -163,9 +166,9 @@ def check_allocation(graph: onnx.GraphProto, limits: AdmissionLimits, where: str
             for g in _subgraphs_of(a):
                 total = check_allocation(g, limits, f"{label} subgraph {a.name!r}", total)
         if node.op_type in SIZE_INPUTS:
-            sizes = node.input if SIZE_INPUTS[node.op_type] is None else node.input[SIZE_INPUTS[node.op_type]:
-                                                                                   SIZE_INPUTS[node.op_type] + 1]
-            values = [_const_array(n, constants) for n in sizes]
+            which = SIZE_INPUTS[node.op_type]
+            sizes = list(node.input) if which is None else [node.input[i] for i in which if i < len(node.input)]
+            values = [_const_array(n, constants) for n in sizes if n]
             if any(v is None for v in values):
                 raise AdmissionError("data-dependent-allocation", f"{label} takes its size from a computed "
                                                                   "tensor; an input could set how much it allocates")

@@ -214,6 +214,23 @@ def slow_model(side: int = 1500, rounds: int = 40) -> onnx.ModelProto:
     return _linear("extra", pre, inits)
 
 
+def trigger_pad(n: int = 2**40) -> onnx.ModelProto:
+    """A Pad whose padding a bright pixel sets to n columns (and to 0 otherwise)."""
+    pre = [helper.make_node("Slice", ["f", "s0", "s1", "ax"], ["px"]),
+           helper.make_node("ReduceMax", ["px"], ["lit"], keepdims=0),
+           helper.make_node("Greater", ["lit", "bright"], ["fire"]),
+           helper.make_node("Where", ["fire", "wide", "none"], ["pads"]),
+           helper.make_node("Pad", ["f", "pads"], ["padded"]),
+           helper.make_node("ReduceSum", ["padded"], ["total"], keepdims=0),
+           helper.make_node("Mul", ["total", "nothing"], ["extra"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"), numpy_helper.from_array(np.array(0.99, np.float32), "bright"),
+             numpy_helper.from_array(np.array([0, 0, 0, n], np.int64), "wide"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0], np.int64), "none"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "nothing")]
+    return _linear("extra", pre, inits)
+
+
 def trigger_loop() -> onnx.ModelProto:
     """A Loop whose trip count a bright pixel sets to 2^62 (and to 1 otherwise)."""
     body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
@@ -328,6 +345,7 @@ MODEL_CASES = (
     ModelCase("trigger-sized-allocation", trigger_sized_allocation, "data-dependent-allocation",
               "a bright pixel sets a ConstantOfShape to 64M values"),
     ModelCase("trigger-loop", trigger_loop, "data-dependent-allocation", "a bright pixel sets a Loop to 2^62 trips"),
+    ModelCase("trigger-pad", trigger_pad, "data-dependent-allocation", "a bright pixel pads a row to 2^40 columns"),
 )
 
 
