@@ -26,6 +26,7 @@ def gate_setup(args, queue_name: str = "gate-queue"):
     """(queue, workers) for `listen` / `watch`: the gate command every job runs, with absolute paths."""
     from trojan_gate.gates.data import default_cache_dir
     from trojan_gate.plugins.automation.queue import GateQueue
+    from trojan_gate.plugins.automation.watcher import record_given_up
     from trojan_gate.plugins.automation.workers import GateCommand, GateWorkers
     from trojan_gate.plugins.gate.config import GateConfig
     from trojan_gate.plugins.registry import configure_tracking
@@ -34,7 +35,7 @@ def gate_setup(args, queue_name: str = "gate-queue"):
         GateConfig.from_toml(args.config)  # a bad settings file stops here, not in every gate
     keys.apply(args)
     uri = configure_tracking(args.tracking_uri)
-    queue = GateQueue(args.queue or default_cache_dir() / f"{queue_name}.db")
+    queue = GateQueue(args.queue or default_cache_dir() / f"{queue_name}.db", on_give_up=record_given_up())
     if args.dispatch == "kubernetes" and not args.backend_config:
         raise ValueError("--dispatch kubernetes needs --backend-config kubernetes_config.json")
     remote = args.dispatch == "kubernetes"  # paths are the cluster's, as given

@@ -664,3 +664,27 @@ def test_two_gates_creating_the_experiment_at_once_both_run(mlflow_store, monkey
     monkeypatch.setattr(mlflow, "create_experiment", lost_the_race)
     exp_id = ensure_experiment("trojan-gate-gate")
     assert mlflow.get_experiment_by_name("trojan-gate-gate").experiment_id == exp_id
+
+
+def test_a_job_given_up_leaves_its_version_in_error_not_pending(mlflow_store, tmp_path):
+    """A gate that dies with its receiver every time: after the last attempt the version gets verdict=error
+    with the cause and loses its aliases, so the watcher's reconciliation does not queue it forever."""
+    from mlflow import MlflowClient
+
+    from trojan_gate.plugins.automation.queue import MAX_ATTEMPTS
+    from trojan_gate.plugins.automation.watcher import record_given_up, ungated_versions
+
+    client = MlflowClient()
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(tmp_path), tags={"trojan_gate.verdict": "pending"})
+    client.set_registered_model_alias("m", "candidate", "1")
+    path = tmp_path / "q.db"
+    GateQueue(path).enqueue("m", "1", "model_version.created")
+    for _ in range(MAX_ATTEMPTS):
+        GateQueue(path).claim_next(lease_s=0.0)  # the receiver dies with the gate
+        time.sleep(0.02)
+        GateQueue(path, on_give_up=record_given_up()).recover()  # the next receiver starts
+    tags = client.get_model_version("m", "1").tags
+    assert tags["trojan_gate.verdict"] == "error" and "gave up after 3 attempts" in tags["trojan_gate.verdict.error"]
+    assert not client.get_registered_model("m").aliases
+    assert ungated_versions(client) == []

@@ -82,7 +82,9 @@ class Job:
 class GateQueue:
     """The queue file `path` (created on first use)."""
 
-    def __init__(self, path, lease_s: float = LEASE_S, max_per_model_per_hour: int = MAX_JOBS_PER_MODEL_PER_HOUR):
+    def __init__(self, path, lease_s: float = LEASE_S, max_per_model_per_hour: int = MAX_JOBS_PER_MODEL_PER_HOUR,
+                 on_give_up=None):
+        self.on_give_up = on_give_up  # on_give_up(name, version, cause) when recover() gives a job up
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lease_s, self.max_per_model_per_hour = float(lease_s), int(max_per_model_per_hour)
@@ -157,19 +159,23 @@ class GateQueue:
     def recover(self, max_attempts: int = MAX_ATTEMPTS) -> int:
         """Running jobs whose lease ran out, or whose owner is a dead process of this host, go back to
         the queue, unless they have been started `max_attempts` times already (a gate that hangs or
-        kills its receiver every time): those end in state error. Finished jobs older than
-        `KEEP_FINISHED_S` are pruned. Returns how many were requeued."""
+        kills its receiver every time): those end in state error, and `on_give_up` is told (the
+        receiver writes `verdict=error` with the cause, so the version is not left `pending`).
+        Finished jobs older than `KEEP_FINISHED_S` are pruned. Returns how many were requeued."""
         now = time.time()
         with self._lock, self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            rows = db.execute("SELECT id, attempts, owner, lease_until FROM jobs WHERE state = 'running'").fetchall()
-            stale = [(i, a) for i, a, owner, until in rows
+            rows = db.execute("SELECT id, attempts, owner, lease_until, name, version FROM jobs "
+                              "WHERE state = 'running'").fetchall()
+            stale = [(i, a, n, v) for i, a, owner, until, n, v in rows
                      if owner != self.owner and (until is None or until < now or owner_is_gone(owner))]
-            requeued = 0
-            for job_id, attempts in stale:
+            requeued, given_up = 0, []
+            cause = f"gave up after {max_attempts} attempts that never finished"
+            for job_id, attempts, name, version in stale:
                 if attempts >= max_attempts:
                     db.execute("UPDATE jobs SET state = 'error', finished_at = ?, detail = ?, owner = NULL WHERE "
-                               "id = ?", (now, f"gave up after {max_attempts} attempts that never finished", job_id))
+                               "id = ?", (now, cause, job_id))
+                    given_up.append((name, version))
                 else:
                     db.execute("UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL WHERE id = ?",
                                (job_id,))
@@ -177,7 +183,10 @@ class GateQueue:
             db.execute("DELETE FROM jobs WHERE state IN ('done', 'error') AND finished_at < ?",
                        (now - KEEP_FINISHED_S,))
             db.execute("COMMIT")
-            return requeued
+        for name, version in given_up:
+            if self.on_give_up is not None:
+                self.on_give_up(name, version, f"the gate queue {cause} (each was killed or hung)")
+        return requeued
 
     def jobs(self) -> list[dict]:
         with self._connect() as db:

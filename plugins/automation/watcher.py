@@ -51,6 +51,27 @@ def registry_skip_reason(client: MlflowClient | None = None):
     return reason
 
 
+def record_given_up(client: MlflowClient | None = None):
+    """`GateQueue.on_give_up` for a registry: a version whose gate never finished in the queue's
+    attempts gets `verdict=error` with the cause and no alias (unless a gate decided it meanwhile),
+    so it is neither left `pending` nor queued again by the reconciliation pass."""
+    from ..gate.verdict import drop_aliases
+    from ..registry import VersionRef, set_tags
+
+    def give_up(name: str, version: str, cause: str):
+        c = client or MlflowClient()
+        ref = VersionRef(name, str(version))
+        try:
+            if c.get_model_version(name, str(version)).tags.get(tag("verdict")) not in (None, "", "pending"):
+                return
+            drop_aliases(c, ref)
+            set_tags(ref, {"verdict": "error", "verdict.error": cause, "gate.state": "done"}, c)
+        except Exception as e:  # the registry is down: the next recover() does not see the job again
+            log.warning("could not record that models:/%s/%s was given up: %s", name, version, e)
+
+    return give_up
+
+
 def stale_claim(client, version_tags: dict, now: float | None = None, stale_after_s: float = STALE_GATE_S) -> bool:
     """True when a version's `pending` verdict was left by a gate that no longer runs: its gate run
     ended (finished, failed, killed) or cannot be found, or started more than `stale_after_s` ago."""
