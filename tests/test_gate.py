@@ -128,12 +128,28 @@ def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, tro
     assert new["trojan_gate.verdict"] == "patched" and new["trojan_gate.patched_from"] == "1"
     assert new["trojan_gate.gate.state"] == "done"
     assert float(new["trojan_gate.scan.instance_score"]) <= 2.0 and new["trojan_gate.patch.accuracy_drop"]
+    assert new["trojan_gate.patch.residual.accepted"] == "true"  # the residual-risk evidence, stated
+    assert new["trojan_gate.patch.residual.mask"].startswith("budget 0.05: flagged ")
+    assert out.report["patch"]["residual_accepted"] and out.report["patch"]["residual"]["reasons"] == []
     src = version_tags(ref)
     assert src["trojan_gate.status"] == "superseded" and src["trojan_gate.superseded_by"] == "models:/clf/2"
     assert src["trojan_gate.verdict"] == "blocked"  # the source itself is never served
     assert _aliases("clf") == {"candidate": "2"}
     again = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), scan_fn=cached_scan)
     assert again.reused and again.verdict == "patched" and again.final == "models:/clf/2" and again.exit_code == 0
+
+
+def test_a_patch_the_residual_evidence_refuses_leaves_the_source_blocked(mlflow_store, trojan_onnx, heldout,
+                                                                         cached_scan):
+    """Settings under which every class stands out (ratio 1, no floor) refuse any patch: no new version."""
+    ref = intake_onnx(trojan_onnx, "clf")
+    strict = {"residual_ratio": 1.0, "residual_floor": 0.0, "residual_margin": 0.0, "soup": 1, "epochs": 10}
+    out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03, patch=strict),
+                   scan_fn=cached_scan)
+    assert out.verdict == "blocked" and out.exit_code == 1
+    assert not out.report["patch"]["residual_accepted"] and out.report["patch"]["residual"]["reasons"]
+    assert {str(v.version) for v in MlflowClient().search_model_versions("name='clf'")} == {"1"}
+    assert _aliases("clf") == {}
 
 
 def test_the_claim_comes_first_no_alias_while_the_gate_runs(mlflow_store, tmp_path, digits_benign, heldout,

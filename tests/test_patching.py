@@ -131,6 +131,12 @@ def test_patch_removes_true_trigger_and_keeps_accuracy(patched, trojaned, digits
     assert (after.predict(test.x) == test.y).mean() >= (before.predict(test.x) == test.y).mean() - 0.03
 
 
+def test_the_patch_result_carries_its_residual_risk_evidence(patched):
+    r = patched.residual
+    assert r is not None and set(r.strongest) == {"mask", "additive"} and r.budgets == {"mask": 0.05, "additive": 0.12}
+    assert patched.residual_accepted == r.accepted and patched.to_dict()["residual"]["summary"]["mask"]["median"] >= 0
+
+
 def test_patched_model_interface_and_output_kind(patched, trojaned, digits):
     _, test = digits
     oracle = ModelOracle(patched.onnx_bytes, output="probabilities")  # raises if rows are not probabilities

@@ -35,56 +35,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Dataset
-from ..errors import DeadlineExceeded, InputShapeError, ModelLoadError
+from ..errors import DeadlineExceeded, ModelLoadError
 from ..hashing import sha256_bytes
 from ..oracle import ModelOracle, inspect_model
+from .acceptance import assess_residual
 from .convert import ConvertedClassifier, onnx_to_torch, torch_to_onnx
+from .inputs import as_xy, checked_images
 from .measure import Stamp, measure
 from .result import PatchResult
-from .stamps import draw_targets, stamp_by_target, stamped_share
+from .soup import uniform_soup
+from .stamps import draw_targets, jitter_stamps, stamp_by_target, stamped_share
+from .unlearning import unlearn
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def _as_xy(data) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(data, Dataset):
-        return data.x, data.y
-    x, y = data
-    return np.asarray(x), np.asarray(y)
-
-
-def _checked(x, y, shape, n_classes, what) -> tuple[np.ndarray, np.ndarray]:
-    """float32 images of the model's (C, H, W) with int64 labels in range; None means empty."""
-    x = np.zeros((0,) + shape, np.float32) if x is None else np.asarray(x)
-    y = np.zeros(0, np.int64) if y is None else np.asarray(y).reshape(-1)
-    if len(x) and tuple(x.shape[1:]) != shape:
-        raise InputShapeError(f"{what}: images must be (n, {', '.join(map(str, shape))}); got {tuple(x.shape)}")
-    if len(x) != len(y):
-        raise InputShapeError(f"{what}: {len(x)} images but {len(y)} labels")
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape((-1,) + shape)
-    if not np.isfinite(x).all():
-        raise InputShapeError(f"{what}: images contain NaN or infinite values")
-    if len(y) and (not np.all(y == np.round(y)) or y.min() < 0 or y.max() >= n_classes):
-        raise InputShapeError(f"{what}: labels must be integers in 0..{n_classes - 1}")
-    return x, y.astype(np.int64)
-
-
-def uniform_soup(states: list[dict]) -> dict:
-    """The uniform model soup (Wortsman et al., ICML'22): theta = (1/m) * sum_i theta_i over m
-    fine-tuning runs from the same source weights; integer buffers are taken from the first run.
-    Runs that start from one set of weights stay in one basin, so their average is a model of the
-    same architecture whose clean accuracy is at least the runs' mean, usually above it."""
-    if not states:
-        raise ValueError("a soup needs at least one state")
-    keys = list(states[0])
-    if any(list(s) != keys for s in states[1:]):
-        raise ValueError("soup members must share one architecture (same state keys)")
-    out = {}
-    for k in keys:
-        v = states[0][k]
-        out[k] = torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
-    return out
 
 
 class Patcher:
@@ -135,6 +98,16 @@ class Patcher:
         0-3 (accuracy change / true-trigger activation): patch -0.92 / 2.9% with one run,
         -0.51 / 2.5% with 4 (seed spread 1.25 points -> 0.30); blend -1.10 / 0.75% and
         -1.09 / 0.7%; multi-target -0.98 / 19.7% and -0.75 / 18.4%.
+    universal_rounds : rounds of universal adversarial unlearning (`unlearning.unlearn`, I-BAU's
+        minimax) run after the fine-tuning above, on the same pool with the scan's triggers stamped
+        beside the universal ones (0: off). It searches its own triggers on the model being
+        patched, so it does not depend on the recovered trigger's shape.
+    residual_mask_area, residual_eps : the budget of the fresh universal-trigger search that judges
+        the patched model (`acceptance.assess_residual`): mask share of the image, additive eps
+    residual_steps, residual_restarts, residual_ratio, residual_floor : that search's Adam steps and
+        restarts per trigger, how far one class may stand out above the median, and the success
+        under which none counts as standing out (rule 2 of `acceptance`)
+    residual_margin : how far a flagged class may exceed every unflagged one (rule 1)
     seed : seeds splits, stamping and torch
     progress : show a tqdm bar
     """
@@ -142,7 +115,10 @@ class Patcher:
     def __init__(self, epochs: int = 40, lr: float = 1e-3, batch_size: int = 64,
                  patch_fraction: float = 0.40, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
                  distill_weight: float = 6.0, freeze_batchnorm: bool = True, trigger_jitter: int | None = None,
-                 background_fraction: float = 0.15, soup: int = 4, seed: int = 0, progress: bool = True):
+                 background_fraction: float = 0.15, soup: int = 4, universal_rounds: int = 0,
+                 residual_mask_area: float = 0.05, residual_eps: float = 0.12, residual_steps: int = 100,
+                 residual_restarts: int = 2, residual_ratio: float = 3.0, residual_floor: float = 0.3,
+                 residual_margin: float = 0.05, seed: int = 0, progress: bool = True):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -154,6 +130,14 @@ class Patcher:
         self.trigger_jitter = trigger_jitter
         self.background_fraction = background_fraction
         self.soup = soup
+        self.universal_rounds = universal_rounds
+        self.residual_mask_area = residual_mask_area
+        self.residual_eps = residual_eps
+        self.residual_steps = residual_steps
+        self.residual_restarts = residual_restarts
+        self.residual_ratio = residual_ratio
+        self.residual_floor = residual_floor
+        self.residual_margin = residual_margin
         self.seed = seed
         self.progress = progress
 
@@ -185,6 +169,14 @@ class Patcher:
             raise ValueError("val_fraction must lie in (0, 1)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError("heldout_fraction must lie in [0, 1)")
+        if int(self.universal_rounds) != self.universal_rounds or self.universal_rounds < 0:
+            raise ValueError("universal_rounds must be a whole number >= 0")
+        if not 0.0 < self.residual_mask_area <= 1.0 or not 0.0 < self.residual_eps <= 1.0:
+            raise ValueError("residual_mask_area and residual_eps must lie in (0, 1]")
+        if self.residual_steps < 1 or self.residual_restarts < 1 or self.residual_ratio < 1.0 or not \
+                0.0 <= self.residual_floor <= 1.0 or not 0.0 <= self.residual_margin <= 1.0:
+            raise ValueError("residual_steps and residual_restarts must be >= 1, residual_ratio >= 1 and "
+                             "residual_floor and residual_margin in [0, 1]")
         if self.trigger_jitter is not None and (int(self.trigger_jitter) != self.trigger_jitter
                                                 or self.trigger_jitter < 0):
             raise ValueError("trigger_jitter must be a non-negative whole number of pixels")
@@ -274,6 +266,18 @@ class Patcher:
                 raise DeadlineExceeded(f"patching passed its deadline after epoch {epoch} of run {member}")
         return copy.deepcopy(clf.state_dict()), history
 
+    def _unlearn_universal(self, clf, xt, yt, stamp, flagged):
+        """`universal_rounds` of universal adversarial unlearning, the scan's triggers stamped beside."""
+        jitter = self.jitter_for(xt.shape[-2:])
+
+        def scan_stamps(xb, yb, rng):
+            t = draw_targets(yb, flagged, rng)
+            return jitter_stamps(xb, stamp_by_target(stamp, xb, t, seed=int(rng.integers(2**31))), jitter, rng)
+
+        unlearn(clf, xt, yt, {"mask": self.residual_mask_area, "additive": self.residual_eps},
+                rounds=int(self.universal_rounds), lr=self.lr, distill_weight=self.distill_weight,
+                extra=scan_stamps, seed=self.seed + 40_000, train_mode=self._train_mode)
+
     # -- fitting ------------------------------------------------------------------------
     def patch(self, model, scan, heldout=None) -> PatchResult:
         """Patch `model` (ONNX path, bytes or ModelOracle) against what a DeepInspect `scan` of it
@@ -307,12 +311,12 @@ class Patcher:
         shape = tuple(info.input_shape)
 
         rng = np.random.default_rng(self.seed)
-        x_inv, y_inv = _checked(x_inv, y_inv, shape, info.n_classes, "inverted set")
+        x_inv, y_inv = checked_images(x_inv, y_inv, shape, info.n_classes, "inverted set")
         pool_x, pool_y = [x_inv], [y_inv]
         x_eval = y_eval = None
         if heldout is not None:
-            hx, hy = _as_xy(heldout)
-            hx, hy = _checked(hx, hy, shape, info.n_classes, "held-out set")
+            hx, hy = as_xy(heldout)
+            hx, hy = checked_images(hx, hy, shape, info.n_classes, "held-out set")
             perm = rng.permutation(len(hy))
             n_ft = int(round(self.heldout_fraction * len(hy)))
             pool_x.append(hx[perm[:n_ft]])
@@ -346,12 +350,18 @@ class Patcher:
             clf = clf or member_clf
         bar.close()
         clf.load_state_dict(uniform_soup(states) if n_members > 1 else states[0])
+        if self.universal_rounds:
+            self._unlearn_universal(clf, xt, yt, stamp, flagged)
         clf.eval()
         new_bytes = torch_to_onnx(clf, metadata={"trojan_gate.patched_from": info.sha256,
                                                  "trojan_gate.patched_classes": ",".join(map(str, flagged.tolist()))})
         self._check_export(new_bytes, clf, info, xv)
         after, correct_after = measure(new_bytes, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval,
                                        return_correct=True)
+        residual = assess_residual(clf, ex, ey, flagged.tolist(), mask_area=self.residual_mask_area,
+                                   eps=self.residual_eps, steps=self.residual_steps, restarts=self.residual_restarts,
+                                   ratio=self.residual_ratio, floor=self.residual_floor,
+                                   margin=self.residual_margin, seed=self.seed + 30_000)
         self.result_ = PatchResult(
             onnx_bytes=new_bytes, sha256=sha256_bytes(new_bytes), source_sha256=info.sha256,
             flagged_classes=flagged.tolist(), before=before, after=after, output_kind=clf.output_kind,
@@ -359,7 +369,8 @@ class Patcher:
             history=history, n_train=int(len(yt)), n_patch=int(round(self.patch_fraction * len(yt))),
             n_val=int(len(yv)), n_eval=int(len(ey)), eval_source=eval_source,
             config={**self.get_params(), "trigger_jitter": self.jitter_for(shape[-2:])},
-            seconds=time.perf_counter() - t0, correct_before=correct_before, correct_after=correct_after)
+            seconds=time.perf_counter() - t0, correct_before=correct_before, correct_after=correct_after,
+            residual=residual)
         return self
 
     @staticmethod

@@ -41,6 +41,13 @@ class PatchResult:
     # per-image correctness on the clean evaluation images, before and after (None without them)
     correct_before: np.ndarray | None = field(default=None, repr=False)
     correct_after: np.ndarray | None = field(default=None, repr=False)
+    # the fresh universal-trigger search on the patched model (`acceptance.ResidualRisk`)
+    residual: object = None
+
+    @property
+    def residual_accepted(self) -> bool:
+        """Whether the residual-risk evidence accepts the patch (False when it was not taken)."""
+        return bool(self.residual is not None and self.residual.accepted)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -82,7 +89,8 @@ class PatchResult:
                 "output_kind": self.output_kind,
                 "epochs_run": int(self.epochs_run), "history": self.history,
                 "n_train": self.n_train, "n_patch": self.n_patch, "n_val": self.n_val, "n_eval": self.n_eval,
-                "eval_source": self.eval_source, "config": self.config, "seconds": round(self.seconds, 3)}
+                "eval_source": self.eval_source, "config": self.config, "seconds": round(self.seconds, 3),
+                "residual": None if self.residual is None else self.residual.to_dict()}
 
     def save(self, path) -> Path:
         """Write the patched model to `path` and its figures next to it as `<path>.json`."""

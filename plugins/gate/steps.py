@@ -87,7 +87,8 @@ def scan_model(state: GateState, scan_fn):
 
 def patch_model(state: GateState, scan_fn):
     """Fine-tune against the scan's triggers, scan the patched model afresh, and register it as a
-    new version (with lineage) only if the fresh scan is clean and accuracy is within bound."""
+    new version (with lineage) only if the fresh scan is clean, accuracy is within bound and the
+    residual-risk evidence (a fresh universal-trigger search, `patching.acceptance`) accepts it."""
     from trojan_gate.gates.patching import Patcher
 
     cfg, scan = state.config, state.scan
@@ -113,8 +114,11 @@ def patch_model(state: GateState, scan_fn):
                         **({"patch_accuracy_drop": drop} if drop is not None else {}),
                         **({"patch_accuracy_drop_se": drop_se} if drop_se is not None else {})})
     mlflow.log_dict(patch.to_dict(), "patch/patch.json")
+    if patch.residual is not None:
+        mlflow.log_metrics({f"patch_residual_{kind}_{key}": v for kind, d in patch.residual.summary().items()
+                            for key, v in d.items() if v is not None})
     if state.fresh_decision.is_trojaned or state.fresh.is_trojaned or not patch.within_accuracy_drop(
-            cfg.max_accuracy_drop):
+            cfg.max_accuracy_drop) or not patch.residual_accepted:
         state.verdict = BLOCKED
         return
     require_claim(state.client, state.ref, state.run_id)
@@ -126,9 +130,26 @@ def patch_model(state: GateState, scan_fn):
                                     "patch.activation_rate_after": f"{patch.after['trojan_activation_rate']:.4f}",
                                     "patch.accuracy_drop": "" if drop is None else f"{drop:.4f}",
                                     "patch.accuracy_drop_se": "" if drop_se is None else f"{drop_se:.4f}",
-                                    "patch.source_instance_score": f"{state.decision.instance_score:.4f}"})
+                                    "patch.source_instance_score": f"{state.decision.instance_score:.4f}",
+                                    **residual_tags(patch.residual)})
     checkpoint("patch.registered")
     state.verdict = PATCHED
+
+
+def residual_tags(residual) -> dict:
+    """Tags stating a patched version's residual-risk evidence: per trigger family its budget and
+    the highest attack success found afresh for flagged classes, other classes and untargeted."""
+    if residual is None:
+        return {"patch.residual.accepted": "not measured"}
+    tags = {"patch.residual.accepted": str(residual.accepted).lower()}
+    for kind, d in residual.summary().items():
+        tags[f"patch.residual.{kind}"] = (f"budget {residual.budgets[kind]:g}: flagged {_fmt(d['max_flagged'])}, "
+                                          f"other {_fmt(d['max_unflagged'])}, untargeted {_fmt(d['untargeted'])}")
+    return tags
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def calibrate(state: GateState):
@@ -193,6 +214,8 @@ def patch_view(state: GateState) -> dict | None:
             "accuracy_drop_se": patch.accuracy_drop_se, "n_eval": patch.n_eval,
             "max_accuracy_drop": state.config.max_accuracy_drop,
             "accuracy_within_bound": patch.within_accuracy_drop(state.config.max_accuracy_drop),
+            "residual": None if patch.residual is None else patch.residual.to_dict(),
+            "residual_accepted": patch.residual_accepted,
             "fresh_flagged_classes": list(fresh_decision.flagged_classes) if fresh_decision else None,
             "fresh_paper_flagged_classes": list(fresh.flagged_classes) if fresh else None,
             "sha256": patch.sha256, "epochs_run": patch.epochs_run, "seconds": round(patch.seconds, 1),
