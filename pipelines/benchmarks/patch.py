@@ -29,7 +29,15 @@ def _default_recipe() -> str:
             f"stamps of the unflagged classes, last epoch kept, a soup of {p['soup']} runs)")
 
 def add_arguments(p):
-    p.add_argument("--models", default=",".join(PATCH_MODELS), help=f"subset of {','.join(PATCH_MODELS)}")
+    from trojan_gate.gates.data import default_cache_dir
+
+    from . import patch_zoo
+
+    p.add_argument("--zoo", choices=["lab", "vendor"], default="lab",
+                   help="lab: the lab's trojans with the STRIP FAR estimate; vendor: the detection benchmark's "
+                        "test zoo through the gate's patch path (patch_zoo)")
+    p.add_argument("--models", default=None,
+                   help=f"lab: subset of {','.join(PATCH_MODELS)}; vendor: trojaned test-zoo entries")
     p.add_argument("--epochs", type=int, default=3, help="lab training epochs")
     p.add_argument("--arch", choices=["small", "deep"], default="small", help="lab architecture")
     p.add_argument("--heldout-size", type=int, default=2000)
@@ -47,6 +55,7 @@ def add_arguments(p):
                    help="extra Patcher seeds (comma-separated) patched once more against the same scan, "
                         "for the spread of accuracy change and true-trigger ASR (no fresh scans)")
     p.add_argument("--no-mlflow", action="store_true")
+    patch_zoo.add_arguments(p, default_cache_dir())
 
 
 def _acc(oracle, x, y) -> float:
@@ -67,6 +76,11 @@ def _se(se) -> str:
 
 
 def run(args) -> int:
+    if args.zoo == "vendor":
+        from .patch_zoo import run_vendor
+
+        return run_vendor(args)
+    args.models = args.models or ",".join(PATCH_MODELS)
     from trojan_gate.gates import DeepInspect, ModelOracle, Patcher, Strip
     from trojan_gate.gates.data import load_fashion_mnist
     from trojan_gate.gates.lab import train_lab_model
