@@ -21,6 +21,9 @@ def test_judge_rules_by_hand():
     ok, reasons = judge({"additive": {0: 0.5, 1: 0.1, 2: 0.1, 3: 0.1}}, [1], ratio=3.0, floor=0.3, margin=0.05)
     assert not ok and reasons == ["additive: class 0 stands out: 50% against a median of 10% (more than 3x and "
                                   "more than 30%)"]
+    # rule 1 needs a contrast: with most classes flagged it does not apply (rule 2 still does)
+    ok, _ = judge({"mask": {0: 0.25, 1: 0.1, 2: 0.12, 3: 0.11}}, [0, 1, 2], ratio=3.0, floor=0.3, margin=0.05)
+    assert ok
     # under the floor no class counts as standing out, whatever the ratio
     ok, _ = judge({"additive": {0: 0.25, 1: 0.05, 2: 0.05, 3: 0.05}}, [1], ratio=3.0, floor=0.3, margin=0.05)
     assert ok

@@ -18,7 +18,9 @@ its target stand out. The patched model is accepted when, for every family k,
     (2) max_t r_k(t) <= max(ratio * median_t r_k(t), floor)        (no class the scan missed
         stands out either; under `floor` no class counts as standing out, since a small median
         makes any ratio fragile);
-otherwise the source stays blocked. The rules hold only for triggers inside the budget: a trigger
+otherwise the source stays blocked. Rule (1) needs a contrast: it applies only when the scan flagged
+at most half of the classes (a calibrated decision's per-class rule can flag most of them, and
+then "the classes the scan left alone" are one or two); rule (2) always applies. The rules hold only for triggers inside the budget: a trigger
 larger than `mask_area` or fainter-but-wider than `eps` is not searched, which the report states.
 """
 from __future__ import annotations
@@ -76,7 +78,7 @@ def judge(strongest_found: dict, flagged_classes, ratio: float, floor: float, ma
             continue
         in_flagged = [v for t, v in cls.items() if t in flagged]
         other = [v for t, v in cls.items() if t not in flagged]
-        if in_flagged and other and max(in_flagged) > max(other) + margin:
+        if in_flagged and len(other) >= len(in_flagged) and max(in_flagged) > max(other) + margin:
             t = max((t for t in cls if t in flagged), key=cls.get)
             reasons.append(f"{kind}: a universal trigger still sends {cls[t]:.0%} of images to flagged class {t}, "
                            f"more than to any unflagged class ({max(other):.0%}) by over {margin:.0%}")

@@ -128,6 +128,7 @@ def run_vendor(args) -> int:
                            acc_after=float(correct1.mean()), asr_after=asr1,
                            acc_drop_se=paired_drop_standard_error(correct0, correct1),
                            gate_accuracy_drop=patch.accuracy_drop, residual=patch.residual.summary(),
+                           residual_strongest=patch.residual.to_dict()["strongest"],
                            residual_accepted=patch.residual_accepted, residual_reasons=patch.residual.reasons,
                            fresh_calibrated=fresh.is_trojaned, fresh_paper=fresh.paper.is_trojaned,
                            patch_s=round(patch_s, 1), total_s=round(time.perf_counter() - t1, 1))
