@@ -15,6 +15,7 @@ stopped run resumes; a model whose rows are all there is not scanned again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ def add_arguments(p, cache):
     p.add_argument("--paper-heldout", type=int, default=120, metavar="N",
                    help="held-out images per class DeepInspect gets (as in the detection benchmark)")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01)
+    p.add_argument("--patched-dir", default=str(cache / "patch-zoo-models"),
+                   help="where every patched model is kept (by row key), to judge it again without patching")
 
 
 def _rows(path: Path) -> dict:
@@ -116,6 +119,9 @@ def run_vendor(args) -> int:
                     oracle.model_bytes, decision.paper.inverted_x, decision.paper.inverted_y,
                     decision.paper.generator.stamp, decision.flagged_classes, heldout=(heldout.x, heldout.y)).result_
                 patch_s = time.perf_counter() - t1
+                kept = Path(args.patched_dir) / f"{hashlib.sha256(row['key'].encode()).hexdigest()[:24]}.onnx"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_bytes(patch.onnx_bytes)
                 patched = ModelOracle(patch.onnx_bytes)
                 fresh = decide(patched, heldout, cal, scanner, paper_beside=True)
                 correct1, asr1 = _measure(patched, ev, summary["trojan"])
@@ -131,7 +137,8 @@ def run_vendor(args) -> int:
                            residual_strongest=patch.residual.to_dict()["strongest"],
                            residual_accepted=patch.residual_accepted, residual_reasons=patch.residual.reasons,
                            fresh_calibrated=fresh.is_trojaned, fresh_paper=fresh.paper.is_trojaned,
-                           patch_s=round(patch_s, 1), total_s=round(time.perf_counter() - t1, 1))
+                           patch_s=round(patch_s, 1), total_s=round(time.perf_counter() - t1, 1),
+                           patched_file=kept.name)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             cache[row["key"]] = row
