@@ -30,6 +30,7 @@ generator_steps = 100
 [patch]
 soup = 1
 epochs = 10
+residual_margin = 0.25  # a 10-epoch patch keeps some of the trojan; this test is about kills, not acceptance
 """
 
 # (version to gate, policy, kill points in the order the gate reaches them)

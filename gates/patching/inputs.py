@@ -8,6 +8,7 @@ from ..errors import InputShapeError
 
 
 def as_xy(data) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) arrays of a Dataset or of an (x, y) pair."""
     if isinstance(data, Dataset):
         return data.x, data.y
     x, y = data
