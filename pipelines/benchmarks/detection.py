@@ -55,7 +55,8 @@ def roc_auc(benign_scores, trojan_scores) -> float:
     return float(((t > b).mean() + 0.5 * (t == b).mean())) if b.size and t.size else float("nan")
 
 
-def _cached(path: Path) -> dict:
+def read_results(path: Path) -> dict:
+    """A resumable benchmark's rows by key, read from its JSON-lines cache ({} when absent)."""
     out = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -101,7 +102,7 @@ def evaluate(args) -> list:
     cal = calibration_for(args, heldout)
     seeds = [int(s) for s in args.seeds.split(",")]
     results_path = Path(args.results)
-    cache = _cached(results_path)
+    cache = read_results(results_path)
     rows = []
     for name in names:
         path, summary = zoo[name]

@@ -44,16 +44,6 @@ def add_arguments(p, cache):
                    help="where every patched model is kept (by row key), to judge it again without patching")
 
 
-def _rows(path: Path) -> dict:
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out[r["key"]] = r
-    return out
-
-
 def _measure(oracle, ev, trojan):
     from trojan_gate.gates.metascan.triggers import attack_success
 
@@ -68,6 +58,7 @@ def run_vendor(args) -> int:
     from trojan_gate.gates.metascan.decision import decide
     from trojan_gate.gates.patching import paired_drop_standard_error
 
+    from .detection import read_results
     from .vendor_zoo import VENDOR_ZOO, build_vendor_zoo, heldout_split
 
     names = [n for n in args.models.split(",") if n]
@@ -86,7 +77,7 @@ def run_vendor(args) -> int:
     cal = load_calibration(args.calibration)
     zoo = build_vendor_zoo(names, args.zoo_dir)
     results = Path(args.results)
-    cache = _rows(results)
+    cache = read_results(results)
 
     def scanner(oracle, _heldout):
         return DeepInspect(seed=args.seed, progress=False).scan(oracle, heldout=paper_heldout)
