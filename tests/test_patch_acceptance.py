@@ -54,12 +54,18 @@ def test_an_untargeted_trigger_counts_images_moved_off_their_label():
 def test_the_search_finds_a_planted_trigger_and_the_check_refuses_it(digits, digits_trojan, digits_benign):
     _, test = digits
     torch.manual_seed(0)
-    trojan = assess_residual(onnx_to_torch(digits_trojan.onnx_bytes), test.x, test.y, [3], mask_area=0.1, steps=60)
+    ladder = (0.3, 0.15, 0.08, 0.04)  # 8x8 images: 19 down to 3 pixels
+    trojan = assess_residual(onnx_to_torch(digits_trojan.onnx_bytes), test.x, test.y, [3], mask_area=0.1, steps=60,
+                             area_ladder=ladder, area_steps=40)
     s = trojan.summary()["mask"]
     assert not trojan.accepted and s["max_flagged"] >= 0.5 and s["max_flagged"] > s["max_unflagged"] + 0.05
     assert trojan.strongest["mask"][UNTARGETED] is not None and trojan.n_images == len(test.y)
-    benign = assess_residual(onnx_to_torch(digits_benign.onnx_bytes), test.x, test.y, [3], mask_area=0.1, steps=60)
+    ai = trojan.anomaly_index()  # rule (3): the planted target needs the smallest trigger of all classes
+    assert max(ai, key=ai.get) == 3 and set(trojan.areas) == set(range(10))
+    benign = assess_residual(onnx_to_torch(digits_benign.onnx_bytes), test.x, test.y, [3], mask_area=0.1, steps=60,
+                             area_ladder=ladder, area_steps=40)
     assert benign.summary()["mask"]["max_flagged"] < s["max_flagged"]
+    assert benign.areas[3] > trojan.areas[3]
     d = trojan.to_dict()
     assert d["summary"]["mask"]["max_flagged"] == s["max_flagged"] and "3" in d["strongest"]["mask"]
 
@@ -81,7 +87,8 @@ def test_universal_unlearning_lowers_the_planted_triggers_success_and_keeps_accu
 
 def test_patcher_refuses_bad_residual_settings():
     for bad in ({"universal_rounds": -1}, {"residual_mask_area": 0.0}, {"residual_ratio": 0.5},
-                {"residual_floor": 2.0}, {"residual_steps": 0}):
+                {"residual_floor": 2.0}, {"residual_steps": 0}, {"residual_area_ladder": (0.01, 0.05)},
+                {"residual_area_ladder": (0.1, 0.0)}, {"residual_anomaly": 0.0}):
         with pytest.raises(ValueError):
             Patcher(**bad)._check()
 
@@ -97,3 +104,40 @@ def test_residual_tags_state_the_evidence():
     assert tags["patch.residual.mask"] == "budget 0.05: flagged 0.800, other 0.100, untargeted 0.200"
     assert residual_tags(None) == {"patch.residual.accepted": "not measured"}
     assert np.isclose(r.summary()["additive"]["median"], 0.1)
+    assert "patch.residual.area" not in tags  # rule (3) not measured
+    r.areas = {0: 0.005, 1: 0.04, 2: 0.05, 3: 0.06}
+    assert residual_tags(r)["patch.residual.area"].startswith("smallest mask area for half the images: class 0 0.0050")
+    assert r.to_dict()["areas"]["0"] == 0.005 and r.to_dict()["anomaly_index"]["0"] > 2
+
+
+def test_area_rule_by_hand():
+    from trojan_gate.gates.patching.acceptance import area_anomaly, judge_areas
+
+    # nine classes near 5% and one at 0.5%: log-median 0.05, MAD ~0, the scale floored at log 2
+    areas = {t: 0.05 for t in range(9)} | {9: 0.005}
+    ai = area_anomaly(areas)
+    assert np.isclose(ai[9], np.log(10) / np.log(2)) and ai[0] == 0.0
+    reasons = judge_areas(areas, 2.0)
+    assert len(reasons) == 1 and reasons[0].startswith("mask area: class 9 is reached by half of the images with 0.50%")
+    # a class at half the median is inside the bound; a spread-out task raises the scale
+    assert judge_areas({t: 0.05 for t in range(9)} | {9: 0.025}, 2.0) == []
+    spread = {0: 0.005, 1: 0.01, 2: 0.02, 3: 0.04, 4: 0.08, 5: 0.16}
+    assert judge_areas(spread, 2.0) == [] and area_anomaly({}) == {}
+
+
+def test_smallest_area_is_small_for_a_planted_trigger_and_refuses_a_bad_ladder(digits, digits_trojan, digits_benign):
+    from trojan_gate.gates.patching.universal import smallest_area
+
+    _, test = digits
+    others = torch.from_numpy(test.x[test.y != 3])
+    fit, held = others[: len(others) // 2], others[len(others) // 2:]
+    ladder = (0.3, 0.15, 0.08, 0.04)
+    gen = torch.Generator().manual_seed(0)
+    a_trojan, curve = smallest_area(onnx_to_torch(digits_trojan.onnx_bytes), fit, held, 3, areas=ladder, steps=60,
+                                    refine_steps=40, gen=gen)
+    a_benign, _ = smallest_area(onnx_to_torch(digits_benign.onnx_bytes), fit, held, 3, areas=ladder, steps=60,
+                                refine_steps=40, gen=gen)
+    assert len(curve) == len(ladder) and curve[0] >= 0.5
+    assert a_trojan < a_benign and a_trojan <= 0.15
+    with pytest.raises(ValueError, match="descending"):
+        smallest_area(onnx_to_torch(digits_benign.onnx_bytes), fit, held, 3, areas=(0.01, 0.1))

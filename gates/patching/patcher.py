@@ -108,6 +108,8 @@ class Patcher:
         restarts per trigger, how far one class may stand out above the median, and the success
         under which none counts as standing out (rule 2 of `acceptance`)
     residual_margin : how far a flagged class may exceed every unflagged one (rule 1)
+    residual_area_ladder, residual_anomaly : the descending mask areas of Neural Cleanse's smallest-
+        area statistic and the anomaly index over which a class is refused (rule 3; () leaves it out)
     seed : seeds splits, stamping and torch
     progress : show a tqdm bar
     """
@@ -118,7 +120,8 @@ class Patcher:
                  background_fraction: float = 0.15, soup: int = 4, universal_rounds: int = 0,
                  residual_mask_area: float = 0.05, residual_eps: float = 0.12, residual_steps: int = 100,
                  residual_restarts: int = 2, residual_ratio: float = 3.0, residual_floor: float = 0.3,
-                 residual_margin: float = 0.05, seed: int = 0, progress: bool = True):
+                 residual_margin: float = 0.05, residual_area_ladder: tuple = (0.08, 0.04, 0.02, 0.01, 0.005),
+                 residual_anomaly: float = 2.0, seed: int = 0, progress: bool = True):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -138,6 +141,8 @@ class Patcher:
         self.residual_ratio = residual_ratio
         self.residual_floor = residual_floor
         self.residual_margin = residual_margin
+        self.residual_area_ladder = residual_area_ladder
+        self.residual_anomaly = residual_anomaly
         self.seed = seed
         self.progress = progress
 
@@ -177,6 +182,9 @@ class Patcher:
                 0.0 <= self.residual_floor <= 1.0 or not 0.0 <= self.residual_margin <= 1.0:
             raise ValueError("residual_steps and residual_restarts must be >= 1, residual_ratio >= 1 and "
                              "residual_floor and residual_margin in [0, 1]")
+        ladder = [float(a) for a in self.residual_area_ladder]
+        if any(not 0.0 < a <= 1.0 for a in ladder) or sorted(ladder, reverse=True) != ladder or self.residual_anomaly <= 0:
+            raise ValueError("residual_area_ladder must be descending shares in (0, 1] and residual_anomaly > 0")
         if self.trigger_jitter is not None and (int(self.trigger_jitter) != self.trigger_jitter
                                                 or self.trigger_jitter < 0):
             raise ValueError("trigger_jitter must be a non-negative whole number of pixels")
@@ -361,7 +369,8 @@ class Patcher:
         residual = assess_residual(clf, ex, ey, flagged.tolist(), mask_area=self.residual_mask_area,
                                    eps=self.residual_eps, steps=self.residual_steps, restarts=self.residual_restarts,
                                    ratio=self.residual_ratio, floor=self.residual_floor,
-                                   margin=self.residual_margin, seed=self.seed + 30_000)
+                                   margin=self.residual_margin, seed=self.seed + 30_000,
+                                   area_ladder=tuple(self.residual_area_ladder), anomaly=self.residual_anomaly)
         self.result_ = PatchResult(
             onnx_bytes=new_bytes, sha256=sha256_bytes(new_bytes), source_sha256=info.sha256,
             flagged_classes=flagged.tolist(), before=before, after=after, output_kind=clf.output_kind,

@@ -185,3 +185,43 @@ def strongest(clf: nn.Module, x: np.ndarray, y: np.ndarray, budgets: dict, steps
                 best = max(best, attack_success(clf, trig, xt[held], y=yt[held]))
             out[kind][int(t)] = best
     return out
+
+
+def smallest_area(clf: nn.Module, x_fit: torch.Tensor, x_held: torch.Tensor, target: int,
+                  areas=(0.08, 0.04, 0.02, 0.01, 0.005), success: float = 0.5, steps: int = 80,
+                  refine_steps: int = 60, gen: torch.Generator | None = None) -> tuple[float, list]:
+    """Neural Cleanse's statistic under a budget ladder: the smallest mask area a that still sends a
+    share `success` of held-out images x_held to `target`.
+
+    Masks are searched on x_fit at the descending `areas`, the first from a diffuse and a square
+    start, each later one warm-started from the previous trigger projected to its budget; s(a_i)
+    is the held-out success. With i the first rung where s falls below `success`, the area is
+    interpolated on the log scale between the last rung that reached it and that one,
+        log A = log a_{i-1} + (log a_i - log a_{i-1}) * (s_{i-1} - success) / (s_{i-1} - s_i);
+    A = a_last when every rung reaches it (reported as that rung: the ladder's floor), and
+    A = 2 * a_0 when none does (censored: no trigger of the largest area works).
+    Returns (A, [s(a) per rung])."""
+    gen = gen or torch.Generator().manual_seed(0)
+    areas = [float(a) for a in areas]
+    if not areas or any(a <= 0 or a > 1 for a in areas) or sorted(areas, reverse=True) != areas:
+        raise ValueError("areas must be a descending list of shares in (0, 1]")
+    curve, start = [], None
+    for a in areas:
+        best, best_trig = -1.0, None
+        for init in (("diffuse", "square") if start is None else ("warm",)):
+            trig = search(clf, x_fit, target, "mask", a, steps=steps if start is None else refine_steps, gen=gen,
+                          init="diffuse" if init == "warm" else init, start=start)
+            s = attack_success(clf, trig, x_held)
+            if s > best:
+                best, best_trig = s, trig
+        start = UniversalTrigger("mask", int(target), mask=project_mask(best_trig.mask, a), pattern=best_trig.pattern)
+        curve.append(best)
+    logs = np.log(areas)
+    if curve[0] < success:
+        return 2.0 * areas[0], curve
+    for i in range(1, len(curve)):
+        if curve[i] < success:
+            frac = (curve[i - 1] - success) / max(curve[i - 1] - curve[i], 1e-9)
+            return float(np.exp(logs[i - 1] + (logs[i] - logs[i - 1]) * frac)), curve
+    return areas[-1], curve
+

@@ -117,6 +117,8 @@ def patch_model(state: GateState, scan_fn):
     if patch.residual is not None:
         mlflow.log_metrics({f"patch_residual_{kind}_{key}": v for kind, d in patch.residual.summary().items()
                             for key, v in d.items() if v is not None})
+        if patch.residual.areas:
+            mlflow.log_metric("patch_residual_area_anomaly_max", max(patch.residual.anomaly_index().values()))
     if state.fresh_decision.is_trojaned or state.fresh.is_trojaned or not patch.within_accuracy_drop(
             cfg.max_accuracy_drop) or not patch.residual_accepted:
         state.verdict = BLOCKED
@@ -145,6 +147,12 @@ def residual_tags(residual) -> dict:
     for kind, d in residual.summary().items():
         tags[f"patch.residual.{kind}"] = (f"budget {residual.budgets[kind]:g}: flagged {_fmt(d['max_flagged'])}, "
                                           f"other {_fmt(d['max_unflagged'])}, untargeted {_fmt(d['untargeted'])}")
+    if residual.areas:
+        ai = residual.anomaly_index()
+        top = max(ai, key=ai.get)
+        med = float(np.exp(np.median(np.log([float(v) for v in residual.areas.values()]))))
+        tags["patch.residual.area"] = (f"smallest mask area for half the images: class {top} {residual.areas[top]:.4f}, "
+                                       f"median {med:.4f}, anomaly index {ai[top]:.2f} (bound {residual.anomaly:g})")
     return tags
 
 
