@@ -141,3 +141,26 @@ def test_smallest_area_is_small_for_a_planted_trigger_and_refuses_a_bad_ladder(d
     assert a_trojan < a_benign and a_trojan <= 0.15
     with pytest.raises(ValueError, match="descending"):
         smallest_area(onnx_to_torch(digits_benign.onnx_bytes), fit, held, 3, areas=(0.01, 0.1))
+
+
+def test_reverse_engineered_triggers_single_out_the_planted_target_and_their_unlearning_removes_it(digits,
+                                                                                                  digits_trojan):
+    from trojan_gate.gates.patching.unlearning import reverse_engineer, reversed_stamps
+
+    train, test = digits
+    clf = onnx_to_torch(digits_trojan.onnx_bytes)
+    triggers, areas, chosen = reverse_engineer(clf, train.x, train.y, (0.3, 0.15, 0.08, 0.04), anomaly=2.0,
+                                               fallback=[5], steps=40, seed=0)
+    assert chosen == [3] and min(areas, key=areas.get) == 3 and set(triggers) == set(range(10))
+    stamped = torch.from_numpy(digits_trojan.trigger.apply(test.x[test.y != 3]))
+    with torch.no_grad():
+        before = float((clf(stamped).argmax(1) == 3).float().mean())
+    unlearn(clf, train.x, train.y, {}, rounds=4, lr=1e-3, distill_weight=3.0, seed=0,
+            extra=reversed_stamps(triggers, chosen))
+    with torch.no_grad():
+        after = float((clf(stamped).argmax(1) == 3).float().mean())
+        acc = float((clf(torch.from_numpy(test.x)).argmax(1).numpy() == test.y).mean())
+    assert before > 0.9 and after < before / 2 and acc > 0.85
+    # with no class standing out, the fallback (the scan's flagged classes) is unlearned
+    flat = reverse_engineer(clf, train.x, train.y, (0.3, 0.15), anomaly=50.0, fallback=[5, 7], steps=5, seed=0)
+    assert flat[2] == [5, 7]

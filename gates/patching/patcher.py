@@ -45,7 +45,7 @@ from .measure import Stamp, measure
 from .result import PatchResult
 from .soup import uniform_soup
 from .stamps import draw_targets, jitter_stamps, stamp_by_target, stamped_share
-from .unlearning import unlearn
+from .unlearning import reverse_engineer, reversed_stamps, unlearn
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -102,6 +102,9 @@ class Patcher:
         minimax) run after the fine-tuning above, on the same pool with the scan's triggers stamped
         beside the universal ones (0: off). It searches its own triggers on the model being
         patched, so it does not depend on the recovered trigger's shape.
+    reverse_rounds : epochs of Neural Cleanse's unlearning (`unlearning.reverse_engineer`): the
+        smallest-area triggers reverse-engineered on the source with its weights, for the classes
+        that stand out (or the flagged ones), stamped with labels kept after the fine-tuning (0: off)
     residual_mask_area, residual_eps : the budget of the fresh universal-trigger search that judges
         the patched model (`acceptance.assess_residual`): mask share of the image, additive eps
     residual_steps, residual_restarts, residual_ratio, residual_floor : that search's Adam steps and
@@ -117,7 +120,7 @@ class Patcher:
     def __init__(self, epochs: int = 40, lr: float = 1e-3, batch_size: int = 64,
                  patch_fraction: float = 0.40, val_fraction: float = 0.10, heldout_fraction: float = 0.5,
                  distill_weight: float = 6.0, freeze_batchnorm: bool = True, trigger_jitter: int | None = None,
-                 background_fraction: float = 0.15, soup: int = 4, universal_rounds: int = 0,
+                 background_fraction: float = 0.15, soup: int = 4, universal_rounds: int = 0, reverse_rounds: int = 0,
                  residual_mask_area: float = 0.05, residual_eps: float = 0.12, residual_steps: int = 100,
                  residual_restarts: int = 2, residual_ratio: float = 3.0, residual_floor: float = 0.3,
                  residual_margin: float = 0.05, residual_area_ladder: tuple = (0.08, 0.04, 0.02, 0.01, 0.005),
@@ -134,6 +137,7 @@ class Patcher:
         self.background_fraction = background_fraction
         self.soup = soup
         self.universal_rounds = universal_rounds
+        self.reverse_rounds = reverse_rounds
         self.residual_mask_area = residual_mask_area
         self.residual_eps = residual_eps
         self.residual_steps = residual_steps
@@ -174,8 +178,9 @@ class Patcher:
             raise ValueError("val_fraction must lie in (0, 1)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError("heldout_fraction must lie in [0, 1)")
-        if int(self.universal_rounds) != self.universal_rounds or self.universal_rounds < 0:
-            raise ValueError("universal_rounds must be a whole number >= 0")
+        for name in ("universal_rounds", "reverse_rounds"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a whole number >= 0")
         if not 0.0 < self.residual_mask_area <= 1.0 or not 0.0 < self.residual_eps <= 1.0:
             raise ValueError("residual_mask_area and residual_eps must lie in (0, 1]")
         if self.residual_steps < 1 or self.residual_restarts < 1 or self.residual_ratio < 1.0 or not \
@@ -347,6 +352,9 @@ class Patcher:
         eval_seed = self.seed + 20_000  # triggers never seen in fine-tuning or validation
         before, correct_before = measure(data, ex, ey, stamp, flagged, eval_seed, x_eval, y_eval, return_correct=True)
 
+        reversed_ = (reverse_engineer(onnx_to_torch(data).eval(), xt, yt, self.residual_area_ladder, self.residual_anomaly,
+                                      fallback=flagged.tolist(), seed=self.seed + 50_000) if self.reverse_rounds else None)
+        self.reverse_ = None if reversed_ is None else {"classes": reversed_[2], "areas": reversed_[1]}
         n_members = int(self.soup)
         bar = tqdm(total=n_members * self.epochs, desc="patch", disable=not self.progress, leave=False)
         history, states, clf = [], [], None
@@ -360,6 +368,10 @@ class Patcher:
         clf.load_state_dict(uniform_soup(states) if n_members > 1 else states[0])
         if self.universal_rounds:
             self._unlearn_universal(clf, xt, yt, stamp, flagged)
+        if reversed_ is not None:  # Neural Cleanse's unlearning, no universal search: budgets {}
+            unlearn(clf, xt, yt, {}, rounds=int(self.reverse_rounds), lr=self.lr, distill_weight=self.distill_weight,
+                    extra=reversed_stamps(reversed_[0], reversed_[2]), seed=self.seed + 60_000,
+                    train_mode=self._train_mode)
         clf.eval()
         new_bytes = torch_to_onnx(clf, metadata={"trojan_gate.patched_from": info.sha256,
                                                  "trojan_gate.patched_classes": ",".join(map(str, flagged.tolist()))})

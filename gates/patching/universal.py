@@ -189,7 +189,7 @@ def strongest(clf: nn.Module, x: np.ndarray, y: np.ndarray, budgets: dict, steps
 
 def smallest_area(clf: nn.Module, x_fit: torch.Tensor, x_held: torch.Tensor, target: int,
                   areas=(0.08, 0.04, 0.02, 0.01, 0.005), success: float = 0.5, steps: int = 80,
-                  refine_steps: int = 60, gen: torch.Generator | None = None) -> tuple[float, list]:
+                  refine_steps: int = 60, gen: torch.Generator | None = None, with_trigger: bool = False):
     """Neural Cleanse's statistic under a budget ladder: the smallest mask area a that still sends a
     share `success` of held-out images x_held to `target`.
 
@@ -200,12 +200,14 @@ def smallest_area(clf: nn.Module, x_fit: torch.Tensor, x_held: torch.Tensor, tar
         log A = log a_{i-1} + (log a_i - log a_{i-1}) * (s_{i-1} - success) / (s_{i-1} - s_i);
     A = a_last when every rung reaches it (reported as that rung: the ladder's floor), and
     A = 2 * a_0 when none does (censored: no trigger of the largest area works).
-    Returns (A, [s(a) per rung])."""
+    Returns (A, [s(a) per rung]), and with `with_trigger` also the trigger of the smallest rung that
+    reached `success` (of the largest rung when none did): the reverse-engineered trigger that
+    Neural Cleanse unlearns."""
     gen = gen or torch.Generator().manual_seed(0)
     areas = [float(a) for a in areas]
     if not areas or any(a <= 0 or a > 1 for a in areas) or sorted(areas, reverse=True) != areas:
         raise ValueError("areas must be a descending list of shares in (0, 1]")
-    curve, start = [], None
+    curve, start, found = [], None, None
     for a in areas:
         best, best_trig = -1.0, None
         for init in (("diffuse", "square") if start is None else ("warm",)):
@@ -216,12 +218,17 @@ def smallest_area(clf: nn.Module, x_fit: torch.Tensor, x_held: torch.Tensor, tar
                 best, best_trig = s, trig
         start = UniversalTrigger("mask", int(target), mask=project_mask(best_trig.mask, a), pattern=best_trig.pattern)
         curve.append(best)
+        if found is None or best >= success:
+            found = start
     logs = np.log(areas)
+    area = areas[-1]
     if curve[0] < success:
-        return 2.0 * areas[0], curve
-    for i in range(1, len(curve)):
-        if curve[i] < success:
-            frac = (curve[i - 1] - success) / max(curve[i - 1] - curve[i], 1e-9)
-            return float(np.exp(logs[i - 1] + (logs[i] - logs[i - 1]) * frac)), curve
-    return areas[-1], curve
+        area = 2.0 * areas[0]
+    else:
+        for i in range(1, len(curve)):
+            if curve[i] < success:
+                frac = (curve[i - 1] - success) / max(curve[i - 1] - curve[i], 1e-9)
+                area = float(np.exp(logs[i - 1] + (logs[i] - logs[i - 1]) * frac))
+                break
+    return (area, curve, found) if with_trigger else (area, curve)
 

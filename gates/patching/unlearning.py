@@ -110,3 +110,46 @@ def unlearn(clf: nn.Module, x: np.ndarray, y: np.ndarray, budgets: dict, rounds:
             on_round(r, {"loss": float(np.mean(losses)), "strongest": float(strength.max())})
     clf.eval()
     return list(triggers.values())
+
+
+def reverse_engineer(clf: nn.Module, x: np.ndarray, y: np.ndarray, ladder, anomaly: float = 2.0,
+                     fallback=(), steps: int = 80, seed: int = 0) -> tuple[dict, dict, list]:
+    """Neural Cleanse's reverse engineering on the source model: per class t the smallest mask
+    trigger that still sends half of the images of other classes to t (`universal.smallest_area`
+    down `ladder`), and the classes whose anomaly index (`acceptance.area_anomaly`) exceeds
+    `anomaly`; when none does, the `fallback` classes (the scan's flagged ones).
+    Returns ({t: trigger}, {t: area}, chosen classes)."""
+    from .acceptance import area_anomaly
+    from .universal import smallest_area
+
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    y = np.asarray(y)
+    gen = torch.Generator().manual_seed(int(seed))
+    triggers, areas = {}, {}
+    for t in range(int(y.max()) + 1):
+        el = np.random.default_rng([int(seed), 11, t]).permutation(np.flatnonzero(y != t))
+        half = len(el) // 2
+        if half == 0:
+            continue
+        areas[t], _, triggers[t] = smallest_area(clf, xt[el[:half]], xt[el[half:]], t, areas=tuple(ladder),
+                                                 steps=int(steps), refine_steps=max(1, int(steps) * 3 // 4), gen=gen,
+                                                 with_trigger=True)
+    ai = area_anomaly(areas)
+    chosen = sorted(t for t, v in ai.items() if v > anomaly) or sorted(int(c) for c in fallback if int(c) in triggers)
+    return triggers, areas, chosen
+
+
+def reversed_stamps(triggers: dict, chosen: list):
+    """extra(x, y, rng) for `unlearn`: every image stamped with the reverse-engineered trigger of a
+    chosen class other than its own (its label kept: Neural Cleanse's unlearning)."""
+    chosen = [int(t) for t in chosen]
+
+    def extra(xb: np.ndarray, yb: np.ndarray, rng) -> np.ndarray:
+        out = np.array(xb, dtype=np.float32, copy=True)
+        for i, lab in enumerate(yb):
+            cands = [t for t in chosen if t != int(lab)]
+            if cands:
+                trig = triggers[cands[int(rng.integers(len(cands)))]]
+                out[i:i + 1] = trig.apply(torch.from_numpy(out[i:i + 1])).numpy()
+        return out
+    return extra

@@ -27,6 +27,7 @@ RECIPES = {
               "background_fraction": 0.0, "soup": 1},
     "default": {},
     "universal": {"universal_rounds": 8},
+    "reverse": {"reverse_rounds": 5},
 }
 
 
@@ -85,7 +86,7 @@ def run_vendor(args) -> int:
     for name in names:
         path, summary = zoo[name]
         sha = sha256_file(path)[:16]
-        keys = {(rec, s): f"{name}|{sha}|{rec}|{s}|scan{args.seed}|{cal.sha256_[:16]}|residual1"
+        keys = {(rec, s): f"{name}|{sha}|{rec}|{s}|scan{args.seed}|{cal.sha256_[:16]}|residual2"
                 for rec in recipes for s in seeds}
         todo = [k for k in keys if keys[k] not in cache]
         if not todo:
@@ -106,9 +107,10 @@ def run_vendor(args) -> int:
                 row.update(verdict="passed", reason="the scan did not flag the model")
             else:
                 t1 = time.perf_counter()
-                patch = Patcher(seed=s, progress=False, **RECIPES[rec]).fit(
+                patcher = Patcher(seed=s, progress=False, **RECIPES[rec]).fit(
                     oracle.model_bytes, decision.paper.inverted_x, decision.paper.inverted_y,
-                    decision.paper.generator.stamp, decision.flagged_classes, heldout=(heldout.x, heldout.y)).result_
+                    decision.paper.generator.stamp, decision.flagged_classes, heldout=(heldout.x, heldout.y))
+                patch = patcher.result_
                 patch_s = time.perf_counter() - t1
                 kept = Path(args.patched_dir) / f"{hashlib.sha256(row['key'].encode()).hexdigest()[:24]}.onnx"
                 kept.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,8 @@ def run_vendor(args) -> int:
                            residual_accepted=patch.residual_accepted, residual_reasons=patch.residual.reasons,
                            fresh_calibrated=fresh.is_trojaned, fresh_paper=fresh.paper.is_trojaned,
                            patch_s=round(patch_s, 1), total_s=round(time.perf_counter() - t1, 1),
-                           patched_file=kept.name)
+                           patched_file=kept.name, residual_areas=patch.residual.to_dict()["areas"],
+                           reverse=getattr(patcher, "reverse_", None))
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             cache[row["key"]] = row
