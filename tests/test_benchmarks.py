@@ -53,13 +53,15 @@ def test_the_vendor_patch_table_counts_what_the_issue_asks_and_refuses_benign_mo
     base = {"family": "patch", "recipe": "default", "patch_seed": 0, "flagged": [3], "asr_before": 1.0,
             "acc_before": 0.90, "acc_drop_se": 0.002, "residual": {"mask": {"max_flagged": 0.1, "max_unflagged": 0.3,
                                                                             "untargeted": 0.2}}}
-    rows = [{**base, "model": "a", "verdict": "patched", "asr_after": 0.02, "acc_after": 0.895},  # meets both
+    rows = [{**base, "model": "a", "verdict": "patched", "asr_after": 0.02, "acc_after": 0.895,  # meets both
+             "residual_areas": {"0": 0.05, "1": 0.05, "2": 0.05, "3": 0.00625}},
             {**base, "model": "b", "verdict": "patched", "asr_after": 0.30, "acc_after": 0.90},  # a false "patched"
             {**base, "model": "c", "verdict": "blocked", "reason": "residual evidence refuses", "asr_after": 0.9,
              "acc_after": 0.90}]
     text = table(rows, args)
     assert "patched 2, of which 1 with true-trigger ASR <= 5%" in text and "ASR > 10%: 1." in text
-    assert "| a | patch | default | 0 | [3] | 100.0% | 2.0% | 90.0% | -0.50 (± 0.20) | 0.10 / 0.30 / 0.20 |" in text
+    assert "| a | patch | default | 0 | [3] | 100.0% | 2.0% | 90.0% | -0.50 (± 0.20) | 0.10 / 0.30 / 0.20 | 3.0 (3) |" in text
+    assert "| b | patch | default | 0 | [3] | 100.0% | 30.0% | 90.0% | +0.00 (± 0.20) | 0.10 / 0.30 / 0.20 | - |" in text
     bad = argparse.Namespace(models="benign-small-s1000", recipes="default", patch_seeds_zoo="0")
     with pytest.raises(ValueError, match="not trojaned"):
         run_vendor(bad)

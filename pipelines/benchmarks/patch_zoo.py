@@ -146,6 +146,17 @@ def run_vendor(args) -> int:
     return 0
 
 
+def _top_anomaly(areas) -> str:
+    """Rule (3)'s largest anomaly index and its class, '-' for rows judged before it existed."""
+    from trojan_gate.gates.patching.acceptance import area_anomaly
+
+    if not areas:
+        return "-"
+    ai = area_anomaly({int(t): v for t, v in areas.items()})
+    top = max(ai, key=ai.get)
+    return f"{ai[top]:.1f} ({top})"
+
+
 def table(rows: list, args) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
@@ -157,8 +168,9 @@ def table(rows: list, args) -> str:
              "verdict as the gate decides it (fresh calibrated and paper scans clean, accuracy drop <= "
              f"{args.max_accuracy_drop:g}, residual evidence accepted).\n",
              "| model | family | recipe | patch seed | flagged | ASR before | ASR after | acc before | acc change "
-             "(± paired SE) | residual mask flagged / other / untargeted | verdict | why | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(± paired SE) | residual mask flagged / other / untargeted | smallest-area anomaly (class) | "
+             "verdict | why | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["family"], r["model"], r["recipe"], r["patch_seed"])):
         res = (r.get("residual") or {}).get("mask") or {}
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -167,7 +179,7 @@ def table(rows: list, args) -> str:
         lines.append(f"| {r['model']} | {r['family']} | {r['recipe']} | {r['patch_seed']} | {r['flagged'] or '-'} | "
                      f"{pct(r['asr_before'])} | {pct(r.get('asr_after'))} | {100 * r['acc_before']:.1f}% | {change} | "
                      f"{f(res.get('max_flagged'))} / {f(res.get('max_unflagged'))} / {f(res.get('untargeted'))} | "
-                     f"{r['verdict']} | {r.get('reason', '')} | {r.get('total_s', '-')} |")
+                     f"{_top_anomaly(r.get('residual_areas'))} | {r['verdict']} | {r.get('reason', '')} | {r.get('total_s', '-')} |")
     patched = [r for r in rows if r["verdict"] == "patched"]
     bad = [r for r in patched if r["asr_after"] > 0.10]
     ok = [r for r in patched if r["asr_after"] <= 0.05 and r["acc_before"] - r["acc_after"] <= 0.01 + 1e-9]
