@@ -355,3 +355,13 @@ def test_patch_result_reports_the_paired_error_of_its_measured_drop(patched):
     se = patched.accuracy_drop_se
     assert se == paired_drop_standard_error(patched.correct_before, patched.correct_after)
     assert patched.to_dict()["accuracy_drop_se"] == se
+
+
+def test_the_unlearning_stages_run_inside_the_patcher_and_record_what_they_chose(trojaned, inverted, digits):
+    _, test = digits
+    wrong = lambda x, t, seed: np.clip(x + 0.3, 0, 1).astype(np.float32)  # noqa: E731  a wrong recovered trigger
+    p = Patcher(epochs=1, soup=1, universal_rounds=1, reverse_rounds=2, residual_area_ladder=(0.3, 0.15, 0.08),
+                residual_steps=20, seed=0, progress=False).fit(trojaned.onnx_bytes, *inverted, wrong, [0], heldout=test)
+    assert set(p.reverse_["areas"]) == set(range(10)) and p.reverse_["classes"]
+    assert p.result_.config["reverse_rounds"] == 2 and set(p.result_.residual.areas) == set(range(10))
+    assert Patcher(seed=0).get_params()["reverse_rounds"] == 0 and not hasattr(Patcher(), "reverse_")

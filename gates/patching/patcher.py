@@ -45,7 +45,7 @@ from .measure import Stamp, measure
 from .result import PatchResult
 from .soup import uniform_soup
 from .stamps import draw_targets, jitter_stamps, stamp_by_target, stamped_share
-from .unlearning import reverse_engineer, reversed_stamps, unlearn
+from .unlearning import reverse_engineer, reversed_stamps, scan_stamps, unlearn
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -279,18 +279,6 @@ class Patcher:
                 raise DeadlineExceeded(f"patching passed its deadline after epoch {epoch} of run {member}")
         return copy.deepcopy(clf.state_dict()), history
 
-    def _unlearn_universal(self, clf, xt, yt, stamp, flagged):
-        """`universal_rounds` of universal adversarial unlearning, the scan's triggers stamped beside."""
-        jitter = self.jitter_for(xt.shape[-2:])
-
-        def scan_stamps(xb, yb, rng):
-            t = draw_targets(yb, flagged, rng)
-            return jitter_stamps(xb, stamp_by_target(stamp, xb, t, seed=int(rng.integers(2**31))), jitter, rng)
-
-        unlearn(clf, xt, yt, {"mask": self.residual_mask_area, "additive": self.residual_eps},
-                rounds=int(self.universal_rounds), lr=self.lr, distill_weight=self.distill_weight,
-                extra=scan_stamps, seed=self.seed + 40_000, train_mode=self._train_mode)
-
     # -- fitting ------------------------------------------------------------------------
     def patch(self, model, scan, heldout=None) -> PatchResult:
         """Patch `model` (ONNX path, bytes or ModelOracle) against what a DeepInspect `scan` of it
@@ -366,12 +354,14 @@ class Patcher:
             clf = clf or member_clf
         bar.close()
         clf.load_state_dict(uniform_soup(states) if n_members > 1 else states[0])
-        if self.universal_rounds:
-            self._unlearn_universal(clf, xt, yt, stamp, flagged)
+        common = {"lr": self.lr, "distill_weight": self.distill_weight, "train_mode": self._train_mode}
+        if self.universal_rounds:  # I-BAU's minimax, the scan's triggers stamped beside
+            unlearn(clf, xt, yt, {"mask": self.residual_mask_area, "additive": self.residual_eps},
+                    rounds=int(self.universal_rounds), seed=self.seed + 40_000, **common,
+                    extra=scan_stamps(stamp, flagged, self.jitter_for(xt.shape[-2:])))
         if reversed_ is not None:  # Neural Cleanse's unlearning, no universal search: budgets {}
-            unlearn(clf, xt, yt, {}, rounds=int(self.reverse_rounds), lr=self.lr, distill_weight=self.distill_weight,
-                    extra=reversed_stamps(reversed_[0], reversed_[2]), seed=self.seed + 60_000,
-                    train_mode=self._train_mode)
+            unlearn(clf, xt, yt, {}, rounds=int(self.reverse_rounds), seed=self.seed + 60_000, **common,
+                    extra=reversed_stamps(reversed_[0], reversed_[2]))
         clf.eval()
         new_bytes = torch_to_onnx(clf, metadata={"trojan_gate.patched_from": info.sha256,
                                                  "trojan_gate.patched_classes": ",".join(map(str, flagged.tolist()))})

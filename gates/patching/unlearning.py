@@ -153,3 +153,14 @@ def reversed_stamps(triggers: dict, chosen: list):
                 out[i:i + 1] = trig.apply(torch.from_numpy(out[i:i + 1])).numpy()
         return out
     return extra
+
+
+def scan_stamps(stamp, flagged, jitter: int):
+    """extra(x, y, rng) for `unlearn`: every image stamped with the scan's generated trigger of a
+    flagged class other than its own, shifted by up to `jitter` pixels (labels kept)."""
+    from .stamps import draw_targets, jitter_stamps, stamp_by_target
+
+    def extra(xb, yb, rng):
+        t = draw_targets(yb, flagged, rng)
+        return jitter_stamps(xb, stamp_by_target(stamp, xb, t, seed=int(rng.integers(2**31))), jitter, rng)
+    return extra
