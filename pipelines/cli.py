@@ -3,6 +3,9 @@
 Each sub-command module exposes `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int`. Exit codes follow ModelScan's habit so CI can branch on them:
 0 pass/clean, 1 flagged/blocked, 2 error.
+
+Only the sub-command being run is imported (a fast start: `check`, `serve` and `promote` never
+import torch); the top-level help imports them all to show each one's line.
 """
 from __future__ import annotations
 
@@ -34,7 +37,14 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv) -> str | None:
+    """The sub-command named on the command line (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only` (a sub-command's name), only that sub-command's module is imported
+    and the others are listed without their arguments."""
     from trojan_gate.gates import __version__
 
     parser = argparse.ArgumentParser(prog="trojan-gate", description=__doc__.splitlines()[0])
@@ -42,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
+        if only in SUBCOMMANDS and name != only:
+            sub.add_parser(name)
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
@@ -50,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

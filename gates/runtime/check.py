@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as sps
 
 from .evidence import copy_statistics, js_bits
 
@@ -44,6 +43,8 @@ DEFAULT_STAGES = (2, 4)  # copies asked before each early-stopping decision
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Exact binomial confidence interval for a rate k / n."""
+    from scipy import stats as sps
+
     a = (1 - level) / 2
     lo = 0.0 if k == 0 else float(sps.beta.ppf(a, k, n - k + 1))
     hi = 1.0 if k == n else float(sps.beta.ppf(1 - a, k + 1, n - k))

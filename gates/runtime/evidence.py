@@ -19,15 +19,23 @@ other perturbation families were measured and not kept (docs/experiments.md, "Ru
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import entr
 
 LOG2 = np.log(2.0)
 STATISTICS = ("entropy", "dispersion")
 
 
+def entr(p: np.ndarray) -> np.ndarray:
+    """Elementwise -p ln p with 0 ln 0 = 0 (scipy.special.entr on probabilities, without importing scipy)."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.zeros_like(p)
+    np.log(p, out=out, where=p > 0)
+    out *= p
+    return np.negative(out, out=out)
+
+
 def entropy_bits(p: np.ndarray) -> np.ndarray:
     """Base-2 entropy over the last axis (0 log 0 = 0)."""
-    return entr(np.asarray(p, dtype=np.float64)).sum(axis=-1) / LOG2
+    return entr(p).sum(axis=-1) / LOG2
 
 
 def js_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:

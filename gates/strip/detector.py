@@ -33,14 +33,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
-from scipy.special import entr
-from tqdm.auto import tqdm
 
 from ..copies import BLEND_RULES, DEFAULT_BLEND, KeyedCopies, ask_shuffled, superimpose
 from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from ..artifact_files import utc_now, versions
+from ..runtime.evidence import entr
 from .artifact import artifact_sha256, read_artifact, write_artifact
 
 __all__ = ["BLEND_RULES", "DEFAULT_BLEND", "Strip", "artifact_sha256", "superimpose", "normalized_entropy"]
@@ -132,6 +130,8 @@ class Strip(RuntimeDetector):
         return normalized_entropy(proba, self.n_perturbations)
 
     def _score(self, x, exclude=None, desc="strip score") -> np.ndarray:
+        from tqdm.auto import tqdm
+
         size = self.chunk_size
         starts = range(0, len(x), size)
         scores = np.empty(len(x), dtype=np.float64)
@@ -160,6 +160,8 @@ class Strip(RuntimeDetector):
 
     def infer_threshold(self, frr: float = 0.01, rule: str | None = None) -> "Strip":
         """Threshold at preset FRR (Sec. V-D, mirrored): normal ppf and empirical quantile at 1 - frr."""
+        from scipy import stats
+
         self.check_fitted()
         if not 0.0 < frr < 1.0:
             raise ValueError(f"frr must be in (0, 1), got {frr}")
