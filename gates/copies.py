@@ -75,15 +75,21 @@ class KeyedCopies:
         With `model_sha256`, keys the draws.
     model_sha256 : str
         The served model's hash: the same input meets other bank images on another model.
+    in_graph : bool
+        Build the copies inside ONNX Runtime where the model allows it (`copies_graph`); False builds
+        them in numpy always. Both give the same rows.
     """
 
-    def __init__(self, bank: np.ndarray, n_perturbations: int, blend: str, seed: int, model_sha256: str):
+    def __init__(self, bank: np.ndarray, n_perturbations: int, blend: str, seed: int, model_sha256: str,
+                 in_graph: bool = True):
         if blend not in BLEND_RULES:
             raise ValueError(f"unknown blend rule {blend!r}; choose from {tuple(BLEND_RULES)}")
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.n_perturbations = int(n_perturbations)
         self.blend = blend
         self.key = detector_key(int(seed), model_sha256)
+        self.in_graph = bool(in_graph)
+        self._graphs = {}  # id(oracle) -> (oracle, GraphCopies)
 
     def draw_indices(self, x: np.ndarray, exclude=None) -> np.ndarray:
         """(n, N) bank indices of each input's copies, drawn from its own bytes (never bank[exclude[i]])."""
@@ -106,3 +112,26 @@ class KeyedCopies:
     def perturb(self, x: np.ndarray, exclude=None, out: np.ndarray | None = None) -> np.ndarray:
         """All N copies of every input (`copies_at` with the full draws)."""
         return self.copies_at(x, self.draw_indices(x, exclude), out=out)
+
+    def graph_for(self, oracle):
+        """The wrapper-graph asker for `oracle` (built once per oracle; its `session` is None where the copies
+        must be built in numpy)."""
+        from .copies_graph import GraphCopies
+
+        entry = self._graphs.get(id(oracle))
+        if entry is None or entry[0] is not oracle:
+            entry = self._graphs[id(oracle)] = (oracle, GraphCopies(oracle, self.bank, self.blend))
+        return entry[1]
+
+    def ask(self, oracle, x: np.ndarray, idx: np.ndarray, rng: np.random.Generator, with_self: bool = True):
+        """(p_self (n, K) or None, p_copies (n, k, K)): the oracle's answers on checked inputs x and their copies
+        on bank[idx], rows in a fresh random order; inside ONNX Runtime (`copies_graph`) where it serves,
+        else built here and sent in one call."""
+        n, k = idx.shape
+        if self.in_graph and n and self.graph_for(oracle).session is not None:
+            return self.graph_for(oracle).ask(x, idx, rng, with_self)
+        copies = self.copies_at(x, idx)
+        out = ask_shuffled(oracle, np.concatenate([x, copies]) if with_self else copies, rng)
+        if not with_self:
+            return None, out.reshape(n, k, -1)
+        return out[:n], out[n:].reshape(n, k, -1)

@@ -9,8 +9,9 @@
 
 `predict` fills one template: data.instance_score, data.is_trojaned (instance_score >=
 threshold), data.threshold, data.proba (the served model's own answers on x, from the same
-calls) and data.model_calls (the inputs the served model was asked per input: the input and its
-copies). A detector implements `_answer(x) -> {"instance_score", "proba", "model_calls"}`.
+calls), data.model_calls (the inputs the served model was asked per input: the input and its
+copies) and data.reference_calls (the reference classifier's, 0 for STRIP). A detector implements
+`_answer(x) -> {"instance_score", "proba", "model_calls"[, "reference_calls"]}`.
 Typed errors: NotFittedError before `fit`, ThresholdNotInferredError before `infer_threshold`.
 """
 from __future__ import annotations
@@ -43,14 +44,17 @@ class RuntimeDetector:
         raise NotImplementedError
 
     def predict(self, x, **options) -> dict:
-        """{"data": {"instance_score", "is_trojaned", "threshold", "proba", "model_calls"}, "meta": meta()};
+        """{"data": {"instance_score", "is_trojaned", "threshold", "proba", "model_calls", "reference_calls"},
+        "meta": meta()};
         `options` go to the detector's `_answer` (e.g. the run-time check's `adaptive`)."""
         self.check_threshold()
         out = self._answer(x, **options)
         score = np.asarray(out["instance_score"], dtype=np.float64)
         return {"data": {"instance_score": score, "is_trojaned": score >= self.threshold_,
                          "threshold": float(self.threshold_), "proba": out["proba"],
-                         "model_calls": np.asarray(out["model_calls"], dtype=np.int64)},
+                         "model_calls": np.asarray(out["model_calls"], dtype=np.int64),
+                         "reference_calls": np.asarray(out.get("reference_calls", np.zeros(len(score))),
+                                                       dtype=np.int64)},
                 "meta": self.meta()}
 
     def meta(self) -> dict:

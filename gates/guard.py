@@ -29,18 +29,24 @@ class GuardedClassifier:
     policy : str
         "flag" returns every label and marks suspects; "reject" also replaces a suspect's label by
         -1 and its probability by 0.0 (no class is vouched for).
+    chunk_size : int
+        Inputs the detector takes at once: the memory of a call is bounded by a chunk, whatever the
+        number of inputs.
     """
 
-    def __init__(self, oracle, detector, policy: str = "flag"):
+    def __init__(self, oracle, detector, policy: str = "flag", chunk_size: int = 8192):
         if policy not in SERVING_POLICIES:
             raise ValueError(f"policy must be one of {SERVING_POLICIES}, not {policy!r}")
         detector.check_threshold()
         if detector.model_sha256_ != oracle.sha256:
             raise ArtifactIntegrityError(f"model sha256 mismatch: the boundary was calibrated on "
                                          f"{detector.model_sha256_}, the served model is {oracle.sha256}")
+        if int(chunk_size) < 1:
+            raise ValueError("chunk_size must be >= 1")
         self.oracle = oracle
         self.detector = detector
         self.policy = policy
+        self.chunk_size = int(chunk_size)
 
     @classmethod
     def from_artifacts(cls, model, boundary_dir, policy: str = "flag", expected_sha256: str | None = None,
@@ -60,9 +66,18 @@ class GuardedClassifier:
 
     def predict(self, x) -> dict:
         """Per input: label (int64), probability, instance_score (higher = more trojan-like), is_trojaned
-        (instance_score >= threshold) and model_calls (the served model's inputs it cost); under policy
-        "reject" a flagged input's label is -1 and its probability 0."""
+        (instance_score >= threshold), model_calls (the served model's inputs it cost: the input and its
+        copies) and reference_calls (the reference classifier's); under policy "reject" a flagged input's
+        label is -1 and its probability 0. Inputs go to the detector `chunk_size` at a time."""
         x = self.oracle.check_inputs(x)
+        parts = [self._predict_chunk(x[s:s + self.chunk_size]) for s in range(0, len(x), self.chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            parts = [self._predict_chunk(x)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _predict_chunk(self, x) -> dict:
         data = self.detector.predict(x)["data"]
         proba = np.asarray(data["proba"], np.float64)
         label, prob = proba.argmax(axis=1).astype(np.int64), proba.max(axis=1)
@@ -71,4 +86,5 @@ class GuardedClassifier:
             label[flagged] = REJECTED_LABEL
             prob[flagged] = 0.0
         return {"label": label, "probability": prob, "instance_score": np.asarray(data["instance_score"]),
-                "is_trojaned": flagged, "model_calls": np.asarray(data["model_calls"])}
+                "is_trojaned": flagged, "model_calls": np.asarray(data["model_calls"]),
+                "reference_calls": np.asarray(data["reference_calls"])}

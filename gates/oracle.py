@@ -109,6 +109,7 @@ class ModelOracle:
             so.intra_op_num_threads = int(intra_op_threads)
         self.providers = providers or default_providers()
         self.memory_cap = capped_session_options(so, limits.max_memory_bytes)
+        self._options = so
         try:
             self._session = ort.InferenceSession(self._bytes, sess_options=so,
                                                  providers=capped_providers(self.providers, self.memory_cap))
@@ -192,10 +193,13 @@ class ModelOracle:
         return min(limits) if limits else None
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._call(self._session, {self.info.input_name: x})
+
+    def _call(self, session, feeds: dict) -> np.ndarray:
         left = self._time_left()
         if left is None:
             try:
-                return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x})[0])
+                return np.asarray(session.run([self.info.output_name], feeds)[0])
             except Exception as e:
                 self._raise_named(e)
                 raise
@@ -204,7 +208,7 @@ class ModelOracle:
         options = ort.RunOptions()
         token = WATCHDOG.arm(left, options)
         try:
-            return np.asarray(self._session.run([self.info.output_name], {self.info.input_name: x}, options)[0])
+            return np.asarray(session.run([self.info.output_name], feeds, options)[0])
         except Exception as e:
             if options.terminate:
                 raise OracleTimeout(f"an ONNX Runtime call ran past its {left:.1f} s limit in phase "
@@ -258,6 +262,24 @@ class ModelOracle:
         if not outs:
             return np.zeros((0, self.n_classes))
         return np.concatenate(outs, axis=0)
+
+    def wrapper_session(self, graph: bytes):
+        """An ONNX Runtime session on a graph the project built around this model (`copies_graph`), with
+        this oracle's providers, threads and memory cap."""
+        return ort.InferenceSession(graph, sess_options=self._options,
+                                    providers=capped_providers(self.providers, self.memory_cap))
+
+    def ask_wrapped(self, session, feeds: dict, n_rows: int) -> np.ndarray:
+        """Probabilities (n_rows, K) from one call of a wrapper session whose output is this model's answer on
+        n_rows rows it builds; counted, budgeted, time-bounded and converted like `predict_proba`."""
+        if self.budget is not None and self.queries + n_rows > self.budget:
+            raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted "
+                                      f"({self.queries} used, {n_rows} more requested in phase '{self._phase}')")
+        t0 = time.perf_counter()
+        out = self._to_proba(self._call(session, feeds), n_rows)
+        self.queries += n_rows
+        self.ledger.add(self._phase, n_rows, time.perf_counter() - t0)
+        return out
 
     def predict_proba(self, x) -> np.ndarray:
         """Class probabilities (n, K) float64 for inputs (n, C, H, W); counted and batched."""

@@ -12,7 +12,8 @@ input's label is -1; `flag`: the label is kept) and the row cap come from the si
 The input is what the logged signature says: a float32 tensor (n, C, H, W) in [0, 1]. Per input,
 predict returns `label`, `probability`, `instance_score` (higher means more trojan-like: the run-time
 check's negated min-p, or STRIP's negated entropy), `is_trojaned` (score >= threshold) and
-`model_calls` (the served model's inputs the check cost: the input and its copies). A refused request (wrong shape, values out of range, too many rows) comes back as
+`model_calls` (the served model's inputs the check cost: the input and its copies) and `reference_calls`
+(the reference classifier's). A refused request (wrong shape, values out of range, too many rows) comes back as
 HTTP 400 with the reason, never a stack trace.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def revocation(verdict: dict, client=None) -> str | None:
     if tags.get(tag("verdict")) == "blocked":
         return f"{ref.uri} was blocked by a later gate (run {tags.get(tag('gate.run_id'))}): its release is revoked"
     return None
-OUTPUT_COLUMNS = ("label", "probability", "instance_score", "is_trojaned", "model_calls")
+OUTPUT_COLUMNS = ("label", "probability", "instance_score", "is_trojaned", "model_calls", "reference_calls")
 
 
 def load_release(release, signature, public_key=None):
@@ -115,6 +116,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             "instance_score": np.asarray(out["instance_score"], dtype=np.float64),
             "is_trojaned": np.asarray(out["is_trojaned"], dtype=bool),
             "model_calls": np.asarray(out["model_calls"], dtype=np.int64),
+            "reference_calls": np.asarray(out["reference_calls"], dtype=np.int64),
         })
 
 
@@ -126,5 +128,5 @@ def guarded_signature(input_shape):
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) + tuple(int(v) for v in input_shape))]),
         outputs=Schema([ColSpec("long", "label"), ColSpec("double", "probability"),
                         ColSpec("double", "instance_score"), ColSpec("boolean", "is_trojaned"),
-                        ColSpec("long", "model_calls")]),
+                        ColSpec("long", "model_calls"), ColSpec("long", "reference_calls")]),
     )

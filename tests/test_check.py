@@ -49,7 +49,7 @@ def test_clean_inputs_exit_0(setup, tmp_path, capsys):
     out = tmp_path / "r.npz"
     assert run_check(setup, "clean.npz", out) == 0
     r = np.load(out)
-    assert set(r.files) == {"instance_score", "is_trojaned", "label", "probability", "model_calls"}
+    assert set(r.files) == {"instance_score", "is_trojaned", "label", "probability", "model_calls", "reference_calls"}
     assert (r["model_calls"] == 11).all()  # STRIP: the input and its N = 10 copies
     assert r["instance_score"].shape == (15,) and not r["is_trojaned"].any()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["flagged"] == 0
@@ -114,3 +114,37 @@ def test_wrong_model_and_bad_inputs_exit_2(setup, tmp_path, capsys):
     code = main(["check", str(setup["model"]), "--boundary", str(setup["boundary"]),
                  "--inputs", str(tmp_path / "wrong.npz"), "--out", str(out)])
     assert code == 2 and "InputShapeError" in capsys.readouterr().err
+
+
+def test_chunked_check_writes_what_one_chunk_writes(setup, tmp_path):
+    whole, chunked = tmp_path / "whole.npz", tmp_path / "chunked.npz"
+    assert run_check(setup, "mixed.npz", whole) == 1
+    assert run_check(setup, "mixed.npz", chunked, "--chunk-size", "7") == 1
+    a, b = np.load(whole), np.load(chunked)
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert (a["reference_calls"] == 0).all()  # STRIP asks no reference classifier
+
+
+def test_an_input_refused_midway_leaves_no_output(setup, tmp_path, capsys):
+    x = np.load(setup["root"] / "mixed.npz")["x"].copy()
+    x[-1, 0, 0, 0] = 2.0  # out of range, in the last chunk
+    np.savez(tmp_path / "late.npz", x=x)
+    out = tmp_path / "r.npz"
+    code = main(["check", str(setup["model"]), "--boundary", str(setup["boundary"]), "--inputs",
+                 str(tmp_path / "late.npz"), "--out", str(out), "--chunk-size", "5"])
+    assert code == 2 and "InputRangeError" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "late.npz"]  # neither the output nor its temporary folder
+
+
+def test_check_imports_neither_torch_nor_scipy(setup, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from trojan_gate.pipelines.cli import main; "
+            f"rc = main(['check', {str(setup['model'])!r}, '--boundary', {str(setup['boundary'])!r}, '--inputs', "
+            f"{str(setup['root'] / 'clean.npz')!r}, '--out', {str(tmp_path / 'r.npz')!r}]); "
+            "heavy = sorted(m for m in ('torch', 'scipy', 'great_expectations', 'mlflow') if m in sys.modules); "
+            "print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"

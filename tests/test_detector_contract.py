@@ -68,7 +68,7 @@ def test_predict_fills_one_template_and_scores_higher_for_trojans(fitted, settin
     out = fitted.predict(x)
     assert set(out) == {"data", "meta"}
     data = out["data"]
-    assert set(data) == {"instance_score", "is_trojaned", "threshold", "proba", "model_calls"}
+    assert set(data) == {"instance_score", "is_trojaned", "threshold", "proba", "model_calls", "reference_calls"}
     n = len(x)
     assert data["instance_score"].shape == (n,) and data["is_trojaned"].dtype == bool
     assert data["proba"].shape == (n, oracle.n_classes) and data["model_calls"].shape == (n,)

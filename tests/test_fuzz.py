@@ -84,7 +84,7 @@ def test_a_guarded_request_is_answered_or_refused_as_a_client_error(guarded, x):
     except MlflowException as e:
         assert e.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE), e.message
         return
-    assert list(out.columns) == ["label", "probability", "instance_score", "is_trojaned", "model_calls"] and len(out) == len(x)
+    assert list(out.columns) == ["label", "probability", "instance_score", "is_trojaned", "model_calls", "reference_calls"] and len(out) == len(x)
 
 
 @FAST

@@ -65,7 +65,7 @@ def test_guarded_model_served_over_rest_answers_with_flags(mlflow_store, trojan_
         with pytest.raises(RuntimeError, match=r"(?s)400.*input refused: inputs must lie in \[0, 1\]") as refused:
             invoke(url, np.concatenate([clean[:2], clean[:1] - 1.0]))  # an out-of-range "trigger"
     assert "Traceback" not in str(refused.value) and "stack_trace" not in str(refused.value)
-    assert set(clean_pred[0]) == {"label", "probability", "instance_score", "is_trojaned", "model_calls"}
+    assert set(clean_pred[0]) == {"label", "probability", "instance_score", "is_trojaned", "model_calls", "reference_calls"}
     clean_flags = np.array([p["is_trojaned"] for p in clean_pred])
     stamped_flags = np.array([p["is_trojaned"] for p in stamped_pred])
     assert stamped_flags[hijacked].mean() >= 0.8  # of the stamped inputs the trojan really hijacks
@@ -89,7 +89,7 @@ def test_guarded_model_loaded_in_process_takes_image_tensors(mlflow_store, troja
     n = len(clean)
     out = model.predict(np.concatenate([clean, stamped]).astype(np.float32))
     assert isinstance(out, pd.DataFrame) and list(out.columns) == ["label", "probability", "instance_score",
-                                                                   "is_trojaned", "model_calls"]
+                                                                   "is_trojaned", "model_calls", "reference_calls"]
     flags = out["is_trojaned"].to_numpy()
     floor = {"runtime": 0.9, "strip": 0.7}[check]  # measured on this model: 96% and 79% at FRR 5%
     assert flags[:n].mean() <= 0.2 and flags[n:][hijacked].mean() >= floor

@@ -194,7 +194,7 @@ def test_predict_contract(fitted, split):
     _, ev = split
     out = fitted.predict(ev.x[:16])
     assert set(out) == {"data", "meta"}
-    assert set(out["data"]) == {"instance_score", "is_trojaned", "threshold", "proba", "model_calls"}
+    assert set(out["data"]) == {"instance_score", "is_trojaned", "threshold", "proba", "model_calls", "reference_calls"}
     assert out["data"]["instance_score"].shape == (16,)
     assert out["data"]["is_trojaned"].dtype == bool
     np.testing.assert_array_equal(out["data"]["is_trojaned"], out["data"]["instance_score"] >= fitted.threshold_)
@@ -274,7 +274,7 @@ def test_guarded_classifier_flag_and_reject(trojaned, oracle, fitted, split):
     after = oracle.ledger.to_dict()["strip-predict"]
     assert after["calls"] - before["calls"] == 1  # inputs and their N perturbations in one call
     assert after["queries"] - before["queries"] == len(x) * 11
-    assert set(flag) == {"label", "probability", "instance_score", "is_trojaned", "model_calls"}
+    assert set(flag) == {"label", "probability", "instance_score", "is_trojaned", "model_calls", "reference_calls"}
     assert flag["label"].dtype == np.int64 and flag["is_trojaned"].dtype == bool
     np.testing.assert_array_equal(flag["label"], plain)
     np.testing.assert_array_equal(flag["is_trojaned"], flag["instance_score"] >= fitted.threshold_)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..copies import DEFAULT_BLEND, KeyedCopies, ask_shuffled
+from ..copies import DEFAULT_BLEND, KeyedCopies
 from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
@@ -98,20 +98,11 @@ class RuntimeCheck(RuntimeDetector):
         return None if values is None else -leave_one_out_min_p(values[self.n_perturbations])
 
     # -- answers ------------------------------------------------------------------------
-    def _ask(self, oracle, x: np.ndarray) -> np.ndarray:
-        """Probabilities for x in one call, rows sent in a fresh random order."""
-        return ask_shuffled(oracle, x, self._order)
-
-    def _copies(self, x, exclude=None) -> np.ndarray:
-        """(n, N, C, H, W) keyed superimposed copies (STRIP's draws, from each input's own bytes)."""
-        return self.copies_.perturb(x, exclude).reshape((len(x), self.n_perturbations) + x.shape[1:])
-
     def _stage_statistics(self, x, exclude=None) -> dict:
         """{stage: {statistic: (n,)}} for every stage and N, asking every copy (calibration)."""
-        copies = self._copies(x, exclude)
-        n, big_n = len(x), self.n_perturbations
-        answers = self._ask(self.model, np.concatenate([x, copies.reshape((-1,) + x.shape[1:])]))
-        p_self, p_copies = answers[:n], answers[n:].reshape(n, big_n, -1)
+        idx = self.copies_.draw_indices(x, exclude)
+        p_self, p_copies = self.copies_.ask(self.model, x, idx, self._order)
+        big_n = self.n_perturbations
         p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
         return {s: statistics_at(p_self, p_copies[:, :s], p_ref, self.statistics) for s in (*self.stages, big_n)}
 
@@ -184,16 +175,14 @@ class RuntimeCheck(RuntimeDetector):
         asked = 0
         with self.model.phase("check"):
             for stage in (*(self.stages if adaptive else ()), big_n):
-                new = self.copies_.copies_at(x[live], idx[live, asked:stage])
-                batch = np.concatenate([x[live], new]) if asked == 0 else new
-                out = self._ask(self.model, batch)
-                if asked == 0:
-                    answers["self"], out = out[:len(live)], out[len(live):]
-                    proba[:] = answers["self"]
-                    answers["copies"] = out.reshape(len(live), stage, -1)
+                first = asked == 0
+                xs = x if first else x[live]  # every input is live at the first stage
+                p_self, p_copies = self.copies_.ask(self.model, xs, idx[live, asked:stage], self._order, with_self=first)
+                if first:
+                    answers["self"], answers["copies"] = p_self, p_copies
+                    proba[:] = p_self
                 else:
-                    answers["copies"] = np.concatenate([answers["copies"], out.reshape(len(live), stage - asked, -1)],
-                                                       axis=1)
+                    answers["copies"] = np.concatenate([answers["copies"], p_copies], axis=1)
                 asked, used[live] = stage, stage
                 values = statistics_at(answers["self"], answers["copies"],
                                        None if p_ref is None else p_ref[live], self.statistics)
@@ -205,7 +194,8 @@ class RuntimeCheck(RuntimeDetector):
                 live, answers["self"], answers["copies"] = live[keep], answers["self"][keep], answers["copies"][keep]
                 if not len(live):
                     break
-        return {"proba": proba, "instance_score": -score, "model_calls": used + 1}
+        return {"proba": proba, "instance_score": -score, "model_calls": used + 1,
+                "reference_calls": np.full(n, int(p_ref is not None), dtype=np.int64)}
 
     def meta(self) -> dict:
         """The contract's meta plus the statistics, stages and the realised FRR with its interval."""

@@ -138,8 +138,9 @@ class Strip(RuntimeDetector):
         for s in tqdm(starts, desc=desc, disable=not self.progress or len(starts) <= 1, leave=False):
             xc = x[s:s + size]
             ex = None if exclude is None else exclude[s:s + size]
-            proba = self.model.predict_proba(self.perturb(xc, ex))
-            scores[s:s + len(xc)] = -self.entropy_from_proba(proba)
+            _, p_copies = self.copies_.ask(self.model, xc, self.copies_.draw_indices(xc, ex), self._order,
+                                           with_self=False)
+            scores[s:s + len(xc)] = -self.entropy_from_proba(p_copies.reshape(-1, p_copies.shape[-1]))
         return scores
 
     # -- the detector contract ----------------------------------------------------------
@@ -184,7 +185,8 @@ class Strip(RuntimeDetector):
             return self._score(x)
 
     def _answer(self, x) -> dict:
-        """Labels and scores in one call per chunk: the inputs and their N copies, rows shuffled."""
+        """Labels and scores in one call per chunk: the inputs and their N copies, rows shuffled (copies built
+        inside ONNX Runtime where the model allows it, `copies_graph`)."""
         x = self.model.check_inputs(x)
         n, big_n, size = len(x), self.n_perturbations, self.chunk_size
         proba_self = np.empty((n, self.model.n_classes), dtype=np.float64)
@@ -192,13 +194,9 @@ class Strip(RuntimeDetector):
         with self.model.phase("strip-predict"):
             for s in range(0, n, size):
                 xc = x[s:s + size]
-                m = len(xc)
-                buf = np.empty((m * (big_n + 1),) + x.shape[1:], dtype=np.float32)
-                buf[:m] = xc
-                self.perturb(xc, out=buf[m:])
-                proba = ask_shuffled(self.model, buf, self._order)
-                proba_self[s:s + m] = proba[:m]
-                score[s:s + m] = -self.entropy_from_proba(proba[m:])
+                p_self, p_copies = self.copies_.ask(self.model, xc, self.copies_.draw_indices(xc), self._order)
+                proba_self[s:s + len(xc)] = p_self
+                score[s:s + len(xc)] = -self.entropy_from_proba(p_copies.reshape(-1, p_copies.shape[-1]))
         return {"instance_score": score, "proba": proba_self, "model_calls": np.full(n, big_n + 1)}
 
     def meta(self) -> dict:
