@@ -50,14 +50,14 @@ class GuardedClassifier:
 
     @classmethod
     def from_artifacts(cls, model, boundary_dir, policy: str = "flag", expected_sha256: str | None = None,
-                       **oracle_kwargs) -> "GuardedClassifier":
+                       chunk_size: int = 8192, **oracle_kwargs) -> "GuardedClassifier":
         """Build oracle and detector from an ONNX file (or bytes) and a verified boundary directory."""
         from .oracle import ModelOracle
         from .runtime import load_check
 
         oracle = model if hasattr(model, "predict_proba") else ModelOracle(model, **oracle_kwargs)
         detector = load_check(boundary_dir, oracle, expected_sha256=expected_sha256)
-        return cls(oracle, detector, policy=policy)
+        return cls(oracle, detector, policy=policy, chunk_size=chunk_size)
 
     @property
     def threshold(self) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import onnxruntime as ort
+import pytest
 import torch
 
 from trojan_gate.pipelines.benchmarks.deepinspect import hardware
@@ -65,3 +66,47 @@ def test_the_vendor_patch_table_counts_what_the_issue_asks_and_refuses_benign_mo
     bad = argparse.Namespace(models="benign-small-s1000", recipes="default", patch_seeds_zoo="0")
     with pytest.raises(ValueError, match="not trojaned"):
         run_vendor(bad)
+
+
+def _throughput_args(tmp_path, digits, model, **extra):
+    import argparse
+
+    import numpy as np
+
+    _, test = digits
+    np.savez(tmp_path / "held.npz", x=test.x[:200], y=test.y[:200])
+    np.savez(tmp_path / "inputs.npz", x=test.x[200:300])
+    return argparse.Namespace(model=str(model), heldout=str(tmp_path / "held.npz"), inputs=str(tmp_path / "inputs.npz"),
+                              artifacts=str(tmp_path / "checks"), n=250, batch=64, in_process_n=128, repeats=1,
+                              rest=False, rest_rows="1,10", rest_seconds=0.5, out=str(tmp_path / "t.md"), **extra)
+
+
+def test_the_throughput_table_measures_every_path_against_plain(tmp_path, digits, trojan_onnx):
+    from trojan_gate.pipelines.benchmarks.throughput import run
+
+    args = _throughput_args(tmp_path, digits, trojan_onnx)
+    assert run(args) == 0
+    text = (tmp_path / "t.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"plain", "strip", "runtime"} <= set(rows)
+    assert "| 11.00 |" in rows["strip"]  # STRIP: the input and its N = 10 copies, no reference
+    cli = [line for line in text.splitlines() if line.startswith("| strip | ") and "MiB" in line][0].split(" | ")
+    assert float(cli[1]) > 0 and cli[7] == "yes"  # wall seconds; flags equal to the numpy copies'
+    assert sorted(p.name for p in (tmp_path / "checks").iterdir()) == ["runtime", "strip"]  # kept for the next run
+    mtime = (tmp_path / "checks" / "strip").stat().st_mtime
+    assert run(args) == 0 and (tmp_path / "checks" / "strip").stat().st_mtime == mtime  # reused, not recalibrated
+
+
+@pytest.mark.slow
+@pytest.mark.serve
+def test_the_rest_table_serves_plain_and_guarded_models_the_same_way(tmp_path, digits, trojan_onnx):
+    from trojan_gate.pipelines.benchmarks.rest import rest_benchmark, rest_markdown
+    from trojan_gate.pipelines.benchmarks.throughput import checks, tiled
+
+    args = _throughput_args(tmp_path, digits, trojan_onnx)
+    artifacts = checks(trojan_onnx, tmp_path / "held.npz", tmp_path / "checks")
+    rows = rest_benchmark(trojan_onnx, artifacts, tiled(tmp_path / "inputs.npz", 20), [1, 10], args.rest_seconds)
+    assert [(r["server"], r["rows"]) for r in rows] == [(s, n) for s in ("plain", "strip", "runtime") for n in (1, 10)]
+    assert all(r["requests"] >= 5 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    text = "\n".join(rest_markdown(rows))
+    assert "| plain | 10 |" in text and "| runtime | 1 |" in text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "run a benchmark (strip, strip-paper, deepinspect, detection, patch, hostile) and print its table"
+HELP = "run a benchmark (strip, strip-paper, deepinspect, detection, patch, hostile, throughput) and print its table"
 
 BENCHMARKS = {
     "strip": "trojan_gate.pipelines.benchmarks.runtime",
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "detection": "trojan_gate.pipelines.benchmarks.detection",
     "patch": "trojan_gate.pipelines.benchmarks.patch",
     "hostile": "trojan_gate.pipelines.benchmarks.hostile",
+    "throughput": "trojan_gate.pipelines.benchmarks.throughput",
 }
 
 
