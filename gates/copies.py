@@ -120,7 +120,7 @@ class KeyedCopies:
 
         entry = self._graphs.get(id(oracle))
         if entry is None or entry[0] is not oracle:
-            entry = self._graphs[id(oracle)] = (oracle, GraphCopies(oracle, self.bank, self.blend))
+            entry = self._graphs[id(oracle)] = (oracle, GraphCopies(oracle, self))
         return entry[1]
 
     def ask(self, oracle, x: np.ndarray, idx: np.ndarray, rng: np.random.Generator, with_self: bool = True):

@@ -91,40 +91,39 @@ def wrapper_graph(model_bytes: bytes, info, bank: np.ndarray, blend: str) -> byt
 
 
 class GraphCopies:
-    """Asks an oracle's model about inputs and their keyed copies through the wrapper graph.
+    """Asks an oracle's model about inputs and their keyed copies (`copies`, a KeyedCopies: its bank, blend
+    rule and numpy copies) through the wrapper graph.
 
     `session` is None when the wrapper could not be built or failed its check; callers then build
     the copies in numpy (`KeyedCopies.ask` does both).
     """
 
-    def __init__(self, oracle, bank: np.ndarray, blend: str):
+    def __init__(self, oracle, copies):
         self.oracle = oracle
         self.session = None
         try:
-            graph = wrapper_graph(oracle.model_bytes, oracle.info, bank, blend)
+            graph = wrapper_graph(oracle.model_bytes, oracle.info, copies.bank, copies.blend)
             if graph is not None:
                 self.session = oracle.wrapper_session(graph)
-                self._verify(bank, blend)
+                self._verify(copies)
         except Exception as e:  # an exotic graph ONNX Runtime will not wrap: the numpy copies serve it
             log.warning("copies are built in numpy for this model: the wrapper graph was refused (%s: %s)",
                         type(e).__name__, e)
             self.session = None
 
-    def _verify(self, bank: np.ndarray, blend: str):
-        """The wrapper's answers equal the numpy copies' on a keyed batch of bank images (uncounted, like the
-        admission probes); raises ValueError otherwise."""
-        from .copies import superimpose
-
+    def _verify(self, copies):
+        """The wrapper's answers equal those on the numpy copies (`copies.copies_at`) on a batch of bank images
+        (uncounted, like the admission probes); raises ValueError otherwise."""
+        bank = copies.bank
         m = min(8, len(bank))
         x = np.ascontiguousarray(bank[:m], np.float32)
         idx = (np.arange(m)[:, None] + np.arange(1, 3)[None, :]) % len(bank)
         order = np.random.default_rng([m, 7]).permutation(m + 2 * m)
         oracle = self.oracle
         got = np.empty((3 * m, oracle.n_classes))
-        got[order] = oracle._to_proba(oracle._call(self.session, {PREFIX + "x": x, PREFIX + "idx": idx,
-                                                                  PREFIX + "order": order}), 3 * m)
-        copies = superimpose(bank[idx.ravel()].reshape((m, 2) + bank.shape[1:]), x[:, None], blend)
-        want = oracle._to_proba(oracle._run_batched(np.concatenate([x, copies.reshape((-1,) + bank.shape[1:])])), 3 * m)
+        got[order] = oracle.ask_wrapped(self.session, {PREFIX + "x": x, PREFIX + "idx": idx, PREFIX + "order": order},
+                                        3 * m, counted=False)
+        want = oracle.uncounted_proba(np.concatenate([x, copies.copies_at(x, idx)]))
         if not np.allclose(got, want, rtol=0, atol=1e-6):
             self.session = None
             raise ValueError(f"the wrapper's answers differ from the numpy copies' by up to "

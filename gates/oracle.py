@@ -269,17 +269,23 @@ class ModelOracle:
         return ort.InferenceSession(graph, sess_options=self._options,
                                     providers=capped_providers(self.providers, self.memory_cap))
 
-    def ask_wrapped(self, session, feeds: dict, n_rows: int) -> np.ndarray:
+    def ask_wrapped(self, session, feeds: dict, n_rows: int, counted: bool = True) -> np.ndarray:
         """Probabilities (n_rows, K) from one call of a wrapper session whose output is this model's answer on
-        n_rows rows it builds; counted, budgeted, time-bounded and converted like `predict_proba`."""
-        if self.budget is not None and self.queries + n_rows > self.budget:
+        n_rows rows it builds; counted, budgeted, time-bounded and converted like `predict_proba`
+        (`counted` False: the project's own check of the wrapper, uncounted like the admission probes)."""
+        if counted and self.budget is not None and self.queries + n_rows > self.budget:
             raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted "
                                       f"({self.queries} used, {n_rows} more requested in phase '{self._phase}')")
         t0 = time.perf_counter()
         out = self._to_proba(self._call(session, feeds), n_rows)
-        self.queries += n_rows
-        self.ledger.add(self._phase, n_rows, time.perf_counter() - t0)
+        if counted:
+            self.queries += n_rows
+            self.ledger.add(self._phase, n_rows, time.perf_counter() - t0)
         return out
+
+    def uncounted_proba(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities for checked inputs x, uncounted: the project's own checks (like the admission probes)."""
+        return self._to_proba(self._run_batched(x), len(x))
 
     def predict_proba(self, x) -> np.ndarray:
         """Class probabilities (n, K) float64 for inputs (n, C, H, W); counted and batched."""

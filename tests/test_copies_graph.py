@@ -97,7 +97,7 @@ def test_a_wrapper_that_disagrees_is_not_used(oracle, digits, monkeypatch):
         return real(model_bytes, info, bank, "average")
 
     monkeypatch.setattr(cg, "wrapper_graph", wrong_blend)
-    assert GraphCopies(oracle, test.x[:30], "max").session is None
+    assert GraphCopies(oracle, KeyedCopies(test.x[:30], 3, "max", 0, oracle.sha256)).session is None
 
 
 @pytest.mark.parametrize("kind", ["strip", "runtime"])
