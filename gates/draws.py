@@ -37,7 +37,7 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
 def input_seeds(x: np.ndarray, key: bytes) -> np.ndarray:
     """One 64-bit seed per input: blake2b of its float32 bytes, keyed by the detector."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
-    return np.fromiter((int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest(), "little")
+    return np.fromiter((int.from_bytes(hashlib.blake2b(row, digest_size=8, key=key).digest(), "little")
                         for row in flat), dtype=np.uint64, count=len(flat))
 
 

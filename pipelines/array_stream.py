@@ -83,7 +83,7 @@ class InputStream:
                 raise ValueError(f"{self.path}: the array ends after {start + len(raw) // max(1, self.row_bytes)} "
                                  f"of {len(self)} rows")
             x = np.frombuffer(raw, dtype=self.dtype).reshape((m,) + self.shape[1:])
-            x = x.astype(np.float32) / 255.0 if self.dtype == np.uint8 else x.astype(np.float32)
+            x = x.astype(np.float32) / 255.0 if self.dtype == np.uint8 else x.astype(np.float32, copy=False)
             yield x[:, None] if x.ndim == 3 else x
 
     def close(self):

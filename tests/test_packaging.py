@@ -188,3 +188,18 @@ def test_every_public_gates_definition_has_a_docstring():
             missing += [f"{path.relative_to(ROOT)}:{d.lineno} {d.name}" for d in [node, *members]
                         if not ast.get_docstring(d)]
     assert missing == []
+
+
+def test_serving_paths_start_without_torch():
+    """`check`, `serve`, `promote` and the guarded model import only what they use: no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from trojan_gate.pipelines.cli import build_parser\n"
+            "for c in ('check', 'serve', 'promote'): build_parser(c)\n"
+            "import trojan_gate.pipelines.check, trojan_gate.pipelines.serve, trojan_gate.pipelines.promote\n"
+            "import trojan_gate.plugins.serving, trojan_gate.plugins.promotion, trojan_gate.plugins.guarded_pyfunc\n"
+            "import trojan_gate.gates.guard, trojan_gate.gates.runtime, trojan_gate.gates.strip.detector\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'onnx2torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
