@@ -24,6 +24,8 @@ Every detector speaks one vocabulary: `instance_score`, `threshold`, `is_trojane
 """
 from importlib import metadata as _metadata
 
+from .lazy import lazy_getattr
+
 try:
     __version__ = _metadata.version("trojan-gate")
 except _metadata.PackageNotFoundError:  # running from a source tree
@@ -44,14 +46,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__():

@@ -59,6 +59,11 @@ class GuardedClassifier:
         detector = load_check(boundary_dir, oracle, expected_sha256=expected_sha256)
         return cls(oracle, detector, policy=policy, chunk_size=chunk_size)
 
+    def warm(self) -> "GuardedClassifier":
+        """Build the detector's copies graph now (`copies_graph`), so the first request does not pay for it."""
+        self.detector.copies_.graph_for(self.oracle)
+        return self
+
     @property
     def threshold(self) -> float:
         """The detector's threshold (flag at instance_score >= threshold)."""

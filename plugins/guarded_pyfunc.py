@@ -73,7 +73,7 @@ def load_release(release, signature, public_key=None):
     if guard.oracle.sha256 != verdict.get("model_sha256"):
         raise ArtifactIntegrityError("the release's model.onnx is not the model its verdict names")
     guard.oracle.probe(examples=guard.detector.bank_)  # keyed probes on the serving host, held-out images mixed in
-    return guard, verdict
+    return guard.warm(), verdict
 
 
 def load_served_release(release, signature, public_key=None, client=None):

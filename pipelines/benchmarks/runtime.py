@@ -20,10 +20,10 @@ depends on the held-out data only, so one is trained per benchmark run and share
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .tables import publish
 from .timing import interleaved_medians
 from .zoo import RUNTIME_MODELS, ZOO, lab_config
 
@@ -123,10 +123,7 @@ def run(args) -> int:
             rows.append((trigger, arch, res))
             print(trigger, arch, {k: v for k, v in res.items() if k != "check_detector"}, flush=True)
     text = markdown(rows, speed, ref_test, args)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .tables import publish
 from .timing import interleaved_medians
 
 HELP = "guarded throughput and memory in process, through the CLI and over REST, against plain inference"
@@ -216,8 +217,5 @@ def run(args) -> int:
 
         rest = rest_benchmark(model, artifacts, x, [int(v) for v in args.rest_rows.split(",")], args.rest_seconds)
     text = markdown(args, speed, e2e, rest)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    publish(text, args.out)
     return 0
