@@ -6,9 +6,12 @@ Alibi Detect's contract: `fit(x, y)` on labelled held-out images, `infer_thresho
 evidence in `evidence`. The instance score is the negated combined p-value, s(x) = -min_k p_k(x):
 higher means more trojan-like, and x is flagged when s(x) >= threshold = -p*, i.e. min p <= p*.
 
-fit splits the held-out set (seeded): `reference_fraction` of it trains the reference classifier
-(a small CNN, as the scan's reference models), the rest is the STRIP bank and the benign
-calibration set. All model answers go through `ModelOracle`s; the rows of every call are
+fit splits the held-out set (seeded): `reference_fraction` of it trains the reference classifier,
+the rest is the STRIP bank and the benign calibration set. The reference is by default a
+*student* distilled from the served model's probabilities on that share (`student`: it agrees
+with the model on clean inputs and ignores overlay-shaped content, so a trigger is answered
+differently); ``reference_training="labels"`` trains it on the held-out labels instead (the
+check's first design, a small CNN as the scan's reference models). All model answers go through `ModelOracle`s; the rows of every call are
 shuffled (the row order tells a batch-aware model nothing).
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, 
 CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
 FORMAT = "trojan-gate/runtime-check"
 FORMAT_VERSION = 2  # 2: scores higher for more trojan-like inputs (s = -min p); version 1 scored min p
+REFERENCE_TRAINING = ("student", "labels")
 
 
 def _attach_bank(check: "RuntimeCheck", bank: np.ndarray):
@@ -49,7 +53,8 @@ class RuntimeCheck(RuntimeDetector):
         entropy and reference)
     stages : copies asked before each early-stopping decision (empty: always N)
     reference_fraction : share of the held-out set that trains the reference classifier
-    reference_epochs : its training epochs
+    reference_training : "student" (distilled from the model's answers, no labels needed) or "labels"
+    reference_epochs : its training epochs (default 60 for a student, 40 on labels)
     reference : an already trained reference classifier (ONNX bytes) to use instead of training one;
         then the whole held-out set calibrates, and the reference must not have seen it
     seed : seeds the split, the reference's training and the draws
@@ -58,18 +63,21 @@ class RuntimeCheck(RuntimeDetector):
     kind = "runtime"
 
     def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, statistics=DEFAULT_STATISTICS,
-                 stages=DEFAULT_STAGES, reference_fraction: float = 0.5, reference_epochs: int = 40, reference=None,
-                 seed: int = 0, progress: bool = True):
+                 stages=DEFAULT_STAGES, reference_fraction: float = 0.5, reference_training: str = "student",
+                 reference_epochs: int | None = None, reference=None, seed: int = 0, progress: bool = True):
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown:
             raise ValueError(f"unknown statistic(s) {unknown}; choose from {STATISTICS}")
+        if reference_training not in REFERENCE_TRAINING:
+            raise ValueError(f"reference_training must be one of {REFERENCE_TRAINING}, not {reference_training!r}")
         self.model = model
         self.n_perturbations = int(n_perturbations)
         self.blend = blend
         self.statistics = tuple(statistics)
         self.stages = tuple(sorted(int(s) for s in stages if 0 < int(s) < int(n_perturbations)))
         self.reference_fraction = float(reference_fraction)
-        self.reference_epochs = int(reference_epochs)
+        self.reference_training = reference_training
+        self.reference_epochs = None if reference_epochs is None else int(reference_epochs)
         self.reference = reference
         self.seed = int(seed)
         self.progress = progress
@@ -113,10 +121,12 @@ class RuntimeCheck(RuntimeDetector):
         from ..data import Dataset
         from ..classifier_training import train_reference
         from ..oracle import ModelOracle
+        from .student import distil_student
 
         x = self.model.check_inputs(heldout_x)
-        if heldout_y is None and "reference" in self.statistics and self.reference is None:
-            raise ValueError("the reference statistic trains on labelled held-out images: give heldout_y")
+        if heldout_y is None and "reference" in self.statistics and self.reference is None and \
+                self.reference_training == "labels":
+            raise ValueError("a reference trained on labels needs labelled held-out images: give heldout_y")
         y = np.zeros(len(x), np.int64) if heldout_y is None else np.asarray(heldout_y).reshape(-1)
         perm = np.random.default_rng([self.seed, 3]).permutation(len(x))
         train_ref = "reference" in self.statistics and self.reference is None
@@ -128,10 +138,14 @@ class RuntimeCheck(RuntimeDetector):
         if "reference" in self.statistics and not train_ref:
             self.reference_bytes_ = bytes(self.reference)
             self.reference_ = ModelOracle(self.reference_bytes_)
-        if n_ref:
+        if n_ref and self.reference_training == "student":
+            self.reference_bytes_ = distil_student(self.model, x[ref_idx], epochs=self.reference_epochs or 60,
+                                                   seed=self.seed)
+            self.reference_ = ModelOracle(self.reference_bytes_)
+        elif n_ref:
             self.reference_bytes_, self.reference_train_accuracy_ = train_reference(
-                Dataset(x[ref_idx], y[ref_idx].astype(np.int64)), self.model.n_classes, epochs=self.reference_epochs,
-                seed=self.seed)
+                Dataset(x[ref_idx], y[ref_idx].astype(np.int64)), self.model.n_classes,
+                epochs=self.reference_epochs or 40, seed=self.seed)
             self.reference_ = ModelOracle(self.reference_bytes_)
         _attach_bank(self, np.ascontiguousarray(x[cal_idx]))
         self.model_sha256_ = self.model.sha256
@@ -223,7 +237,8 @@ class RuntimeCheck(RuntimeDetector):
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / BANK_FILE, self.bank_, allow_pickle=False)
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in self.meta().items() if k != "name"},
-               "seed": self.seed, "reference_fraction": self.reference_fraction, "created_at": self.created_at_,
+               "seed": self.seed, "reference_fraction": self.reference_fraction,
+               "reference_training": self.reference_training, "created_at": self.created_at_,
                "threshold": self.threshold_, "n_calibration": self.calibration_.n_calibration,
                "stage_bounds": {str(k): v for k, v in self.calibration_.stage_bounds.items()},
                "benign": {str(s): {k: [float(v) for v in vals] for k, vals in d.items()}
@@ -267,6 +282,7 @@ class RuntimeCheck(RuntimeDetector):
         try:
             det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
                       stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"],
+                      reference_training=doc.get("reference_training", "labels"),
                       progress=False)
             det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
             det.extra = dict(doc.get("extra") or {})

@@ -1,45 +1,62 @@
 """`trojan-gate benchmark strip`: the run-time check against STRIP, per trigger kind and architecture.
 
-For each lab trojan of the shared zoo (`zoo.RUNTIME_MODELS`: small patch on class 0, large pattern
-on 2, blend on 6, watermark on 0, three and five targets; trained at `--seed`, each `--archs`
-architecture from the same entries) on Fashion-MNIST, the test split is cut (seeded) into a
-held-out set (the defender's: STRIP's bank, the check's calibration set and, for `reference`, the
-training set of a clean reference classifier), clean evaluation inputs, and stamped inputs
-(true class not a target; only those the trojan really hijacks count towards FAR). Per detector:
-measured FRR on the clean inputs, FAR on the stamped ones, and the model queries per input:
+Per trojaned model (`runtime_models`: the lab zoo the check was tuned on, or the detection
+benchmark's vendor-like test zoo it never saw) the defender's held-out set is halved (seeded):
+one half trains the references, the other is STRIP's bank and the check's calibration set.
+Per detector: measured FRR on clean inputs, FAR on stamped inputs the trojan really hijacks
+(true class not a target, model's answer in the target set), and model calls per input:
 
 - `STRIP` the paper's test as the project runs it (N = 10, rule max, normal-fit threshold at preset FRR);
-- `check` the run-time check (`gates.runtime`): entropy and reference disagreement, min-p combined,
-  adaptive N; `check, full N` the same without early stopping; `check + dispersion` with the
-  dispersion of the copies as a third statistic;
-- each statistic alone (same calibration, one statistic).
+- `check` the run-time check (`gates.runtime`): entropy and disagreement with a student distilled
+  from the model (`gates.runtime.student`), min-p combined, adaptive N; `check, full N` without
+  early stopping;
+- `check (labels)` the check's first design: its reference trained on the held-out labels;
+- each statistic alone (`entropy`; `reference`, the student disagreement).
 
-Then guarded throughput at batch 256 (plain model, STRIP, the check). The reference classifier
-depends on the held-out data only, so one is trained per benchmark run and shared by every model.
+Beside the rates: the student's agreement with the model on clean inputs and its own attack success
+on the stamped inputs (what it inherited). Every (model, seed, settings) result is cached in
+`--results` (JSON lines), so a stopped run resumes. Then guarded throughput at batch 256 on the
+first model (plain model, STRIP, the check) against plain/(calls + 1).
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
+from .runtime_models import ZOOS, subjects
 from .tables import publish
 from .timing import interleaved_medians
-from .zoo import RUNTIME_MODELS, ZOO, lab_config
+from .zoo import RUNTIME_MODELS
 
-HELP = "the run-time check (entropy, dispersion, reference disagreement, adaptive N) against STRIP, per trigger kind"
+HELP = "the run-time check (entropy + distilled-student disagreement, adaptive N) against STRIP, per trigger kind"
+DETECTORS = ("STRIP", "check", "check, full N", "check (labels)", "entropy", "reference")
+RESULT_FORMAT = 1
 
 
 def add_arguments(p):
-    p.add_argument("--triggers", default=",".join(RUNTIME_MODELS), help=f"subset of {','.join(RUNTIME_MODELS)}")
-    p.add_argument("--archs", default="small", help="comma list of lab architectures (small, deep)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-limit", type=int, default=30000)
-    p.add_argument("--heldout", type=int, default=4000, help="held-out images (half train the reference)")
+    from trojan_gate.gates.data import default_cache_dir
+
+    from .vendor_zoo import VENDOR_ZOO
+
+    cache = default_cache_dir()
+    vendor = [n for n, e in VENDOR_ZOO.items() if e.trojaned and e.recipe == "vendor" and e.arch != "lenet"]
+    p.add_argument("--zoo", choices=ZOOS, default="lab", help="lab (tuning set) or vendor (the detection test zoo)")
+    p.add_argument("--triggers", default=",".join(RUNTIME_MODELS), help=f"lab: subset of {','.join(RUNTIME_MODELS)}")
+    p.add_argument("--archs", default="small", help="lab: comma list of architectures (small, deep)")
+    p.add_argument("--epochs", type=int, default=2, help="lab: training epochs")
+    p.add_argument("--train-limit", type=int, default=30000, help="lab: training images")
+    p.add_argument("--heldout", type=int, default=4000, help="lab: held-out images (the vendor zoo's are 5,000)")
+    p.add_argument("--models", default=",".join(vendor), help="vendor: trojaned test-zoo entries")
+    p.add_argument("--zoo-dir", default=str(cache / "vendor-zoo"), help="vendor: cache of the trained test zoo")
     p.add_argument("--n-eval", type=int, default=2000, help="clean and stamped evaluation inputs (each)")
     p.add_argument("--frr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0, help="lab, split and detector seed")
+    p.add_argument("--seed", type=int, default=0, help="split and detector seed (and lab training seed)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--results", default=str(cache / "runtime-results.jsonl"), help="resumable result cache")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput line")
     p.add_argument("--out", default=None, help="also write the markdown tables here")
 
 
@@ -47,109 +64,145 @@ def _rates(flags_clean, flags_troj) -> tuple[float, float]:
     return float(np.mean(flags_clean)), float(1.0 - np.mean(flags_troj)) if len(flags_troj) else float("nan")
 
 
-def evaluate(oracle, lab, test, split, reference, args) -> dict:
-    from trojan_gate.gates import Strip
-    from trojan_gate.gates.runtime.check import DEFAULT_STATISTICS, STATISTICS
+def evaluate(subject, labels_reference: bytes, args) -> dict:
+    """Every detector's FRR / FAR / calls on one subject (see the module doc)."""
+    from trojan_gate.gates import ModelOracle, Strip
     from trojan_gate.gates.runtime.detector import RuntimeCheck
+    from trojan_gate.gates.runtime.student import distil_student
 
-    held, clean, troj_all = split
-    targets = list(lab.config.targets)
-    troj = troj_all[~np.isin(test.y[troj_all], targets)][:args.n_eval]
-    x_held, x_clean, x_troj = test.x[held], test.x[clean], lab.stamp(test.x[troj])
-    effective = np.isin(oracle.predict(x_troj), targets)
-    x_eff = x_troj[effective]
-    out = {"clean_accuracy": lab.clean_accuracy, "asr": lab.attack_success_rate, "effective": float(effective.mean())}
-    strip = Strip(oracle, n_perturbations=10, seed=args.seed, progress=False).fit(x_held).infer_threshold(args.frr)
+    oracle = ModelOracle(subject.onnx)
+    (ref_x, _), (cal_x, cal_y) = subject.halves()
+    x_clean = subject.clean_x
+    effective = np.isin(oracle.predict(subject.stamped_x), subject.targets)
+    x_eff = subject.stamped_x[effective]
+    out = {"model": subject.name, "trigger": subject.trigger, "arch": subject.arch, "seed": args.seed,
+           "clean_accuracy": subject.clean_accuracy, "asr": subject.attack_success, "effective": float(effective.mean()),
+           "n_clean": len(x_clean), "n_stamped": int(len(x_eff))}
+    t0 = time.perf_counter()
+    student = distil_student(oracle, ref_x, seed=args.seed)
+    out["student_seconds"] = round(time.perf_counter() - t0, 1)
+    sp = ModelOracle(student)
+    out["student_agreement"] = float((sp.predict(x_clean) == oracle.predict(x_clean)).mean())
+    out["student_asr"] = float(np.isin(sp.predict(x_eff), subject.targets).mean()) if len(x_eff) else float("nan")
+    strip = Strip(oracle, n_perturbations=10, seed=args.seed, progress=False).fit(subject.held_x).infer_threshold(args.frr)
     out["STRIP"] = (*_rates(strip.score(x_clean) >= strip.threshold_, strip.score(x_eff) >= strip.threshold_), 11.0, 11.0)
-    half = x_held[len(x_held) // 2:]  # the reference trained on the first half
-    for name, stats in [("check", DEFAULT_STATISTICS), ("check + dispersion", STATISTICS)] + [(s, (s,)) for s in STATISTICS]:
+    runs = [("check", ("entropy", "reference"), student), ("check (labels)", ("entropy", "reference"), labels_reference),
+            ("entropy", ("entropy",), None), ("reference", ("reference",), student)]
+    for name, stats, reference in runs:
         rc = RuntimeCheck(oracle, statistics=stats, seed=args.seed, reference=reference, progress=False)
-        rc.fit(half, test.y[held][len(held) // 2:]).infer_threshold(args.frr)
-        modes = (("", True), (", full N", False)) if name == "check" else (("", False),)
+        rc.fit(cal_x, cal_y).infer_threshold(args.frr)
+        modes = (("", True), (", full N", False)) if name in ("check", "check (labels)") else (("", False),)
         for suffix, adaptive in modes:
+            if name + suffix not in DETECTORS:
+                continue
             c, t = rc.predict(x_clean, adaptive), rc.predict(x_eff, adaptive)
             frr, far = _rates(c["data"]["is_trojaned"], t["data"]["is_trojaned"])
-            out[name + suffix] = (frr, far, c["data"]["model_calls"].mean(), t["data"]["model_calls"].mean())
+            out[name + suffix] = (frr, far, float(c["data"]["model_calls"].mean()),
+                                  float(t["data"]["model_calls"].mean()) if len(x_eff) else float("nan"))
         if name == "check":
-            out["frr_interval"] = rc.calibration_.frr_interval
-            out["check_detector"] = rc
+            out["frr_interval"] = list(rc.calibration_.frr_interval)
     return out
 
 
-def throughput(oracle, strip_x, rc, x, repeats: int = 10) -> dict:
+def throughput(subject, args, repeats: int = 10) -> dict:
     """Inputs per second at batch 256 (median of `repeats` interleaved runs): plain model, STRIP guard, check guard."""
-    from trojan_gate.gates import GuardedClassifier, Strip
+    from trojan_gate.gates import GuardedClassifier, ModelOracle, Strip
+    from trojan_gate.gates.runtime.detector import RuntimeCheck
 
-    strip = Strip(oracle, n_perturbations=10, progress=False).fit(strip_x).infer_threshold(0.01)
+    oracle = ModelOracle(subject.onnx)
+    (_, _), (cal_x, cal_y) = subject.halves()
+    x = subject.clean_x[:256]
+    strip = Strip(oracle, n_perturbations=10, progress=False).fit(subject.held_x).infer_threshold(args.frr)
+    rc = RuntimeCheck(oracle, seed=args.seed, progress=False).fit(subject.held_x, subject.held_y).infer_threshold(args.frr)
     strip_guard, check_guard = GuardedClassifier(oracle, strip), GuardedClassifier(oracle, rc)
+    calls = float(rc.predict(subject.clean_x)["data"]["model_calls"].mean())
     runners = {"plain": lambda: oracle.predict_proba(x), "STRIP guard": lambda: strip_guard.predict(x),
                "check guard": lambda: check_guard.predict(x)}
     for f in runners.values():  # warm-up
         f()
-    return {name: len(x) / seconds for name, seconds in interleaved_medians(runners, repeats).items()}
+    speed = {name: len(x) / seconds for name, seconds in interleaved_medians(runners, repeats).items()}
+    return {"speed": speed, "calls": calls}
+
+
+def _key(subject, args) -> str:
+    from trojan_gate.gates.hashing import sha256_bytes
+
+    return json.dumps({"format": RESULT_FORMAT, "zoo": args.zoo, "model": sha256_bytes(subject.onnx)[:16],
+                       "seed": args.seed, "frr": args.frr, "n_eval": args.n_eval, "n_heldout": len(subject.held_x)},
+                      sort_keys=True)
 
 
 def run(args) -> int:
     import torch
 
-    from trojan_gate.gates import ModelOracle
-    from trojan_gate.gates.data import Dataset, load_fashion_mnist
     from trojan_gate.gates.classifier_training import train_reference
-    from trojan_gate.gates.lab import train_lab_model
+    from trojan_gate.gates.data import Dataset
 
     torch.set_num_threads(args.threads)
-    train, test = load_fashion_mnist(True, limit=args.train_limit, seed=0), load_fashion_mnist(False)
-    idx = np.random.default_rng([args.seed, 11]).permutation(len(test))
-    held, clean, rest = idx[:args.heldout], idx[args.heldout:args.heldout + args.n_eval], idx[args.heldout + args.n_eval:]
-    ref_part = held[:len(held) // 2]
-    t0 = time.perf_counter()
-    reference, ref_acc = train_reference(Dataset(test.x[ref_part], test.y[ref_part]), 10, epochs=40, seed=args.seed)
-    ref_test = float((ModelOracle(reference).predict(test.x[clean]) == test.y[clean]).mean())
-    print(f"reference classifier: {len(ref_part)} held-out images, clean accuracy {ref_test:.3f} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    triggers = args.triggers.split(",")
-    unknown = sorted(set(triggers) - set(RUNTIME_MODELS))
-    if unknown:
-        raise ValueError(f"unknown trigger(s) {unknown}; choose from {','.join(RUNTIME_MODELS)}")
-    rows, speed = [], None
-    for arch in args.archs.split(","):
-        for trigger in triggers:
-            config = lab_config(ZOO[RUNTIME_MODELS[trigger]], args.epochs, arch=arch, seed=args.seed)
-            lab = train_lab_model(train, test, config, progress=False, threads=args.threads)
-            oracle = ModelOracle(lab.onnx_bytes)
-            res = evaluate(oracle, lab, test, (held, clean, rest), reference, args)
-            if speed is None:
-                speed = throughput(oracle, test.x[held], res["check_detector"], test.x[clean][:256])
-            rows.append((trigger, arch, res))
-            print(trigger, arch, {k: v for k, v in res.items() if k != "check_detector"}, flush=True)
-    text = markdown(rows, speed, ref_test, args)
-    publish(text, args.out)
+    results = Path(args.results)
+    done = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            rec = json.loads(line)
+            done[rec["key"]] = rec["result"]
+    rows, speed, labels_ref = [], None, {}
+    for subject in subjects(args):
+        key = _key(subject, args)
+        if key not in done:
+            (ref_x, ref_y), _ = subject.halves()
+            data_key = (len(ref_x), float(ref_x.sum()))
+            if data_key not in labels_ref:  # depends on the held-out half only: one per run
+                labels_ref[data_key] = train_reference(Dataset(ref_x, ref_y), 10, epochs=40, seed=args.seed)[0]
+            done[key] = evaluate(subject, labels_ref[data_key], args)
+            results.parent.mkdir(parents=True, exist_ok=True)
+            with results.open("a") as f:
+                f.write(json.dumps({"key": key, "result": done[key]}) + "\n")
+        rows.append(done[key])
+        print(json.dumps(done[key]), flush=True)
+        if speed is None and not args.no_throughput:
+            speed = throughput(subject, args)
+    publish(markdown(rows, speed, args), args.out)
     return 0
 
 
-def markdown(rows, speed, ref_acc, args) -> str:
-    from trojan_gate.gates.runtime.check import STATISTICS
+def command(args) -> str:
+    if args.zoo == "vendor":
+        return (f"trojan-gate benchmark strip --zoo vendor --models {args.models} --seed {args.seed}")
+    return (f"trojan-gate benchmark strip --triggers {args.triggers} --archs {args.archs} --epochs {args.epochs} "
+            f"--heldout {args.heldout} --seed {args.seed}")
 
-    detectors = ["STRIP", "check", "check, full N", "check + dispersion", *STATISTICS]
+
+def markdown(rows, speed, args) -> str:
+    if args.zoo == "vendor":
+        setting = ("the detection benchmark's test zoo (full training split, 6 epochs, vendor-style triggers; never used "
+                   "to choose a setting); the defender's 5,000 held-out images (half distil the student and train the "
+                   "labels reference, half calibrate)")
+    else:
+        setting = (f"lab models trained {args.epochs} epochs on {args.train_limit} images (the check's tuning set); "
+                   f"{args.heldout} held-out images (half distil the student and train the labels reference, half "
+                   "calibrate)")
     lines = ["# The run-time check against STRIP", "",
-             f"Command: `trojan-gate benchmark strip --triggers {args.triggers} --archs {args.archs} --epochs "
-             f"{args.epochs} --heldout {args.heldout} --seed {args.seed}` ({time.strftime('%Y-%m-%d')}). Lab CNNs "
-             f"trained {args.epochs} epochs on {args.train_limit} Fashion-MNIST images; {args.heldout} held-out "
-             f"images (half train the reference classifier, clean accuracy {ref_acc:.3f}; half calibrate), "
+             f"Command: `{command(args)}` ({time.strftime('%Y-%m-%d')}). Fashion-MNIST, {setting}; "
              f"{args.n_eval} clean and up to {args.n_eval} stamped evaluation inputs; preset FRR {args.frr:.0%}. "
-             "FAR counts stamped inputs the trojan hijacks; queries per input = the input itself + its copies.", "",
-             "| trigger | arch | clean acc / ASR | " + " | ".join(f"{d}: FRR / FAR" for d in detectors) +
-             " | check: queries per clean / stamped input | check FRR 95% interval (calibration) |",
-             "|---|---|---|" + "---|" * (len(detectors) + 2)]
-    for trigger, arch, r in rows:
-        cells = [f"{100 * r[d][0]:.2f}% / {100 * r[d][1]:.2f}%" for d in detectors]
+             "FAR counts stamped inputs the trojan hijacks; calls = the model's calls per input (the input itself + "
+             "its copies; the check also asks its reference once). Student: agreement with the model on clean "
+             "inputs / its own attack success on the stamped ones.", "",
+             "| trigger | arch | model | clean acc / ASR | student: agreement / ASR | "
+             + " | ".join(f"{d}: FRR / FAR" for d in DETECTORS)
+             + " | check: calls per clean / stamped input | check FRR 95% interval (calibration) |",
+             "|---|---|---|---|---|" + "---|" * (len(DETECTORS) + 2)]
+    for r in rows:
+        cells = [f"{100 * r[d][0]:.2f}% / {100 * r[d][1]:.2f}%" for d in DETECTORS]
         lo, hi = r["frr_interval"]
-        lines.append(f"| {trigger} | {arch} | {100 * r['clean_accuracy']:.1f}% / {100 * r['asr']:.1f}% | "
-                     + " | ".join(cells) + f" | {r['check'][2]:.2f} / {r['check'][3]:.2f} | {100 * lo:.2f}–{100 * hi:.2f}% |")
+        lines.append(f"| {r['trigger']} | {r['arch']} | {r['model']} | {100 * r['clean_accuracy']:.1f}% / "
+                     f"{100 * r['asr']:.1f}% | {100 * r['student_agreement']:.1f}% / {100 * r['student_asr']:.1f}% | "
+                     + " | ".join(cells) + f" | {r['check'][2]:.2f} / {r['check'][3]:.2f} | "
+                     f"{100 * lo:.2f}–{100 * hi:.2f}% |")
     if speed:
-        plain, calls = speed["plain"], rows[0][2]["check"][2]
+        s, calls = speed["speed"], speed["calls"]
+        plain = s["plain"]
         lines += ["", "Throughput at batch 256 (inputs/s, median of 10 interleaved runs, first model): " + ", ".join(
-            f"{k} {v:.0f}" for k, v in speed.items()) + f"; STRIP guard = {speed['STRIP guard'] / (plain / 11):.2f} x "
-            f"plain/11; check guard = {speed['check guard'] / (plain / calls):.2f} x plain/{calls:.2f} (its mean "
-            "queries per clean input)."]
+            f"{k} {v:.0f}" for k, v in s.items()) + f"; STRIP guard = {s['STRIP guard'] / (plain / 11):.2f} x "
+            f"plain/11; check guard = {s['check guard'] / (plain / (calls + 1)):.2f} x plain/({calls:.2f} + 1) (its "
+            "mean calls per clean input, plus the reference's)."]
     return "\n".join(lines) + "\n"
