@@ -152,6 +152,9 @@ class RuntimeCheck(RuntimeDetector):
         self.created_at_ = utc_now()
         with self.model.phase("check-fit"):
             self.stage_values_ = self._stage_statistics(self.bank_, exclude=np.arange(len(self.bank_)))
+            if "reference" in self.statistics:  # how often the reference answers a calibration image as the model does
+                self.reference_agreement_ = float(np.mean(self.reference_.predict(self.bank_) ==
+                                                          self.model.predict(self.bank_)))
         self.threshold_ = None
         return self
 
@@ -215,6 +218,7 @@ class RuntimeCheck(RuntimeDetector):
         """The contract's meta plus the statistics, stages and the realised FRR with its interval."""
         cal = getattr(self, "calibration_", None)
         return {**super().meta(), "statistics": list(self.statistics), "n_perturbations": self.n_perturbations,
+                "reference_training": self.reference_training if "reference" in self.statistics else None,
                 "blend": self.blend, "stages": list(self.stages), "frr": None if cal is None else cal.frr,
                 "realised_frr": None if cal is None else cal.realised_frr,
                 "frr_interval": None if cal is None else list(cal.frr_interval)}
@@ -227,6 +231,7 @@ class RuntimeCheck(RuntimeDetector):
                 "n_perturbations": self.n_perturbations, "blend": self.blend, "seed": self.seed,
                 "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION,
                 "statistics": list(self.statistics), "stages": list(self.stages), "realised_frr": cal.realised_frr,
+                "reference_training": self.reference_training if "reference" in self.statistics else None,
                 "frr_interval": list(cal.frr_interval), "stage_bounds": {str(k): v for k, v in cal.stage_bounds.items()}}
 
     # -- artifact -----------------------------------------------------------------------
@@ -237,8 +242,7 @@ class RuntimeCheck(RuntimeDetector):
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / BANK_FILE, self.bank_, allow_pickle=False)
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in self.meta().items() if k != "name"},
-               "seed": self.seed, "reference_fraction": self.reference_fraction,
-               "reference_training": self.reference_training, "created_at": self.created_at_,
+               "seed": self.seed, "reference_fraction": self.reference_fraction, "created_at": self.created_at_,
                "threshold": self.threshold_, "n_calibration": self.calibration_.n_calibration,
                "stage_bounds": {str(k): v for k, v in self.calibration_.stage_bounds.items()},
                "benign": {str(s): {k: [float(v) for v in vals] for k, vals in d.items()}
@@ -282,7 +286,7 @@ class RuntimeCheck(RuntimeDetector):
         try:
             det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
                       stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"],
-                      reference_training=doc.get("reference_training", "labels"),
+                      reference_training=doc.get("reference_training") or "labels",
                       progress=False)
             det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
             det.extra = dict(doc.get("extra") or {})

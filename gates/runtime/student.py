@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 LABEL_MODES = ("source", "query")
+MIN_STEPS = 1000  # optimiser steps at least, whatever the held-out set's size
 
 
 def _affine(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -60,71 +61,63 @@ def _elastic(x: torch.Tensor, g: torch.Generator, strength: float = 0.08) -> tor
     return nn.functional.grid_sample(x, ident + field, padding_mode="border", align_corners=False)
 
 
-def _box(h: int, w: int, area: float, g: torch.Generator) -> tuple[int, int, int, int]:
-    """A random box (r0, r1, c0, c1) of about `area` of an h x w image, aspect 0.5-2."""
-    aspect = math.exp((torch.rand(1, generator=g).item() * 2 - 1) * math.log(2))
-    bh = max(1, min(h, int(round(math.sqrt(area * h * w / aspect)))))
-    bw = max(1, min(w, int(round(area * h * w / bh))))
-    r0 = int(torch.randint(0, h - bh + 1, (1,), generator=g))
-    c0 = int(torch.randint(0, w - bw + 1, (1,), generator=g))
-    return r0, r0 + bh, c0, c0 + bw
+def _boxes(n: int, h: int, w: int, area: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Masks (n, 1, h, w) of one random box per image, box i about `area[i]` of the image, aspect 0.5-2."""
+    aspect = torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(2))
+    bh = (area * h * w / aspect).sqrt().round().clamp(1, h)
+    bw = (area * h * w / bh).round().clamp(1, w)
+    r0 = (torch.rand(n, generator=g) * (h - bh + 1)).floor()
+    c0 = (torch.rand(n, generator=g) * (w - bw + 1)).floor()
+    rows = torch.arange(h, dtype=torch.float32)[None, :, None]
+    cols = torch.arange(w, dtype=torch.float32)[None, None, :]
+    inside = ((rows >= r0[:, None, None]) & (rows < (r0 + bh)[:, None, None]) &
+              (cols >= c0[:, None, None]) & (cols < (c0 + bw)[:, None, None]))
+    return inside[:, None].float()
 
 
-def _pattern(shape, g: torch.Generator, pool: torch.Tensor) -> torch.Tensor:
-    """One random overlay pattern (C, H, W) in [0, 1]: noise, stripes, checkerboard, ring, strokes, or an image."""
+def _patterns(n: int, shape, g: torch.Generator, pool: torch.Tensor) -> torch.Tensor:
+    """n random overlay patterns (n, C, H, W) in [0, 1], one kind each: noise, stripes, checkerboard, ring,
+    thin strokes, or a held-out image."""
     c, h, w = shape
-    kind = int(torch.randint(0, 6, (1,), generator=g))
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    if kind == 0:
-        return torch.rand(c, h, w, generator=g)
-    if kind == 1:
-        period = 2 + int(torch.randint(0, 6, (1,), generator=g))
-        ang = torch.rand(1, generator=g).item() * math.pi
-        p = ((torch.cos(torch.tensor(ang)) * xx + torch.sin(torch.tensor(ang)) * yy) // period) % 2
-        return p.expand(c, h, w).clone()
-    if kind == 2:
-        size = 1 + int(torch.randint(0, 4, (1,), generator=g))
-        return (((yy // size) + (xx // size)) % 2).expand(c, h, w).clone()
-    if kind == 3:
-        cy, cx = torch.rand(2, generator=g) * torch.tensor([h, w], dtype=torch.float32)
-        r = (0.15 + 0.4 * torch.rand(1, generator=g)) * min(h, w)
-        width = 1.0 + 2.0 * torch.rand(1, generator=g)
-        return ((((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() - r).abs() < width).float().expand(c, h, w).clone()
-    if kind == 4:
-        p = torch.zeros(c, h, w)
-        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
-            r0, r1, c0, c1 = _box(h, w, 0.02, g)
-            if torch.rand(1, generator=g).item() < 0.5:
-                p[:, r0, c0:c1 + 6] = 1.0
-            else:
-                p[:, r0:r1 + 6, c0] = 1.0
-        return p
-    return pool[int(torch.randint(0, len(pool), (1,), generator=g))].clone()
+    kind = torch.randint(0, 6, (n, 1, 1, 1), generator=g)
+    yy = torch.arange(h, dtype=torch.float32)[None, None, :, None]
+    xx = torch.arange(w, dtype=torch.float32)[None, None, None, :]
+    u = lambda lo, hi: (lo + (hi - lo) * torch.rand(n, generator=g))[:, None, None, None]  # noqa: E731
+    period, angle = u(2, 8).floor(), u(0, math.pi)
+    stripes = ((torch.cos(angle) * xx + torch.sin(angle) * yy) / period).floor().remainder(2)
+    size = u(1, 5).floor()
+    checker = ((yy / size).floor() + (xx / size).floor()).remainder(2)
+    cy, cx, radius, width = u(0, h), u(0, w), u(0.15, 0.55) * min(h, w), u(1, 3)
+    ring = ((((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() - radius).abs() < width).float()
+    offset, slope = u(-h / 2, h / 2), u(0, math.pi)
+    strokes = (((yy - h / 2) * torch.cos(slope) - (xx - w / 2) * torch.sin(slope) - offset).abs() < 0.5).float()
+    strokes = strokes * (torch.rand(n, 1, h, w, generator=g) < 0.9).float()
+    images = pool[torch.randint(0, len(pool), (n,), generator=g)]
+    options = [torch.rand(n, c, h, w, generator=g), stripes, checker, ring, strokes, images]
+    out = torch.zeros(n, c, h, w)
+    for k, pattern in enumerate(options):
+        out = torch.where(kind == k, pattern.expand(n, c, h, w), out)
+    return out
 
 
 def _overlay(x: torch.Tensor, g: torch.Generator, pool: torch.Tensor) -> torch.Tensor:
-    """One overlay per image (see the module doc): semi-transparent pattern, opaque patch or sparse pixels."""
-    out = x.clone()
-    _, c, h, w = x.shape
-    for i in range(len(x)):
-        kind = torch.rand(1, generator=g).item()
-        if kind < 0.5:  # semi-transparent pattern over 30-100% of the image
-            alpha = 0.05 + 0.45 * torch.rand(1, generator=g).item()
-            mask = torch.zeros(1, h, w)
-            r0, r1, c0, c1 = _box(h, w, 0.3 + 0.7 * torch.rand(1, generator=g).item(), g)
-            mask[:, r0:r1, c0:c1] = alpha
-            out[i] = (1 - mask) * x[i] + mask * _pattern((c, h, w), g, pool)
-        elif kind < 0.8:  # opaque patch of 1-10% of the image, random content
-            r0, r1, c0, c1 = _box(h, w, 0.01 + 0.09 * torch.rand(1, generator=g).item(), g)
-            content = torch.rand(c, r1 - r0, c1 - c0, generator=g)
-            if torch.rand(1, generator=g).item() < 0.3:
-                content = (content > 0.5).float()
-            out[i, :, r0:r1, c0:c1] = content
-        else:  # sparse bright (or dark) pixels, 1-6% of the image
-            density = 0.01 + 0.05 * torch.rand(1, generator=g).item()
-            m = (torch.rand(1, h, w, generator=g) < density).float()
-            value = 1.0 if torch.rand(1, generator=g).item() < 0.8 else 0.0
-            out[i] = (1 - m) * x[i] + m * value
+    """One overlay per image (see the module doc): a semi-transparent pattern (half the images), an opaque
+    patch with random content (three tenths) or sparse bright or dark pixels (the rest)."""
+    n, c, h, w = x.shape
+    kind = torch.rand(n, generator=g)[:, None, None, None]
+    alpha = 0.05 + 0.45 * torch.rand(n, generator=g)[:, None, None, None]
+    blend_mask = alpha * _boxes(n, h, w, 0.3 + 0.7 * torch.rand(n, generator=g), g)
+    blended = (1 - blend_mask) * x + blend_mask * _patterns(n, (c, h, w), g, pool)
+    patch_mask = _boxes(n, h, w, 0.01 + 0.09 * torch.rand(n, generator=g), g)
+    content = torch.rand(n, c, h, w, generator=g)
+    binary = torch.rand(n, generator=g)[:, None, None, None] < 0.3
+    content = torch.where(binary, (content > 0.5).float(), content)
+    patched = (1 - patch_mask) * x + patch_mask * content
+    density = 0.01 + 0.05 * torch.rand(n, generator=g)[:, None, None, None]
+    dots = (torch.rand(n, 1, h, w, generator=g) < density).float()
+    value = (torch.rand(n, generator=g)[:, None, None, None] < 0.8).float()
+    sparse = (1 - dots) * x + dots * value
+    out = torch.where(kind < 0.5, blended, torch.where(kind < 0.8, patched, sparse))
     return out.clamp_(0.0, 1.0)
 
 
@@ -132,40 +125,43 @@ def augment(xb: torch.Tensor, tb: torch.Tensor, g: torch.Generator, pool: torch.
     """(natural, images, targets): natural-augmented images (before overlays), the images the student sees, and
     their source targets (mixup/cutmix mix their sources' targets; see the module doc)."""
     n, _, h, w = xb.shape
-    x, t = xb.clone(), tb.clone()
     kind = torch.randint(0, 6, (n,), generator=g)  # none, affine, elastic, noise, mixup, cutmix
     partner = torch.randint(0, n, (n,), generator=g)
     lam = torch.rand(n, generator=g)  # mixup weight / cutmix share kept
-    for k, fn in ((1, _affine), (2, _elastic)):
-        sel = kind == k
-        if sel.any():
-            x[sel] = fn(xb[sel], g)
-    sel = kind == 3
-    if sel.any():
-        sigma = 0.02 + 0.08 * torch.rand(int(sel.sum()), 1, 1, 1, generator=g)
-        x[sel] = (xb[sel] + sigma * torch.randn(xb[sel].shape, generator=g)).clamp(0, 1)
-    for i in torch.nonzero(kind == 4).flatten().tolist():
-        j, l = int(partner[i]), float(lam[i])
-        x[i] = l * xb[i] + (1 - l) * xb[j]
-        t[i] = l * tb[i] + (1 - l) * tb[j]
-    for i in torch.nonzero(kind == 5).flatten().tolist():
-        j = int(partner[i])
-        r0, r1, c0, c1 = _box(h, w, 1 - float(lam[i]), g)
-        x[i, :, r0:r1, c0:c1] = xb[j, :, r0:r1, c0:c1]
-        share = (r1 - r0) * (c1 - c0) / (h * w)
-        t[i] = (1 - share) * tb[i] + share * tb[j]
-    natural = x
-    over = torch.rand(n, generator=g) < overlay_share
-    seen = x.clone()
-    if over.any():
-        seen[over] = _overlay(x[over], g, pool)
-    return natural, seen, t
+    col = lambda k: (kind == k)[:, None, None, None]  # noqa: E731
+    sigma = 0.02 + 0.08 * torch.rand(n, 1, 1, 1, generator=g)
+    noisy = (xb + sigma * torch.randn(xb.shape, generator=g)).clamp(0, 1)
+    l4 = lam[:, None, None, None]
+    mixed = l4 * xb + (1 - l4) * xb[partner]
+    box = _boxes(n, h, w, 1 - lam, g)
+    cut = (1 - box) * xb + box * xb[partner]
+    share = box.mean(dim=(1, 2, 3))
+    x = torch.where(col(1), _affine(xb, g), xb)
+    x = torch.where(col(2), _elastic(xb, g), x)
+    x = torch.where(col(3), noisy, x)
+    x = torch.where(col(4), mixed, x)
+    x = torch.where(col(5), cut, x)
+    weight = torch.where(kind == 4, 1 - lam, torch.where(kind == 5, share, torch.zeros(n)))[:, None]
+    t = (1 - weight) * tb + weight * tb[partner]
+    over = (torch.rand(n, generator=g) < overlay_share)[:, None, None, None]
+    seen = torch.where(over, _overlay(x, g, pool), x)
+    return x, seen, t
 
 
 def distil_student(oracle, x: np.ndarray, arch: str = "small", epochs: int = 60, batch_size: int = 128,
-                   lr: float = 2e-3, overlay_share: float = 0.5, labels: str = "source", seed: int = 0) -> bytes:
-    """The student of the module doc, trained on held-out images `x` against `oracle`; returns ONNX bytes
-    (softmax head, dynamic batch). ``labels="query"`` asks the model on every natural-augmented batch too."""
+                   lr: float = 2e-3, overlay_share: float = 0.5, labels: str = "source", seed: int = 0,
+                   threads: int | None = 1) -> bytes:
+    """The student of the module doc, trained on held-out images `x` against `oracle` for `epochs` (at least
+    `MIN_STEPS` optimiser steps); returns ONNX bytes (softmax head, dynamic batch). ``labels="query"`` asks the
+    model on every natural-augmented batch too. `threads` caps torch's threads for the training (a small
+    student trains fastest on one; None: torch's setting); the previous setting is restored."""
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return distil_student(oracle, x, arch, epochs, batch_size, lr, overlay_share, labels, seed, None)
+        finally:
+            torch.set_num_threads(previous)
     from ..architectures import build_model
     from ..classifier_training import export_onnx
 
@@ -180,6 +176,7 @@ def distil_student(oracle, x: np.ndarray, arch: str = "small", epochs: int = 60,
     g = torch.Generator().manual_seed(seed)
     student = build_model(arch, tuple(x.shape[1:]), oracle.n_classes)
     steps_per_epoch = int(math.ceil(len(x) / batch_size))
+    epochs = max(int(epochs), int(math.ceil(MIN_STEPS / steps_per_epoch)))  # a small held-out set still trains
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     xt, tt = torch.from_numpy(x), torch.from_numpy(teacher)
