@@ -43,7 +43,7 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     # FAR is reported, never used to pick
     assert tags["trojan_gate.check.kind"] == "runtime" and tags["trojan_gate.check.rule"] == "min-p(entropy,reference)"
     boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.check.artifact_uri"] + "/check.json"))
-    assert (boundary["blend"], boundary["n_perturbations"], boundary["stages"]) == ("max", 10, [2, 4])
+    assert (boundary["blend"], boundary["n_perturbations"], boundary["stages"]) == ("max", 10, [1, 3])
     assert "estimated_far" in boundary["extra"] and boundary["frr_interval"][0] <= boundary["realised_frr"]
     resolved = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_config.json"))
     assert resolved["patch"]["soup"] == 4 and resolved["scan"]["generator_steps"] == 300  # defaults filled in

@@ -25,7 +25,7 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     [check]
     kind = "runtime"          # runtime (entropy + reference disagreement, gates.runtime) | strip (the paper)
     statistics = ["entropy", "reference"]
-    stages = [2, 4]           # adaptive N: copies asked before each early accept (those >= N are ignored)
+    stages = [1, 3]           # adaptive N: copies asked before each early accept (those >= N are ignored)
     frr = 0.01
     n_perturbations = 10
     blend = "max"
