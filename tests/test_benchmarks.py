@@ -110,3 +110,35 @@ def test_the_rest_table_serves_plain_and_guarded_models_the_same_way(tmp_path, d
     assert all(r["requests"] >= 5 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     text = "\n".join(rest_markdown(rows))
     assert "| plain | 10 |" in text and "| runtime | 1 |" in text
+
+
+def test_the_run_time_benchmark_measures_every_detector_and_the_students_inheritance(digits, digits_trojan):
+    import numpy as np
+
+    from argparse import Namespace
+
+    from trojan_gate.gates.classifier_training import train_reference
+    from trojan_gate.gates.data import Dataset
+    from trojan_gate.pipelines.benchmarks.runtime import DETECTORS, evaluate, markdown
+    from trojan_gate.pipelines.benchmarks.runtime_models import Subject
+
+    _, test = digits
+    held, clean, rest = np.arange(0, 300), np.arange(300, 450), np.arange(450, len(test.x))
+    victims = rest[test.y[rest] != 3]
+    subject = Subject("digits-patch", "patch", "small", digits_trojan.onnx_bytes, [3], digits_trojan.clean_accuracy,
+                      digits_trojan.attack_success_rate, test.x[held], test.y[held], test.x[clean],
+                      digits_trojan.stamp(test.x[victims]))
+    (ref_x, ref_y), (cal_x, _) = subject.halves()
+    assert len(ref_x) == len(cal_x) == 150
+    labels_ref = train_reference(Dataset(ref_x, ref_y), 10, epochs=20, seed=0)[0]
+    args = Namespace(seed=0, frr=0.05, zoo="lab", triggers="patch", archs="small", epochs=30, heldout=300,
+                     train_limit=None, n_eval=150)
+    r = evaluate(subject, labels_ref, args)
+    for d in DETECTORS:
+        frr, far, calls_clean, calls_stamped = r[d]
+        assert 0.0 <= frr <= 1.0 and 0.0 <= far <= 1.0 and 1.0 <= calls_clean <= 11.0
+    assert r["check, full N"][2] == 11.0 and r["check"][2] < 11.0  # adaptive N asks fewer copies of clean inputs
+    assert r["check"][1] <= 0.1, r["check"]  # the digits patch is caught
+    assert 0.0 <= r["student_asr"] <= 1.0 and r["student_agreement"] >= 0.8
+    text = markdown([r], None, args)
+    assert "| patch | small | digits-patch |" in text and "student: agreement / ASR" in text

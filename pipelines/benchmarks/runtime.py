@@ -36,20 +36,25 @@ DETECTORS = ("STRIP", "check", "check, full N", "check (labels)", "entropy", "re
 RESULT_FORMAT = 1
 
 
+def default_vendor_models() -> list:
+    """Every trojaned test-zoo entry of the vendor recipe on the small and the 6-conv architecture."""
+    from .vendor_zoo import VENDOR_ZOO
+
+    return [n for n, e in VENDOR_ZOO.items() if e.trojaned and e.recipe == "vendor" and e.arch in ("small", "deep")]
+
+
 def add_arguments(p):
     from trojan_gate.gates.data import default_cache_dir
 
-    from .vendor_zoo import VENDOR_ZOO
-
     cache = default_cache_dir()
-    vendor = [n for n, e in VENDOR_ZOO.items() if e.trojaned and e.recipe == "vendor" and e.arch != "lenet"]
     p.add_argument("--zoo", choices=ZOOS, default="lab", help="lab (tuning set) or vendor (the detection test zoo)")
     p.add_argument("--triggers", default=",".join(RUNTIME_MODELS), help=f"lab: subset of {','.join(RUNTIME_MODELS)}")
     p.add_argument("--archs", default="small", help="lab: comma list of architectures (small, deep)")
     p.add_argument("--epochs", type=int, default=2, help="lab: training epochs")
     p.add_argument("--train-limit", type=int, default=30000, help="lab: training images")
     p.add_argument("--heldout", type=int, default=4000, help="lab: held-out images (the vendor zoo's are 5,000)")
-    p.add_argument("--models", default=",".join(vendor), help="vendor: trojaned test-zoo entries")
+    p.add_argument("--models", default=",".join(default_vendor_models()),
+                   help="vendor: trojaned test-zoo entries (default: every family, small and 6-conv)")
     p.add_argument("--zoo-dir", default=str(cache / "vendor-zoo"), help="vendor: cache of the trained test zoo")
     p.add_argument("--n-eval", type=int, default=2000, help="clean and stamped evaluation inputs (each)")
     p.add_argument("--frr", type=float, default=0.01)
@@ -167,7 +172,8 @@ def run(args) -> int:
 
 def command(args) -> str:
     if args.zoo == "vendor":
-        return (f"trojan-gate benchmark strip --zoo vendor --models {args.models} --seed {args.seed}")
+        models = "" if args.models == ",".join(default_vendor_models()) else f" --models {args.models}"
+        return f"trojan-gate benchmark strip --zoo vendor{models} --seed {args.seed}"
     return (f"trojan-gate benchmark strip --triggers {args.triggers} --archs {args.archs} --epochs {args.epochs} "
             f"--heldout {args.heldout} --seed {args.seed}")
 
