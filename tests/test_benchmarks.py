@@ -113,9 +113,9 @@ def test_the_rest_table_serves_plain_and_guarded_models_the_same_way(tmp_path, d
 
 
 def test_the_run_time_benchmark_measures_every_detector_and_the_students_inheritance(digits, digits_trojan):
-    import numpy as np
-
     from argparse import Namespace
+
+    import numpy as np
 
     from trojan_gate.gates.classifier_training import train_reference
     from trojan_gate.gates.data import Dataset

@@ -172,6 +172,8 @@ def test_the_student_is_distilled_from_one_answer_per_image_and_ignores_overlays
     assert torch.allclose(t1.sum(1), torch.ones(64))  # mixup / cutmix mix probability vectors
     with pytest.raises(ValueError, match="overlay_share"):
         distil_student(oracle, x, overlay_share=1.5)
+    with pytest.raises(ValueError, match="too few to distil"):
+        distil_student(oracle, x[:3])
 
 
 def test_a_student_needs_no_labels_and_a_labels_reference_does(digits, digits_trojan, tmp_path):

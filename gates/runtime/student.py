@@ -151,8 +151,9 @@ def augment(xb: torch.Tensor, tb: torch.Tensor, g: torch.Generator, pool: torch.
 def distil_student(oracle, x: np.ndarray, arch: str = "small", epochs: int = 60, batch_size: int = 128,
                    lr: float = 2e-3, overlay_share: float = 0.5, seed: int = 0, threads: int | None = 1) -> bytes:
     """The student of the module doc, trained on held-out images `x` against `oracle` for `epochs` (at least
-    `MIN_STEPS` optimiser steps); returns ONNX bytes (softmax head, dynamic batch). `threads` caps torch's threads for the training (a small
-    student trains fastest on one; None: torch's setting); the previous setting is restored."""
+    `MIN_STEPS` optimiser steps); returns ONNX bytes (softmax head, dynamic batch). `threads` caps torch's
+    threads for the training (a small student trains fastest on one; None: torch's setting); the previous
+    setting is restored."""
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(int(threads))
@@ -166,6 +167,8 @@ def distil_student(oracle, x: np.ndarray, arch: str = "small", epochs: int = 60,
     if not 0.0 <= overlay_share <= 1.0:
         raise ValueError(f"overlay_share must be in [0, 1], got {overlay_share}")
     x = oracle.check_inputs(x)
+    if len(x) < 10:
+        raise ValueError(f"{len(x)} held-out images are too few to distil a student from")
     with oracle.phase("check-fit"):
         teacher = oracle.predict_proba(x).astype(np.float32)
     torch.manual_seed(seed)
