@@ -188,3 +188,33 @@ def test_a_student_needs_no_labels_and_a_labels_reference_does(digits, digits_tr
         RuntimeCheck(oracle, reference_training="labels", progress=False).fit(test.x[:200])
     with pytest.raises(ValueError, match="reference_training must be one of"):
         RuntimeCheck(oracle, reference_training="oracle")
+
+
+def test_weights_split_the_frr_budget_and_equal_weights_are_the_plain_min_p():
+    from trojan_gate.gates.runtime.check import check_weights, weighted_min
+
+    p = np.array([[0.02, 0.5], [0.5, 0.02], [0.3, 0.4]])
+    assert weighted_min(p, ["entropy", "reference"], None).tolist() == [0.02, 0.02, 0.3]
+    assert weighted_min(p, ["entropy", "reference"], {"entropy": 1, "reference": 1}).tolist() == [0.02, 0.02, 0.3]
+    w = weighted_min(p, ["entropy", "reference"], {"entropy": 0.1, "reference": 0.9})
+    assert w == pytest.approx([0.1, 0.02 / 1.8, 0.4 / 1.8])  # p / (S w): entropy's small p counts for less
+    rng = np.random.default_rng(2)
+    values = {10: {"entropy": rng.normal(size=500), "reference": rng.normal(size=500)}}
+    plain, equal = calibrate(values, 0.02, ()), calibrate(values, 0.02, (), weights={"entropy": 2, "reference": 2})
+    assert plain.threshold == equal.threshold and plain.realised_frr == equal.realised_frr
+    tilted = calibrate(values, 0.02, (), weights={"entropy": 0.1, "reference": 0.9})
+    assert tilted.realised_frr <= 0.02 + 1 / 500
+    with pytest.raises(ValueError, match="positive weight"):
+        check_weights({"entropy": 1.0}, ("entropy", "reference"))
+    with pytest.raises(ValueError, match="positive weight"):
+        check_weights({"entropy": 0.0, "reference": 1.0}, ("entropy", "reference"))
+
+
+def test_a_weighted_check_round_trips(fitted, tmp_path):
+    det, oracle, model, test = fitted
+    w = RuntimeCheck(oracle, n_perturbations=10, reference=det.reference_bytes_, weights={"entropy": 0.1, "reference": 0.9},
+                     seed=0, progress=False).fit(test.x[150:300], test.y[150:300]).infer_threshold(0.05)
+    again = RuntimeCheck.load(w.save(tmp_path / "w"), ModelOracle(model))
+    assert again.weights == {"entropy": 0.1, "reference": 0.9} and again.describe()["weights"] == again.weights
+    x = test.x[300:360]
+    assert again.predict(x)["data"]["instance_score"].tolist() == w.predict(x)["data"]["instance_score"].tolist()

@@ -64,6 +64,7 @@ class Calibration:
     realised_frr: float = 0.0
     frr_interval: tuple = (0.0, 1.0)
     n_calibration: int = 0
+    weights: dict | None = None  # statistic -> share of the FRR budget (None: equal shares)
 
     def p_values(self, stage: int, values: dict) -> np.ndarray:
         """(n, S) one-sided empirical p-values of `values` {statistic: (n,)} against the benign set."""
@@ -72,6 +73,29 @@ class Calibration:
             ref = self.benign[stage][name]
             cols.append((np.searchsorted(ref, np.asarray(v), side="right") + 1) / (len(ref) + 1))
         return np.stack(cols, axis=1)
+
+    def combined(self, stage: int, values: dict) -> np.ndarray:
+        """(n,) the weighted min-p of `values` (see `weighted_min`); plain min p with equal weights."""
+        return weighted_min(self.p_values(stage, values), list(values), self.weights)
+
+
+def weighted_min(p: np.ndarray, names, weights: dict | None) -> np.ndarray:
+    """min_s p_s / (S w_s) over the S statistics `names` (columns of p), w_s summing to 1: a weighted
+    Bonferroni split of the FRR budget; equal weights give min_s p_s."""
+    if not weights:
+        return p.min(axis=1)
+    w = np.array([float(weights[n]) for n in names])
+    return (p / (len(names) * w / w.sum())).min(axis=1)
+
+
+def check_weights(weights, statistics) -> dict | None:
+    """Validated weights {statistic: positive number} covering exactly `statistics` (None: equal)."""
+    if weights is None:
+        return None
+    weights = {str(k): float(v) for k, v in dict(weights).items()}
+    if set(weights) != set(statistics) or not all(np.isfinite(v) and v > 0 for v in weights.values()):
+        raise ValueError(f"weights must give every statistic of {list(statistics)} a positive weight, not {weights}")
+    return weights
 
 
 def statistics_at(p_self, p_copies, p_ref, names) -> dict:
@@ -85,29 +109,30 @@ def statistics_at(p_self, p_copies, p_ref, names) -> dict:
     return {k: out[k] for k in names}
 
 
-def leave_one_out_min_p(values: dict) -> np.ndarray:
-    """min_s p_s over calibration images with each image's own value left out of its p-values."""
+def leave_one_out_min_p(values: dict, weights: dict | None = None) -> np.ndarray:
+    """(Weighted) min_s p_s over calibration images with each image's own value left out of its p-values."""
     cols = []
     for v in values.values():
         v = np.asarray(v)
         order = np.sort(v)
         below = np.searchsorted(order, v, side="right") - 1  # others at or below (minus itself)
         cols.append((below + 1) / len(v))
-    return np.min(np.stack(cols, axis=1), axis=1)
+    return weighted_min(np.stack(cols, axis=1), list(values), weights)
 
 
 def calibrate(stage_values: dict, frr: float, stages, margin: float = STAGE_MARGIN,
-              stage_quantile: float = STAGE_QUANTILE) -> Calibration:
+              stage_quantile: float = STAGE_QUANTILE, weights: dict | None = None) -> Calibration:
     """Fit the min-p test at preset `frr` from benign statistics per stage {stage: {statistic: (n,)}}.
 
     A stage bound is `margin` times the `stage_quantile` quantile of the partial min-p of the calibration
     images flagged at full N (quantile 1.0: their maximum, so early stopping never loses one of them; the
     default 0.9 lets a tenth of them stop early, which measured no FAR change on the lab zoo and about
-    2.9 instead of 4.5 calls per clean input: docs/experiments.md)."""
+    2.9 instead of 4.5 calls per clean input: docs/experiments.md). `weights` splits the FRR budget between
+    the statistics (`weighted_min`; None: equal shares, the plain min-p test)."""
     full = max(stage_values)
     cal = Calibration(benign={s: {k: np.sort(np.asarray(v)) for k, v in vals.items()} for s, vals in stage_values.items()},
-                      frr=float(frr))
-    loo = leave_one_out_min_p(stage_values[full])
+                      frr=float(frr), weights=weights)
+    loo = leave_one_out_min_p(stage_values[full], weights)
     n = len(loo)
     cal.threshold = float(np.quantile(loo, frr, method="lower"))
     flagged = loo <= cal.threshold
@@ -116,7 +141,7 @@ def calibrate(stage_values: dict, frr: float, stages, margin: float = STAGE_MARG
     for s in stages:
         if s >= full:
             continue
-        partial = leave_one_out_min_p(stage_values[s])
+        partial = leave_one_out_min_p(stage_values[s], weights)
         worst = float(np.quantile(partial[flagged], stage_quantile)) if flagged.any() else cal.threshold
-        cal.stage_bounds[int(s)] = min(1.0, max(worst, cal.threshold) * margin)
+        cal.stage_bounds[int(s)] = max(worst, cal.threshold) * margin
     return cal

@@ -26,7 +26,7 @@ from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
 from ..artifact_files import content_sha256, load_bank, utc_now, versions
-from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, statistics_at
+from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, check_weights, statistics_at
 
 CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
 FORMAT = "trojan-gate/runtime-check"
@@ -55,6 +55,8 @@ class RuntimeCheck(RuntimeDetector):
     reference_fraction : share of the held-out set that trains the reference classifier
     reference_training : "student" (distilled from the model's answers, no labels needed) or "labels"
     reference_epochs : its training epochs (default 60 for a student, 40 on labels)
+    weights : {statistic: weight}, the share of the FRR budget each statistic gets in the min-p test
+        (None: equal shares; see `check.weighted_min`)
     reference : an already trained reference classifier (ONNX bytes) to use instead of training one;
         then the whole held-out set calibrates, and the reference must not have seen it
     seed : seeds the split, the reference's training and the draws
@@ -64,7 +66,8 @@ class RuntimeCheck(RuntimeDetector):
 
     def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, statistics=DEFAULT_STATISTICS,
                  stages=DEFAULT_STAGES, reference_fraction: float = 0.5, reference_training: str = "student",
-                 reference_epochs: int | None = None, reference=None, seed: int = 0, progress: bool = True):
+                 reference_epochs: int | None = None, reference=None, weights=None, seed: int = 0,
+                 progress: bool = True):
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown:
             raise ValueError(f"unknown statistic(s) {unknown}; choose from {STATISTICS}")
@@ -79,6 +82,7 @@ class RuntimeCheck(RuntimeDetector):
         self.reference_training = reference_training
         self.reference_epochs = None if reference_epochs is None else int(reference_epochs)
         self.reference = reference
+        self.weights = check_weights(weights, self.statistics)
         self.seed = int(seed)
         self.progress = progress
         self.threshold_ = None
@@ -103,7 +107,7 @@ class RuntimeCheck(RuntimeDetector):
         from .check import leave_one_out_min_p
 
         values = getattr(self, "stage_values_", None)  # per image, paired across statistics (fit only)
-        return None if values is None else -leave_one_out_min_p(values[self.n_perturbations])
+        return None if values is None else -leave_one_out_min_p(values[self.n_perturbations], self.weights)
 
     # -- answers ------------------------------------------------------------------------
     def _stage_statistics(self, x, exclude=None) -> dict:
@@ -163,7 +167,7 @@ class RuntimeCheck(RuntimeDetector):
         self.check_fitted()
         if not 0.0 < frr < 1.0:
             raise ValueError(f"frr must be in (0, 1), got {frr}")
-        self.calibration_ = calibrate(self.stage_values_, frr, self.stages)
+        self.calibration_ = calibrate(self.stage_values_, frr, self.stages, weights=self.weights)
         self.threshold_ = -self.calibration_.threshold
         return self
 
@@ -203,7 +207,7 @@ class RuntimeCheck(RuntimeDetector):
                 asked, used[live] = stage, stage
                 values = statistics_at(answers["self"], answers["copies"],
                                        None if p_ref is None else p_ref[live], self.statistics)
-                partial = cal.p_values(stage, values).min(axis=1)
+                partial = cal.combined(stage, values)
                 score[live] = partial
                 if stage == big_n:
                     break
@@ -219,7 +223,8 @@ class RuntimeCheck(RuntimeDetector):
         cal = getattr(self, "calibration_", None)
         return {**super().meta(), "statistics": list(self.statistics), "n_perturbations": self.n_perturbations,
                 "reference_training": self.reference_training if "reference" in self.statistics else None,
-                "blend": self.blend, "stages": list(self.stages), "frr": None if cal is None else cal.frr,
+                "weights": self.weights, "blend": self.blend, "stages": list(self.stages),
+                "frr": None if cal is None else cal.frr,
                 "realised_frr": None if cal is None else cal.realised_frr,
                 "frr_interval": None if cal is None else list(cal.frr_interval)}
 
@@ -232,7 +237,7 @@ class RuntimeCheck(RuntimeDetector):
                 "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION,
                 "statistics": list(self.statistics), "stages": list(self.stages), "realised_frr": cal.realised_frr,
                 "reference_training": self.reference_training if "reference" in self.statistics else None,
-                "frr_interval": list(cal.frr_interval), "stage_bounds": {str(k): v for k, v in cal.stage_bounds.items()}}
+                "weights": self.weights, "frr_interval": list(cal.frr_interval), "stage_bounds": {str(k): v for k, v in cal.stage_bounds.items()}}
 
     # -- artifact -----------------------------------------------------------------------
     def save(self, directory) -> Path:
@@ -286,7 +291,7 @@ class RuntimeCheck(RuntimeDetector):
         try:
             det = cls(model, n_perturbations=doc["n_perturbations"], blend=doc["blend"], statistics=doc["statistics"],
                       stages=doc["stages"], reference_fraction=doc["reference_fraction"], seed=doc["seed"],
-                      reference_training=doc.get("reference_training") or "labels",
+                      reference_training=doc.get("reference_training") or "labels", weights=doc.get("weights"),
                       progress=False)
             det.model_sha256_, det.created_at_ = doc["model_sha256"], doc.get("created_at")
             det.extra = dict(doc.get("extra") or {})
@@ -295,7 +300,7 @@ class RuntimeCheck(RuntimeDetector):
                 threshold=-float(doc["threshold"]),
                 stage_bounds={int(k): float(v) for k, v in doc["stage_bounds"].items()}, frr=float(doc["frr"]),
                 realised_frr=float(doc["realised_frr"]), frr_interval=tuple(doc["frr_interval"]),
-                n_calibration=int(doc["n_calibration"]))
+                n_calibration=int(doc["n_calibration"]), weights=det.weights)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactIntegrityError(f"runtime check artifact refused: {CHECK_FILE} lacks or mangles a field: "
                                          f"{e!r}") from e

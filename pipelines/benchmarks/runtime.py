@@ -58,6 +58,8 @@ def add_arguments(p):
     p.add_argument("--zoo-dir", default=str(cache / "vendor-zoo"), help="vendor: cache of the trained test zoo")
     p.add_argument("--n-eval", type=int, default=2000, help="clean and stamped evaluation inputs (each)")
     p.add_argument("--frr", type=float, default=0.01)
+    p.add_argument("--weights", default=None, metavar="entropy=W,reference=W",
+                   help="the check's FRR budget split (default: equal shares, the plain min-p test)")
     p.add_argument("--seed", type=int, default=0, help="split and detector seed (and lab training seed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default=str(cache / "runtime-results.jsonl"), help="resumable result cache")
@@ -91,10 +93,12 @@ def evaluate(subject, labels_reference: bytes, args) -> dict:
     out["student_asr"] = float(np.isin(sp.predict(x_eff), subject.targets).mean()) if len(x_eff) else float("nan")
     strip = Strip(oracle, n_perturbations=10, seed=args.seed, progress=False).fit(subject.held_x).infer_threshold(args.frr)
     out["STRIP"] = (*_rates(strip.score(x_clean) >= strip.threshold_, strip.score(x_eff) >= strip.threshold_), 11.0, 11.0)
+    weights = parse_weights(getattr(args, "weights", None))
     runs = [("check", ("entropy", "reference"), student), ("check (labels)", ("entropy", "reference"), labels_reference),
             ("entropy", ("entropy",), None), ("reference", ("reference",), student)]
     for name, stats, reference in runs:
-        rc = RuntimeCheck(oracle, statistics=stats, seed=args.seed, reference=reference, progress=False)
+        rc = RuntimeCheck(oracle, statistics=stats, seed=args.seed, reference=reference, progress=False,
+                          weights=weights if name == "check" else None)
         rc.fit(cal_x, cal_y).infer_threshold(args.frr)
         modes = (("", True), (", full N", False)) if name in ("check", "check (labels)") else (("", False),)
         for suffix, adaptive in modes:
@@ -129,12 +133,22 @@ def throughput(subject, args, repeats: int = 10) -> dict:
     return {"speed": speed, "calls": calls}
 
 
+def parse_weights(text: str | None) -> dict | None:
+    """'entropy=0.1,reference=0.9' -> {"entropy": 0.1, "reference": 0.9}; None stays None."""
+    if not text:
+        return None
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError as e:
+        raise ValueError(f"--weights takes statistic=weight pairs, e.g. entropy=0.1,reference=0.9, not {text!r}") from e
+
+
 def _key(subject, args) -> str:
     from trojan_gate.gates.hashing import sha256_bytes
 
     return json.dumps({"format": RESULT_FORMAT, "zoo": args.zoo, "model": sha256_bytes(subject.onnx)[:16],
-                       "seed": args.seed, "frr": args.frr, "n_eval": args.n_eval, "n_heldout": len(subject.held_x)},
-                      sort_keys=True)
+                       "seed": args.seed, "frr": args.frr, "n_eval": args.n_eval, "n_heldout": len(subject.held_x),
+                       **({"weights": parse_weights(args.weights)} if getattr(args, "weights", None) else {})}, sort_keys=True)
 
 
 def run(args) -> int:
@@ -173,7 +187,8 @@ def run(args) -> int:
 def command(args) -> str:
     if args.zoo == "vendor":
         models = "" if args.models == ",".join(default_vendor_models()) else f" --models {args.models}"
-        return f"trojan-gate benchmark strip --zoo vendor{models} --seed {args.seed}"
+        weights = f" --weights {args.weights}" if getattr(args, "weights", None) else ""
+        return f"trojan-gate benchmark strip --zoo vendor{models}{weights} --seed {args.seed}"
     return (f"trojan-gate benchmark strip --triggers {args.triggers} --archs {args.archs} --epochs {args.epochs} "
             f"--heldout {args.heldout} --seed {args.seed}")
 
