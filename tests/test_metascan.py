@@ -99,17 +99,48 @@ def test_the_calibration_that_decides_enters_the_verdicts_reuse_fingerprint():
 def test_the_pool_widens_its_recipes_without_moving_the_cached_shadows():
     """A third of the shadows train with another optimiser / schedule (their own stream); every other
     shadow keeps the specification, hence the cache key, it had before recipes were drawn."""
-    from trojan_gate.gates.metascan.shadows import RECIPE_SHARE, sample_shadow, shadow_key
+    from trojan_gate.gates.metascan.shadows import (ARCH_SHARE, BASE_ARCHITECTURES, EXTRA_ARCHITECTURES,
+                                                    RECIPE_SHARE, sample_shadow, shadow_key)
 
     rng = np.random.default_rng([0, 7001])
     specs = [sample_shadow(rng, i % 2 == 1, 10, index=i, seed=0) for i in range(400)]
-    plain = {i: shadow_key(s, "0" * 64) for i, s in enumerate(specs) if "recipe" not in s}
-    assert {4: "e6d1673ee2d26fb582f4c873", 7: "628dd0abfecab2d2ff87fdab"}.items() <= plain.items()  # as cached
+    plain = {i: shadow_key(s, "0" * 64) for i, s in enumerate(specs)
+             if "recipe" not in s and s["arch"] in BASE_ARCHITECTURES}
+    assert {4: "e6d1673ee2d26fb582f4c873"}.items() <= plain.items()  # as cached
+    base = np.random.default_rng([0, 7001])  # shadow 7 draws an extra architecture; asked for two, it is as cached
+    base_specs = [sample_shadow(base, i % 2 == 1, 10, archs=BASE_ARCHITECTURES, index=i, seed=0) for i in range(8)]
+    assert shadow_key(base_specs[7], "0" * 64) == "628dd0abfecab2d2ff87fdab"
     recipes = [s for s in specs if "recipe" in s]
     assert abs(len(recipes) / len(specs) - RECIPE_SHARE) < 0.07
     assert {r["recipe"]["optimizer"] for r in recipes} == {"adam", "adamw", "sgd"}
     assert not any(r["recipe"]["optimizer"] == "adam" and r["recipe"]["schedule"] == "onecycle" for r in recipes)
     assert sum(r["augment"] == "none" for r in recipes) > len(recipes) / 2
+    extra = [s for s in specs if s["arch"] in EXTRA_ARCHITECTURES]
+    assert abs(len(extra) / len(specs) - ARCH_SHARE) < 0.07
+    assert {s["arch"] for s in extra} == set(EXTRA_ARCHITECTURES)
+    assert all(s["arch"] in BASE_ARCHITECTURES for s in base_specs)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "allconv", "mlp"])
+def test_every_extra_shadow_architecture_trains_a_working_classifier_and_exports(digits, arch):
+    """The extra shadow architectures learn digits, give logits of shape (n, K) at any input size,
+    and export to an ONNX model whose answers match torch's softmax."""
+    import onnxruntime as ort
+    import torch
+
+    from trojan_gate.gates.architectures import build_model
+    from trojan_gate.gates.classifier_training import export_onnx
+    from trojan_gate.gates.metascan.training import predict_labels, train_classifier
+
+    train, test = digits
+    model = train_classifier(train.x, train.y, 10, arch=arch, epochs=15, lr=3e-3, batch_size=64, seed=0)
+    assert (predict_labels(model, test.x) == test.y).mean() > 0.7
+    assert build_model(arch, (3, 20, 16), 7)(torch.zeros(2, 3, 20, 16)).shape == (2, 7)
+    sess = ort.InferenceSession(export_onnx(model, tuple(train.x.shape[1:])), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = torch.softmax(model(torch.from_numpy(test.x[:16])), 1).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: test.x[:16]})[0]
+    assert np.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("sgd", "step"), ("adam", "constant")])

@@ -5,7 +5,10 @@ defender trains itself, half of them trojaned with triggers drawn from a broad d
 (`triggers`), so that their labels are known. Here every shadow is trained only on the labelled
 held-out set the gate already has, with its own draw of
 
-- architecture (``small``: widths 8-24; ``deep``: the 6-conv shape at width 8),
+- architecture (``small``: widths 8-24; ``deep``: the 6-conv shape at width 8; for `ARCH_SHARE`
+  of the shadows, drawn from their own stream, one of `EXTRA_ARCHITECTURES`: a residual network
+  with batch normalisation, an all-convolutional ELU network, or a dense network; a pool of two
+  architectures read LeNet's trojans as benign: docs/calibrated-scan.md),
 - training length (250-800 optimisation steps, 250-500 for ``deep``: 4-12 epochs of 4,000
   images at batch 64; as many epochs as that takes on a smaller set; 40% of the shadows
   800-3,000 steps, log-uniform, so that the pool reaches the confidence of a vendor's model
@@ -42,7 +45,11 @@ from .training import AUGMENTATIONS, predict_labels, train_classifier
 from .triggers import ATTACKS, FAMILIES, attack_success, poison, sample_trojan
 
 POOL_FORMAT = 1
-SHADOW_ARCHITECTURES = ("small", "deep")
+BASE_ARCHITECTURES = ("small", "deep")
+EXTRA_ARCHITECTURES = ("resnet", "allconv", "mlp")
+SHADOW_ARCHITECTURES = BASE_ARCHITECTURES + EXTRA_ARCHITECTURES
+ARCH_SHARE = 0.35  # shadows of an extra architecture (their own stream: the other draws keep their keys)
+EXTRA_WIDTHS = {"resnet": (8, 12, 16), "allconv": (8, 12, 16), "mlp": (128, 256, 512)}
 EVAL_SHARE = 0.2  # of the held-out set, never trained on: every shadow's accuracy and attack success
 
 
@@ -54,8 +61,11 @@ RECIPE_SHARE = 0.35  # shadows trained with another optimiser / schedule (their 
 def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, archs=SHADOW_ARCHITECTURES,
                   families=FAMILIES, attacks=ATTACKS, index: int = 0, seed: int = 0) -> dict:
     """One shadow's specification (JSON-able); `trojan` is None for a benign shadow. Whether it is
-    trained long is drawn from its own stream (index, seed), so the other draws do not move."""
-    arch = str(rng.choice(list(archs)))
+    trained long, its recipe and whether it takes an extra architecture are drawn from their own
+    streams (index, seed), so the other draws do not move."""
+    base = [a for a in archs if a in BASE_ARCHITECTURES] or list(archs)
+    extra = [a for a in archs if a not in base]
+    arch = str(rng.choice(base))
     width = int(rng.choice([8, 12, 16, 24]) if arch == "small" else 8)
     spec = {"arch": arch, "width": width, "steps": int(rng.integers(250, 800 if arch == "small" else 500)),
             "lr": float(np.exp(rng.uniform(np.log(1e-3), np.log(5e-3)))), "batch_size": int(rng.choice([32, 64, 128])),
@@ -81,6 +91,11 @@ def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, arch
             spec["steps"] = int(np.exp(other.uniform(np.log(LONG_STEPS[0]), np.log(LONG_STEPS[1]))))
             spec["batch_size"] = max(spec["batch_size"], 64)
         spec["recipe"] = recipe
+    other_arch = np.random.default_rng([seed, index, 17])
+    if extra and other_arch.random() < ARCH_SHARE:
+        spec["arch"] = str(other_arch.choice(extra))
+        spec["width"] = int(other_arch.choice(EXTRA_WIDTHS.get(spec["arch"], (8,))))
+        spec["steps"] = min(spec["steps"], 1500) if spec["arch"] == "resnet" else spec["steps"]
     return spec
 
 
