@@ -100,15 +100,16 @@ def test_the_pool_widens_its_recipes_without_moving_the_cached_shadows():
     """A third of the shadows train with another optimiser / schedule (their own stream); every other
     shadow keeps the specification, hence the cache key, it had before recipes were drawn."""
     from trojan_gate.gates.metascan.shadows import (ARCH_SHARE, BASE_ARCHITECTURES, EXTRA_ARCHITECTURES,
-                                                    RECIPE_SHARE, sample_shadow, shadow_key)
+                                                    RECIPE_SHARE, WIDE_ARCHITECTURES, sample_shadow,
+                                                    shadow_key)
 
     rng = np.random.default_rng([0, 7001])
-    specs = [sample_shadow(rng, i % 2 == 1, 10, index=i, seed=0) for i in range(400)]
+    specs = [sample_shadow(rng, i % 2 == 1, 10, archs=WIDE_ARCHITECTURES, index=i, seed=0) for i in range(400)]
     plain = {i: shadow_key(s, "0" * 64) for i, s in enumerate(specs)
              if "recipe" not in s and s["arch"] in BASE_ARCHITECTURES}
     assert {4: "e6d1673ee2d26fb582f4c873"}.items() <= plain.items()  # as cached
-    base = np.random.default_rng([0, 7001])  # shadow 7 draws an extra architecture; asked for two, it is as cached
-    base_specs = [sample_shadow(base, i % 2 == 1, 10, archs=BASE_ARCHITECTURES, index=i, seed=0) for i in range(8)]
+    base = np.random.default_rng([0, 7001])  # shadow 7 draws an extra architecture; in the default pool it is as cached
+    base_specs = [sample_shadow(base, i % 2 == 1, 10, index=i, seed=0) for i in range(8)]
     assert shadow_key(base_specs[7], "0" * 64) == "628dd0abfecab2d2ff87fdab"
     recipes = [s for s in specs if "recipe" in s]
     assert abs(len(recipes) / len(specs) - RECIPE_SHARE) < 0.07
@@ -154,3 +155,12 @@ def test_every_recipe_trains_a_working_classifier(digits, optimizer, schedule):
     assert (predict_labels(model, test.x) == test.y).mean() > 0.6
     with pytest.raises(ValueError, match="optimizer must be one of"):
         train_classifier(train.x[:10], train.y[:10], 10, epochs=1, optimizer="rmsprop")
+
+
+def test_a_calibration_asked_for_an_unknown_shadow_architecture_is_refused_before_training(digits, tmp_path):
+    from trojan_gate.gates.metascan import ScanCalibration
+
+    _, test = digits
+    with pytest.raises(ValueError, match="architectures must be names from"):
+        ScanCalibration(n_shadows=4, architectures=("small", "vit"), cache_dir=tmp_path).fit(test)
+    assert not list(tmp_path.iterdir())  # nothing trained

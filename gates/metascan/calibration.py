@@ -198,6 +198,10 @@ class ScanCalibration:
         n_classes = int(heldout.y.max()) + 1
         if self.probes not in PROBES:
             raise ValueError(f"probes must be one of {PROBES}, not {self.probes!r}")
+        from ..architectures import ARCHITECTURES
+
+        if not self.architectures or not set(self.architectures) <= set(ARCHITECTURES):
+            raise ValueError(f"architectures must be names from {ARCHITECTURES}, not {self.architectures!r}")
         shadows, pool = build_pool(heldout, self.n_shadows, self.cache_dir, self.seed, self.families, self.attacks,
                                    self.architectures, progress=self.progress, workers=self.workers)
         t_pool = time.perf_counter() - t0
