@@ -142,3 +142,20 @@ def test_the_run_time_benchmark_measures_every_detector_and_the_students_inherit
     assert 0.0 <= r["student_asr"] <= 1.0 and r["student_agreement"] >= 0.8
     text = markdown([r], None, args)
     assert "| patch | small | digits-patch |" in text and "student: agreement / ASR" in text
+
+
+def test_the_detection_benchmark_refuses_lenet_in_the_shadow_pool_and_names_it(tmp_path, digits):
+    """LeNet is the detection benchmark's architecture no shadow has: a pool asked for it is refused
+    before a shadow is trained (and so is an empty list)."""
+    import argparse
+
+    from trojan_gate.pipelines.benchmarks.detection import add_arguments, calibration_for
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for archs in ("small,lenet", ","):
+        args = parser.parse_args(["--calibration", str(tmp_path / "cal"), "--shadow-cache", str(tmp_path / "sh"),
+                                  "--architectures", archs])
+        with pytest.raises(ValueError, match="--architectures"):
+            calibration_for(args, digits[1])
+    assert not (tmp_path / "sh").exists() and not (tmp_path / "cal").exists()
