@@ -116,9 +116,11 @@ def test_the_pool_widens_its_recipes_without_moving_the_cached_shadows():
     assert {r["recipe"]["optimizer"] for r in recipes} == {"adam", "adamw", "sgd"}
     assert not any(r["recipe"]["optimizer"] == "adam" and r["recipe"]["schedule"] == "onecycle" for r in recipes)
     assert sum(r["augment"] == "none" for r in recipes) > len(recipes) / 2
-    extra = [s for s in specs if s["arch"] in EXTRA_ARCHITECTURES]
+    extra = [s for s in specs if s["arch"] in EXTRA_ARCHITECTURES or (s["arch"] == "deep" and s["width"] > 8)]
     assert abs(len(extra) / len(specs) - ARCH_SHARE) < 0.07
-    assert {s["arch"] for s in extra} == set(EXTRA_ARCHITECTURES)
+    assert {s["arch"] for s in extra} == set(EXTRA_ARCHITECTURES) | {"deep"}  # and the 6-conv at a vendor's width
+    assert {s["width"] for s in extra if s["arch"] == "deep"} == {16, 24}
+    assert all(s["steps"] <= 600 for s in extra if s["arch"] in ("deep", "resnet"))
     assert all(s["arch"] in BASE_ARCHITECTURES for s in base_specs)
 
 

@@ -8,7 +8,7 @@ held-out set the gate already has, with its own draw of
 - architecture (``small``: widths 8-24; ``deep``: the 6-conv shape at width 8; a pool asked for
   `WIDE_ARCHITECTURES` gives `ARCH_SHARE` of its shadows, drawn from their own stream, one of
   `EXTRA_ARCHITECTURES`: a residual network with batch normalisation, an all-convolutional ELU
-  network, or a dense network; a pool of two architectures read LeNet's trojans as benign:
+  network, a dense network, or the 6-conv shape at a vendor's width 16-24; a pool of two architectures read LeNet's trojans as benign:
   docs/calibrated-scan.md; the wide pool is not measured yet, so it is not the default),
 - training length (250-800 optimisation steps, 250-500 for ``deep``: 4-12 epochs of 4,000
   images at batch 64; as many epochs as that takes on a smaller set; 40% of the shadows
@@ -51,7 +51,8 @@ EXTRA_ARCHITECTURES = ("resnet", "allconv", "mlp")
 SHADOW_ARCHITECTURES = BASE_ARCHITECTURES  # the default pool, as measured in benchmarks/detection-recipes.md
 WIDE_ARCHITECTURES = BASE_ARCHITECTURES + EXTRA_ARCHITECTURES
 ARCH_SHARE = 0.35  # shadows of an extra architecture (their own stream: the other draws keep their keys)
-EXTRA_WIDTHS = {"resnet": (8,), "allconv": (8, 12, 16), "mlp": (128, 256, 512)}
+EXTRA_WIDTHS = {"resnet": (8,), "allconv": (8, 12, 16), "mlp": (128, 256, 512), "deep": (16, 24)}
+CAPPED_STEPS = {"resnet": 600, "deep": 600}  # the costly extras: at most these steps (about 30-80 s on one core)
 EVAL_SHARE = 0.2  # of the held-out set, never trained on: every shadow's accuracy and attack success
 
 
@@ -95,9 +96,10 @@ def sample_shadow(rng: np.random.Generator, trojaned: bool, n_classes: int, arch
         spec["recipe"] = recipe
     other_arch = np.random.default_rng([seed, index, 17])
     if extra and other_arch.random() < ARCH_SHARE:
-        spec["arch"] = str(other_arch.choice(extra))
+        # a pool with extra architectures also gets 6-conv shadows at a vendor's widths (16-24, not 8)
+        spec["arch"] = str(other_arch.choice(extra + (["deep"] if "deep" in base else [])))
         spec["width"] = int(other_arch.choice(EXTRA_WIDTHS.get(spec["arch"], (8,))))
-        spec["steps"] = min(spec["steps"], 600) if spec["arch"] == "resnet" else spec["steps"]
+        spec["steps"] = min(spec["steps"], CAPPED_STEPS.get(spec["arch"], spec["steps"]))
     return spec
 
 
