@@ -166,3 +166,41 @@ def test_a_calibration_asked_for_an_unknown_shadow_architecture_is_refused_befor
     with pytest.raises(ValueError, match="architectures must be names from"):
         ScanCalibration(n_shadows=4, architectures=("small", "vit"), cache_dir=tmp_path).fit(test)
     assert not list(tmp_path.iterdir())  # nothing trained
+
+
+
+def test_a_stopped_calibration_resumes_after_its_last_trained_meta_classifier(digits, tmp_path, monkeypatch):
+    """Each member is cached under a key of its fitting shadows and settings: a refit reads it back
+    (no training) and decides exactly as before; other settings, or an unreadable file, train anew.
+    The pool is 24 untrained digits models (the shadows' training is not what is tested here)."""
+    import torch
+
+    from trojan_gate.gates.architectures import build_model
+    from trojan_gate.gates.metascan import ScanCalibration, calibration
+    from trojan_gate.gates.metascan.probes import StampProbeMeta
+    from trojan_gate.gates.metascan.shadows import Shadow
+
+    _, test = digits
+    trojan = {"targets": [3], "stamp": {"family": "patch"}}
+    torch.manual_seed(0)
+    pool = [Shadow({"arch": "small", "width": 8, "seed": i, "trojan": trojan if i % 2 else None},
+                   build_model("small", (1, 8, 8), 10, width=8).eval(), 0.1, 0.5 if i % 2 else None, 0.0)
+            for i in range(24)]
+    monkeypatch.setattr(calibration, "build_pool", lambda *a, **k: (pool, {"kept": len(pool)}))
+    settings = dict(n_shadows=24, calibration_share=0.5, false_block_rate=0.2, epochs=2, n_queries=2, n_images=10,
+                    n_meta=2, cache_dir=tmp_path, progress=False)
+    first = ScanCalibration(**settings).fit(test)
+    assert len(list((tmp_path / "meta").glob("*.npz"))) == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached member was trained again")
+
+    monkeypatch.setattr(StampProbeMeta, "fit", refuse)
+    again = ScanCalibration(**settings).fit(test)
+    assert np.array_equal(again.null_, first.null_) and again.threshold_ == first.threshold_
+    assert np.array_equal(again.meta_.queries_, first.meta_.queries_)
+    with pytest.raises(AssertionError, match="trained again"):
+        ScanCalibration(**{**settings, "epochs": 3}).fit(test)
+    sorted((tmp_path / "meta").glob("*.npz"))[0].write_bytes(b"not an npz")
+    with pytest.raises(AssertionError, match="trained again"):
+        ScanCalibration(**settings).fit(test)

@@ -17,7 +17,8 @@ p_t. The trojaned calibration shadows give the measured power (share flagged, sh
 targets are all among the flagged) reported with the calibration.
 
 The fitted calibration is matched to a model by input shape, number of classes and the
-held-out set's sha256 (`check_task`); it is saved as `calibration.json` + `meta.npz` (no
+held-out set's sha256 (`check_task`); each trained meta-classifier is cached beside the shadows (`member_cache`), so a
+stopped fit resumes after its last member. It is saved as `calibration.json` + `meta.npz` (no
 pickles), both pinned by sha256 (see `artifact`).
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ..errors import CalibrationMismatchError, TrojanGateError
 from .ensemble import MetaEnsemble
 from .meta import QueryMetaClassifier
 from .probes import StampProbeMeta
-from .shadows import SHADOW_ARCHITECTURES, build_pool, heldout_sha256, split_heldout
+from .member_cache import load_member, member_key, save_member
+from .shadows import SHADOW_ARCHITECTURES, build_pool, heldout_sha256, shadow_key, split_heldout
 from .triggers import ATTACKS, FAMILIES
 
 
@@ -207,9 +209,18 @@ class ScanCalibration:
         t_pool = time.perf_counter() - t0
         fit, cal = _split(shadows, self.calibration_share, self.seed)
         models, labels, targets = [s.model for s in fit], [s.trojaned for s in fit], target_matrix(fit, n_classes)
-        members = []
+        members, data_sha = [], heldout_sha256(heldout)
+        fit_keys = [shadow_key(s.spec, data_sha) for s in fit]
+        settings = {k: getattr(self, k) for k in ("n_queries", "n_images", "hidden", "epochs", "lr", "target_weight",
+                                                  "scale")}
+        kind = QueryMetaClassifier if self.probes == "free" else StampProbeMeta
         for i in range(self.n_meta):
             seed = self.seed + 1000 * i
+            key = member_key(fit_keys, self.probes, settings, seed)
+            member = load_member(self.cache_dir, key, kind, n_classes, self.hidden, self.scale)
+            if member is not None:  # trained before this calibration was stopped
+                members.append(member)
+                continue
             if self.probes == "free":
                 member = QueryMetaClassifier(self.n_queries, self.hidden, self.epochs, self.lr, self.target_weight,
                                              seed=seed, progress=self.progress).fit(models, labels, targets, in_shape)
@@ -218,6 +229,7 @@ class ScanCalibration:
                 member = StampProbeMeta(self.n_queries, len(base_y), self.hidden, self.epochs, self.lr,
                                         self.target_weight, scale=self.scale, seed=seed, progress=self.progress).fit(
                     models, labels, targets, base_x, base_y)
+            save_member(self.cache_dir, key, member)
             members.append(member)
         meta = MetaEnsemble(members)
         scores, class_scores = meta.score_answers(meta.answers_of([s.model for s in cal]))
