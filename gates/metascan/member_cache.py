@@ -32,6 +32,7 @@ def member_key(shadow_keys: list, kind: str, settings: dict, seed: int) -> str:
 
 
 def member_path(cache_dir, key: str) -> Path:
+    """Where the member under `key` is stored: ``<cache_dir>/meta/<key>.npz``."""
     return Path(cache_dir) / "meta" / f"{key}.npz"
 
 
