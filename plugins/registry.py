@@ -186,8 +186,10 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
     with mlflow.start_run(run_name=f"intake-{name}", nested=nested) as run:
         mlflow.log_params({"model_file": path.name, "sha256": info.sha256, "input_shape": str(info.input_shape),
                            "n_classes": info.n_classes, "opset": info.opset})
+        # requirements declared, not inferred: inference loads the model in a subprocess (seconds per intake)
         model_info = mlflow.onnx.log_model(proto, name="model", save_as_external_data=False,
-                                           signature=onnx_signature(info.input_shape, info.n_classes))
+                                           signature=onnx_signature(info.input_shape, info.n_classes),
+                                           pip_requirements=mlflow.onnx.get_default_pip_requirements())
         checkpoint("intake.logged")
         logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_info.model_uri,
                                                           dst_path=tempfile.mkdtemp(prefix="trojan-gate-intake-")))

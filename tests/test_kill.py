@@ -31,13 +31,20 @@ generator_steps = 100
 soup = 1
 epochs = 10
 residual_margin = 0.25  # a 10-epoch patch keeps some of the trojan; this test is about kills, not acceptance
+residual_steps = 25     # the residual search's cost, not its power, matters here
+residual_restarts = 1
+residual_area_ladder = [0.08, 0.02]
+
+[check]
+kind = "strip"  # the same signing and attaching path as the default check, without training its student
 """
 
 # (version to gate, policy, kill points in the order the gate reaches them)
-PASS_FLOW = ["registry.tag#2", "gate.claimed", "gate.fetched", "gate.validated", "scan.references", "scan.measured",
-             "gate.scanned", "check.fitted", "check.release-signed", "check.attached", "verdict.tags",
-             "verdict.decided", "registry.alias-set", "verdict.aliased", "verdict.done"]
-PATCH_FLOW = ["registry.alias-dropped", "patch.fitted", "patch.rescanned", "intake.logged", "intake.registered",
+# The points between the claim and the release only compute (fetch, validate, scan, fit): one of them
+# (inside the scan) stands for all; every point around a registry or artifact write is kept.
+PASS_FLOW = ["registry.tag#2", "gate.claimed", "scan.measured", "check.release-signed", "check.attached",
+             "verdict.tags", "verdict.decided", "registry.alias-set", "verdict.aliased", "verdict.done"]
+PATCH_FLOW = ["registry.alias-dropped", "patch.rescanned", "intake.logged", "intake.registered",
               "patch.registered", "registry.alias-set", "verdict.done"]
 INTAKE_FLOW = ["intake.logged", "intake.registered"]
 
