@@ -143,7 +143,8 @@ def test_a_patch_the_residual_evidence_refuses_leaves_the_source_blocked(mlflow_
                                                                          cached_scan):
     """Settings under which every class stands out (ratio 1, no floor) refuse any patch: no new version."""
     ref = intake_onnx(trojan_onnx, "clf")
-    strict = {"residual_ratio": 1.0, "residual_floor": 0.0, "residual_margin": 0.0, "soup": 1, "epochs": 10}
+    strict = {"residual_ratio": 1.0, "residual_floor": 0.0, "residual_margin": 0.0, "soup": 1, "epochs": 10,
+              "residual_steps": 10, "residual_restarts": 1}  # the rules refuse, whatever the search reaches
     out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03, patch=strict),
                    scan_fn=cached_scan)
     assert out.verdict == "blocked" and out.exit_code == 1
