@@ -44,7 +44,7 @@ SERVING_REQUIREMENTS = ["mlflow", "onnxruntime", "onnx", "numpy", "pandas", "sci
 class CalibrationOutcome:
     source: VersionRef
     guarded: VersionRef
-    boundary_dir: Path
+    artifact_uri: str
     artifact_sha256: str
     run_id: str
     detector: object
@@ -52,7 +52,7 @@ class CalibrationOutcome:
     def to_dict(self) -> dict:
         return {"source": self.source.uri, "guarded_model": self.guarded.uri, "run_id": self.run_id,
                 **describe(self.detector), "artifact_sha256": self.artifact_sha256,
-                "boundary_dir": str(self.boundary_dir)}
+                "artifact_uri": self.artifact_uri}
 
 
 def package_code(directory: Path) -> Path:
@@ -96,7 +96,7 @@ def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
     sign the release (ONNX + artifact + `verdict`, which names the verdict and the serving policy),
     register the guarded model (`NAME-guarded`) and tag the version. `onnx_path` is the version's
     ONNX, checked once more against the registered sha256 before it is packaged."""
-    from .signing import key_id, sign_release, signing_key, write_release
+    from .signing import signing_key
 
     key = signing_key()  # no key, no guarded model: refused before anything is written
 
@@ -105,7 +105,13 @@ def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
     if det.model_sha256_ != sha256_file(onnx_path):
         raise ArtifactIntegrityError(f"the run-time check was fitted on model {det.model_sha256_[:12]}…, "
                                      f"not on {ref.uri}")
-    work = Path(tempfile.mkdtemp(prefix="trojan-gate-calibrate-"))
+    with tempfile.TemporaryDirectory(prefix="trojan-gate-calibrate-") as tmp:  # staging, removed when logged
+        return _attach(ref, det, Path(tmp), onnx_path, verdict, key, guarded_name, experiment, client)
+
+
+def _attach(ref, det, work: Path, onnx_path, verdict, key, guarded_name, experiment, client) -> CalibrationOutcome:
+    from .signing import key_id, sign_release, write_release
+
     boundary_dir = det.save(work / "check")
     digest = check_artifact_sha256(boundary_dir)
     summary = describe(det)
@@ -144,7 +150,7 @@ def attach_check(ref: VersionRef, det, onnx_path, verdict: dict, guarded_name: s
             "check.policy": verdict.get("serving", {}).get("policy"), "signature.key_id": signer,
         }, client)
         mlflow.log_dict(summary, "check_summary.json")
-    return CalibrationOutcome(ref, guarded, boundary_dir, digest, run.info.run_id, det)
+    return CalibrationOutcome(ref, guarded, artifact_uri, digest, run.info.run_id, det)
 
 
 def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n_perturbations: int = 10,
@@ -160,9 +166,13 @@ def calibrate_registered(ref: VersionRef, heldout: Dataset, frr: float = 0.01, n
     to load. `onnx_path`: a copy of the version's ONNX the caller already fetched; it is checked
     against the registered sha256 instead of being downloaded again.
     """
-    client = MlflowClient()
     if onnx_path is None:
-        onnx_path = fetch_onnx(ref, dst=tempfile.mkdtemp(prefix="trojan-gate-model-"), client=client)
+        with tempfile.TemporaryDirectory(prefix="trojan-gate-model-") as tmp:
+            return calibrate_registered(ref, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
+                                        min_per_class=min_per_class, guarded_name=guarded_name, experiment=experiment,
+                                        onnx_path=fetch_onnx(ref, dst=tmp), policy=policy, check=check,
+                                        statistics=statistics, stages=stages)
+    client = MlflowClient()
     oracle = ModelOracle(verify_onnx(ref, onnx_path, client))
     det = calibrate_check(oracle, heldout, kind=check, frr=frr, n_perturbations=n_perturbations, blend=blend,
                           statistics=statistics, stages=stages, seed=seed, min_per_class=min_per_class)

@@ -56,8 +56,8 @@ def _onnx_source(model, model_id, cfg) -> str:
     raise ModelLoadError("the trojan evaluator cannot locate the model's ONNX file; pass evaluator_config={'model_uri': ...}")
 
 
-def _load_onnx(uri: str) -> Path:
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="trojan-eval-")))
+def _load_onnx(uri: str, dst: Path) -> Path:
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
     if not files:
         raise ModelLoadError(f"{uri} holds no .onnx file: the trojan evaluator scans ONNX models only")
@@ -85,16 +85,21 @@ class TrojanEvaluator(ModelEvaluator):
 
     def evaluate(self, *, model_type, dataset, run_id, evaluator_config, model=None, extra_metrics=None,
                  custom_artifacts=None, predictions=None, **kwargs):
+        cfg = dict(evaluator_config or {})
+        unknown = sorted(set(cfg) - CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown trojan evaluator_config key(s) {unknown}; choose from {sorted(CONFIG_KEYS)}")
+        source = _onnx_source(model, kwargs.get("model_id"), cfg)
+        with tempfile.TemporaryDirectory(prefix="trojan-eval-") as tmp:  # the download and the logged files
+            return self._evaluate(source, dataset, run_id, cfg, Path(tmp))
+
+    def _evaluate(self, source: str, dataset, run_id, cfg: dict, work: Path):
         from trojan_gate.gates.deepinspect import DeepInspect
         from trojan_gate.gates.validation import validate_heldout
 
         from .report import write_report
 
-        cfg = dict(evaluator_config or {})
-        unknown = sorted(set(cfg) - CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"unknown trojan evaluator_config key(s) {unknown}; choose from {sorted(CONFIG_KEYS)}")
-        onnx_path = _load_onnx(_onnx_source(model, kwargs.get("model_id"), cfg))
+        onnx_path = _load_onnx(source, work / "model")
         oracle = ModelOracle(onnx_path)
         x = _images(dataset.features_data, oracle.input_shape)
         y = dataset.labels_data
@@ -109,7 +114,7 @@ class TrojanEvaluator(ModelEvaluator):
         metrics = {"trojan_is_trojaned": float(result.is_trojaned), "trojan_instance_score": result.instance_score,
                    "trojan_threshold": result.threshold, "trojan_flagged_classes": float(len(result.flagged_classes)),
                    "trojan_scan_queries": float(result.queries), "trojan_scan_seconds": float(result.seconds)}
-        out = Path(tempfile.mkdtemp(prefix="trojan-eval-out-"))
+        out = work / "out"
         json_path, html_path = write_report(out, kind="scan", model_name=Path(onnx_path).name, version=None,
                                             verdict="trojaned" if result.is_trojaned else "clean", scan=result)
         artifacts = {"trojan_report": JsonEvaluationArtifact(uri=self._log(run_id, json_path))}

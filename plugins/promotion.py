@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from trojan_gate.gates.errors import TrojanGateError
 
-from .registry import fetch_onnx, resolve, tag, version_tags
+from .registry import check_registered, resolve, tag, version_tags
 
 PROMOTABLE = ("passed", "patched")
 
@@ -61,13 +61,13 @@ def verify_for_promotion(name: str, version: str | int, client: MlflowClient | N
         raise PromotionRefused(f"{ref.uri} has no run-time check (trojan_gate.check.*) or guarded model attached; "
                                "a version gated before the check.* tags must be gated again")
     try:
-        fetch_onnx(ref, client=client)  # re-hashed against the intake tag
+        check_registered(ref, client)  # re-hashed against the intake tag
         guarded = resolve(guarded_uri, client=client)
         if version_tags(guarded, client).get(tag("revoked")):
             raise PromotionRefused(f"{guarded.uri} is revoked: {version_tags(guarded, client)[tag('revoked')]}")
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=guarded.uri,
-                                                         dst_path=tempfile.mkdtemp(prefix="trojan-gate-promote-")))
-        _, signed = load_release(guarded_artifact(local, "release"), guarded_artifact(local, "signature"))
+        with tempfile.TemporaryDirectory(prefix="trojan-gate-promote-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=guarded.uri, dst_path=tmp))
+            _, signed = load_release(guarded_artifact(local, "release"), guarded_artifact(local, "signature"))
     except PromotionRefused:
         raise
     except Exception as e:

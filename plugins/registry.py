@@ -191,11 +191,11 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
                                            signature=onnx_signature(info.input_shape, info.n_classes),
                                            pip_requirements=mlflow.onnx.get_default_pip_requirements())
         checkpoint("intake.logged")
-        logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_info.model_uri,
-                                                          dst_path=tempfile.mkdtemp(prefix="trojan-gate-intake-")))
-        onnx_file, mlmodel_sha = loaded_onnx(logged)
-        if sha256_file(onnx_file) != info.sha256:
-            raise ArtifactIntegrityError("the logged MLflow model does not load the intake file")
+        with tempfile.TemporaryDirectory(prefix="trojan-gate-intake-") as tmp:
+            logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_info.model_uri, dst_path=tmp))
+            onnx_file, mlmodel_sha = loaded_onnx(logged)
+            if sha256_file(onnx_file) != info.sha256:
+                raise ArtifactIntegrityError("the logged MLflow model does not load the intake file")
         tags[tag("mlmodel_sha256")] = mlmodel_sha
         try:
             client.get_registered_model(name)
@@ -206,7 +206,7 @@ def intake_onnx(path, name: str, source: str | None = None, description: str | N
         checkpoint("intake.registered")
     ref = VersionRef(name, str(mv.version))
     try:  # read back what the registry serves and check it is the file we were given
-        fetch_onnx(ref, client=client)
+        check_registered(ref, client)
     except Exception:
         client.delete_model_version(name, mv.version)
         raise
@@ -226,10 +226,10 @@ def adopt_version(ref: VersionRef, client: MlflowClient | None = None,
     if tags.get(tag("sha256")):
         return tags
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri,
-                                                         dst_path=tempfile.mkdtemp(prefix="trojan-gate-adopt-")))
-        onnx_file, mlmodel_sha = loaded_onnx(local)
-        info = ModelOracle(onnx_file, limits=limits, deadline=deadline).probe().info
+        with tempfile.TemporaryDirectory(prefix="trojan-gate-adopt-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
+            onnx_file, mlmodel_sha = loaded_onnx(local)
+            info = ModelOracle(onnx_file, limits=limits, deadline=deadline).probe().info
     except TrojanGateError as e:
         for alias in client.get_model_version(ref.name, ref.version).aliases or []:
             client.delete_registered_model_alias(ref.name, alias)
@@ -266,9 +266,17 @@ def loaded_onnx(model_dir) -> tuple[Path, str]:
     return onnx_file, sha256_file(mlmodel)
 
 
+def check_registered(ref: VersionRef, client: MlflowClient | None = None) -> str:
+    """`fetch_onnx` into a scratch folder that is removed afterwards: raises unless the registry serves
+    the file the intake tags name; returns its sha256."""
+    with tempfile.TemporaryDirectory(prefix="trojan-gate-model-") as tmp:
+        return sha256_file(fetch_onnx(ref, dst=tmp, client=client))
+
+
 def fetch_onnx(ref: VersionRef, dst: str | None = None, client: MlflowClient | None = None) -> Path:
     """Download the version's MLflow model and return the ONNX file its MLmodel loads, verified against
-    `trojan_gate.sha256` (and the MLmodel file against `trojan_gate.mlmodel_sha256`)."""
+    `trojan_gate.sha256` (and the MLmodel file against `trojan_gate.mlmodel_sha256`). Without `dst`
+    the download goes to a new temporary folder that the caller owns (and removes)."""
     client = client or MlflowClient()
     expected = _registered_sha256(ref, client)
     dst = dst or tempfile.mkdtemp(prefix="trojan-gate-model-")

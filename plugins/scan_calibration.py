@@ -91,11 +91,11 @@ def load_registered(uri_or_ref, client: MlflowClient | None = None):
     if tags.get(tag("kind")) != KIND or not tags.get(tag("calibration.sha256")):
         raise RegistryError(f"{ref.uri} is not a registered scan calibration (tags {tag('kind')}, "
                             f"{tag('calibration.sha256')} missing)")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tempfile.mkdtemp(
-        prefix="trojan-gate-calibration-"))
     expected = tags[tag("calibration.sha256")]
-    if calibration_sha256(local) != expected:
-        raise ArtifactIntegrityError(f"{ref.uri}: the downloaded calibration does not hash to its tag {expected}")
-    cal = load_calibration(local, expected_sha256=expected)
+    with tempfile.TemporaryDirectory(prefix="trojan-gate-calibration-") as tmp:  # loaded into memory, then removed
+        local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
+        if calibration_sha256(local) != expected:
+            raise ArtifactIntegrityError(f"{ref.uri}: the downloaded calibration does not hash to its tag {expected}")
+        cal = load_calibration(local, expected_sha256=expected)
     cal.registry_uri_ = ref.uri
     return cal

@@ -1,5 +1,6 @@
 """The registry gate on a real local MLflow store: passed, blocked, patched, fail-closed, reuse, racing."""
 import json
+import tempfile
 
 import mlflow
 import pytest
@@ -9,6 +10,8 @@ from trojan_gate.gates.data import Dataset
 from trojan_gate.plugins.gate import GateConfig, run_gate
 from trojan_gate.plugins.gate import steps as gate_steps
 from trojan_gate.plugins.registry import intake_onnx, version_tags
+
+from helpers import leftover_scratch
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +121,11 @@ def test_trojaned_version_is_blocked_and_loses_its_alias(mlflow_store, trojan_on
     assert again.reused and again.verdict == "blocked" and again.exit_code == 1
 
 
-def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, trojan_onnx, heldout, cached_scan):
+def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, trojan_onnx, heldout, cached_scan,
+                                                               tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     ref = intake_onnx(trojan_onnx, "clf")
     out = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), scan_fn=cached_scan)
     assert out.verdict == "patched", (out.error, out.report.get("summary"))
@@ -135,6 +142,7 @@ def test_patch_policy_registers_a_patched_version_with_lineage(mlflow_store, tro
     assert src["trojan_gate.status"] == "superseded" and src["trojan_gate.superseded_by"] == "models:/clf/2"
     assert src["trojan_gate.verdict"] == "blocked"  # the source itself is never served
     assert _aliases("clf") == {"candidate": "2"}
+    assert leftover_scratch(scratch) == []  # the source, the patched copy and the release staging are removed
     again = run_gate(ref.uri, heldout, GateConfig(policy="patch", max_accuracy_drop=0.03), scan_fn=cached_scan)
     assert again.reused and again.verdict == "patched" and again.final == "models:/clf/2" and again.exit_code == 0
 

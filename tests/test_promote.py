@@ -1,5 +1,7 @@
 """Release approval refuses anything the gate did not pass, and any guarded release that does not verify."""
 
+import tempfile
+
 import pytest
 from mlflow import MlflowClient
 
@@ -9,10 +11,16 @@ from trojan_gate.plugins.gate import GateConfig, run_gate
 from trojan_gate.plugins.promotion import PromotionRefused, promote
 from trojan_gate.plugins.registry import intake_onnx
 
+from helpers import leftover_scratch
+
 pytestmark = pytest.mark.slow
 
 
-def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_benign, trojan_onnx, cached_scan):
+def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_benign, trojan_onnx, cached_scan,
+                                       monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where intake, gate and promotion download to
     _, test = digits
     held = Dataset(test.x, test.y)
     pending = intake_onnx(trojan_onnx, "clf")
@@ -34,6 +42,7 @@ def test_promote_refusals_and_approval(mlflow_store, tmp_path, digits, digits_be
     assert client.get_model_version("clf", good.version).tags["trojan_gate.promoted.production"] == guarded
     assert main(["promote", "clf", pending.version, "--alias", "production"]) == 1
     assert client.get_model_version_by_alias("clf-guarded", "production").version == served.version
+    assert leftover_scratch(scratch) == []  # downloads and staging are removed: a gate host's disk does not fill
 
     # an attacker with write access to the artifact store moves the threshold and re-hashes the
     # artifact so that its own integrity checks pass: the signature still refuses it

@@ -80,9 +80,11 @@ def run_gate(model_uri: str, heldout, config: GateConfig | None = None, force: b
                                    report={"summary": {k[len(tag("")):]: v for k, v in tags.items()}},
                                    report_uri=tags.get(tag("report")), reused=True)
         ensure_experiment(experiment)
-        with mlflow.start_run(run_name=f"gate-{ref.name}-v{ref.version}") as run:
+        with mlflow.start_run(run_name=f"gate-{ref.name}-v{ref.version}") as run, \
+                tempfile.TemporaryDirectory(prefix="trojan-gate-gate-", ignore_cleanup_errors=True) as workdir:
+            # the downloaded, patched and packaged files live in `workdir` and go with it
             state = GateState(ref=ref, config=config, client=client, run_id=run.info.run_id,
-                              fingerprint=fingerprint, workdir=Path(tempfile.mkdtemp(prefix="trojan-gate-gate-")),
+                              fingerprint=fingerprint, workdir=Path(workdir),
                               calibration_choice=choice, heldout_sha256=data_sha)
             return _run(state, heldout, scan_fn)
 

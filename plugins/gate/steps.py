@@ -168,7 +168,8 @@ def calibrate(state: GateState):
     from trojan_gate.gates.far_estimate import hijacking_inputs
 
     cfg, final = state.config, state.final
-    onnx_path = state.onnx_path if final == state.ref else fetch_onnx(final, client=state.client)
+    onnx_path = state.onnx_path if final == state.ref else fetch_onnx(final, dst=str(state.workdir / "final"),
+                                                                       client=state.client)
     oracle = ModelOracle(onnx_path, deadline=state.deadline, call_timeout_s=state.config.call_timeout_s)
     s = cfg.check
     det = calibrate_check(oracle, state.heldout, kind=s.kind, frr=s.frr, n_perturbations=s.n_perturbations,
