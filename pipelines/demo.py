@@ -39,6 +39,7 @@ def add_arguments(p):
     p.add_argument("--no-use-heldout", action="store_true",
                    help="scan from model inversion alone (the paper's test; faster, misses this trojan)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="gate settings file (TOML, as `gate --config`); the demo sets each gate's policy")
     p.add_argument("--server", action="store_true",
                    help="run through a real `mlflow server` on loopback (SQLite backend in WORKDIR/server)")
 
@@ -85,8 +86,22 @@ def _gate(label, ref, heldout, config, work):
     return out
 
 
+def _config(args, policy: str):
+    """The gate settings (`--config`, else the defaults) with the demo's policy for this model."""
+    from trojan_gate.plugins.gate import GateConfig
+
+    doc = GateConfig.from_toml(args.config).to_dict() if args.config else GateConfig().to_dict()
+    doc["gate"]["policy"] = policy
+    if args.no_use_heldout:
+        doc["scan"]["use_heldout"] = False
+    return GateConfig.from_dict(doc)
+
+
 def run(args) -> int:
     import contextlib
+
+    if args.config:
+        _config(args, "block")  # a bad settings file stops here, before anything is trained or written
 
     with contextlib.ExitStack() as stack:
         if args.server:
@@ -102,7 +117,6 @@ def _run(args) -> int:
 
     from trojan_gate.gates.data import Dataset
     from trojan_gate.gates.lab import LabConfig, load_lab_data, train_lab_model
-    from trojan_gate.plugins.gate import GateConfig
     from trojan_gate.plugins.registry import configure_tracking, ensure_experiment, intake_onnx, resolve, version_tags
     from trojan_gate.plugins.serving import invoke, served_model
 
@@ -150,9 +164,8 @@ def _run(args) -> int:
                                source=f"trojan-gate lab ({label}, demo third party)") for label in labs}
     for label, ref in refs.items():
         _say(f"intake: registered {ref.uri} (status {version_tags(ref)['trojan_gate.status']})")
-    scan = {"use_heldout": not args.no_use_heldout}
-    outcomes = {"benign": _gate("benign", refs["benign"], heldout, GateConfig(policy="block", scan=scan), work),
-                "trojaned": _gate("trojaned", refs["trojaned"], heldout, GateConfig(policy="patch", scan=scan), work)}
+    outcomes = {"benign": _gate("benign", refs["benign"], heldout, _config(args, "block"), work),
+                "trojaned": _gate("trojaned", refs["trojaned"], heldout, _config(args, "patch"), work)}
 
     # 4. serve the guarded model of the version the alias points at, and talk REST to it
     served = outcomes["trojaned"].final or outcomes["benign"].final

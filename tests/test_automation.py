@@ -407,12 +407,32 @@ def test_the_kubernetes_project_and_job_template_are_well_formed():
     assert local.argv("models:/m/3", "model_version_tag.set regate")[-1] == "--force"  # a regate scans again
 
 
+DEMO_SETTINGS = """
+[scan]
+n_per_class = 10
+generator_steps = 100
+
+[patch]
+soup = 1
+epochs = 10
+residual_steps = 25
+residual_restarts = 1
+residual_area_ladder = [0.08, 0.02]
+
+[check]
+kind = "strip"
+"""
+
+
 @pytest.mark.slow
 def test_the_demo_runs_through_a_real_tracking_server(tmp_path):
     """`trojan-gate demo --server`: intake, gate and guarded serving against `mlflow server` on loopback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TROJAN_GATE_"))}
+    settings = tmp_path / "gate.toml"  # small settings: this test is about the server path, not the scan's power
+    settings.write_text(DEMO_SETTINGS)
     proc = subprocess.run([sys.executable, "-m", "trojan_gate.pipelines", "demo", "--server", "--dataset", "digits",
-                           "--workdir", str(tmp_path / "demo"), "--no-use-heldout", "--requests", "40"],
+                           "--workdir", str(tmp_path / "demo"), "--no-use-heldout", "--requests", "40",
+                           "--config", str(settings)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())

@@ -85,6 +85,9 @@ def test_a_misspelt_settings_file_exits_2_naming_the_key(tmp_path, capsys):
     path.write_text("[scan\n")
     code = cli.main(["scan", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "r.json"), "--config", str(path)])
     assert code == 2 and "not valid TOML" in capsys.readouterr().err
+    path.write_text("[patch]\nsoupz = 3\n")  # the demo takes the same file and refuses it before training
+    code = cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--dataset", "digits", "--config", str(path)])
+    assert code == 2 and "'soupz'" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
 def test_gate_cli_with_a_misspelt_patch_option_exits_2_before_touching_mlflow(tmp_path, capsys, monkeypatch):
