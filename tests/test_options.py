@@ -117,3 +117,21 @@ def test_patch_benchmark_refuses_a_misspelt_or_seed_option_before_any_training(c
         err = capsys.readouterr().err
         assert code == 2
         assert f"--patch-option: unknown option(s) {name}" in err and "distill_weight" in err
+
+
+def test_the_demo_gates_with_the_defaults_unless_given_a_settings_file(tmp_path):
+    import argparse
+
+    from trojan_gate.pipelines import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    plain = parser.parse_args([])
+    for policy in ("block", "patch"):
+        assert demo._config(plain, policy).resolved() == GateConfig(policy=policy).resolved()
+    no_heldout = demo._config(parser.parse_args(["--no-use-heldout"]), "block")
+    assert no_heldout.resolved() == GateConfig(policy="block", scan={"use_heldout": False}).resolved()
+    path = tmp_path / "gate.toml"
+    path.write_text(SETTINGS)  # its policy is the file's; the demo sets each gate's own
+    chosen = demo._config(parser.parse_args(["--config", str(path)]), "block")
+    assert chosen.policy == "block" and chosen.patch == {"soup": 2} and chosen.check.frr == 0.02
