@@ -30,6 +30,7 @@ from .model_file import ModelInfo, default_providers, inspect_model
 from .watchdog import WATCHDOG
 
 DEFAULT_CALL_TIMEOUT_S = 300.0  # one ONNX Runtime call (a batch) of a hostile model cannot hang longer
+MAX_HIDDEN_FEATURES = 2048  # widest hidden layer read as evidence: its d x d covariance is inverted once per check
 
 __all__ = ["ModelInfo", "ModelOracle", "QueryLedger", "default_providers", "inspect_model", "softmax"]
 
@@ -118,6 +119,7 @@ class ModelOracle:
         self.queries = 0
         self.ledger = QueryLedger()
         self._phase = "default"
+        self._hidden = None  # (session, output name) of the hidden-output graph, built on first use
 
     # -- descriptive ----------------------------------------------------------------
     @property
@@ -195,11 +197,14 @@ class ModelOracle:
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._call(self._session, {self.info.input_name: x})
 
-    def _call(self, session, feeds: dict) -> np.ndarray:
+    def _call(self, session, feeds: dict, outputs: list | None = None):
+        """The model's answer (one array) from one bounded session call; with `outputs`, a list of those outputs."""
+        names = outputs or [self.info.output_name]
         left = self._time_left()
         if left is None:
             try:
-                return np.asarray(session.run([self.info.output_name], feeds)[0])
+                res = [np.asarray(r) for r in session.run(names, feeds)]
+                return res if outputs else res[0]
             except Exception as e:
                 self._raise_named(e)
                 raise
@@ -208,7 +213,8 @@ class ModelOracle:
         options = ort.RunOptions()
         token = WATCHDOG.arm(left, options)
         try:
-            return np.asarray(session.run([self.info.output_name], feeds, options)[0])
+            res = [np.asarray(r) for r in session.run(names, feeds, options)]
+            return res if outputs else res[0]
         except Exception as e:
             if options.terminate:
                 raise OracleTimeout(f"an ONNX Runtime call ran past its {left:.1f} s limit in phase "
@@ -282,6 +288,39 @@ class ModelOracle:
             self.queries += n_rows
             self.ledger.add(self._phase, n_rows, time.perf_counter() - t0)
         return out
+
+    def proba_and_hidden(self, x, max_features: int = MAX_HIDDEN_FEATURES) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, K), hidden features (n, d)) from the same calls: the model with the input of its
+        last dense layer exposed as a second output (`runtime.activations.hidden_output_graph`; the answers
+        are the model's own). Counted, budgeted and time-bounded like `predict_proba`; refuses (ModelOutputError)
+        features that are not one row per input or wider than `max_features`."""
+        from .runtime.activations import hidden_output_graph
+
+        x = self.check_inputs(x)
+        n = len(x)
+        if self._hidden is None:
+            graph, name = hidden_output_graph(self._bytes)
+            self._hidden = (self.wrapper_session(graph), name)
+        session, name = self._hidden
+        if self.budget is not None and self.queries + n > self.budget:
+            raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted "
+                                      f"({self.queries} used, {n} more requested in phase '{self._phase}')")
+        t0 = time.perf_counter()
+        probas, feats = [], []
+        for i in range(0, n, self.batch_size):
+            chunk = x[i:i + self.batch_size]
+            y, h = self._call(session, {self.info.input_name: chunk}, [self.info.output_name, name])
+            probas.append(self._to_proba(y, len(chunk)))
+            if h.size % len(chunk) or not 0 < h.size // len(chunk) <= max_features or \
+                    (h.ndim and h.shape[0] != len(chunk)):
+                raise ModelOutputError(f"the hidden layer {name!r} returned shape {h.shape} for {len(chunk)} inputs: "
+                                       f"not one row of at most {max_features} features per input")
+            feats.append(h.reshape(len(chunk), -1).astype(np.float64))
+        self.queries += n
+        self.ledger.add(self._phase, n, time.perf_counter() - t0)
+        if not probas:
+            return np.zeros((0, self.n_classes)), np.zeros((0, 0))
+        return np.concatenate(probas), np.concatenate(feats)
 
     def uncounted_proba(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for checked inputs x, uncounted: the project's own checks (like the admission probes)."""

@@ -21,7 +21,7 @@ def add_arguments(p):
     p.add_argument("--check", choices=("runtime", "strip"), default="runtime",
                    help="runtime: STRIP's entropy + reference disagreement (default); strip: the paper's test")
     p.add_argument("--statistics", default="entropy,reference",
-                   help="run-time check statistics, comma-separated from entropy, dispersion, reference")
+                   help="run-time check statistics, comma-separated from entropy, dispersion, reference, activation")
     p.add_argument("--frr", type=float, default=0.01, help="preset false rejection rate (default 0.01)")
     p.add_argument("--n", type=int, default=10, help="perturbations per input N (default 10)")
     p.add_argument("--blend", default=None, help="superimposition rule (default: the measured best)")

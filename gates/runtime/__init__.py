@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .check import DEFAULT_STAGES, DEFAULT_STATISTICS
-from .detector import BANK_FILE, CHECK_FILE, REFERENCE_FILE, RuntimeCheck
+from .detector import ACTIVATION_FILE, BANK_FILE, CHECK_FILE, REFERENCE_FILE, RuntimeCheck
 
 KINDS = ("runtime", "strip")
 DEFAULT_KIND = "runtime"  # the check the gate attaches and the evaluator calibrates unless told otherwise
@@ -41,10 +41,10 @@ def check_artifact_sha256(directory) -> str:
     if check_kind(directory) == "strip":
         return artifact_sha256(directory)
     names = sorted(p.name for p in directory.iterdir())
-    allowed = {CHECK_FILE, BANK_FILE, REFERENCE_FILE}
+    allowed = {CHECK_FILE, BANK_FILE, REFERENCE_FILE, ACTIVATION_FILE}
     if set(names) - allowed or not {CHECK_FILE, BANK_FILE} <= set(names):
         raise ArtifactIntegrityError(f"run-time check artifact {directory} holds {names}; expected "
-                                     f"{sorted(allowed)} (reference.onnx only with the reference statistic)")
+                                     f"{sorted(allowed)} (reference.onnx and activation.npz only with their statistics)")
     return files_sha256(directory, names, label="run-time check artifact")
 
 

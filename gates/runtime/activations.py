@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ModelLoadError, NotFittedError
+from ..errors import ModelLoadError, ModelOutputError, NotFittedError
 
 DENSE_OPS = ("Gemm", "MatMul")
 
@@ -100,7 +100,11 @@ class ClassFeatureNull:
         """-d(x): minus the Mahalanobis distance from the input's class mean (low = trojan-like)."""
         if not hasattr(self, "precision_"):
             raise NotFittedError("ClassFeatureNull is not fitted: call fit first")
-        d = np.asarray(h, np.float64) - self.means_[np.asarray(labels, np.int64)]
+        h = np.asarray(h, np.float64)
+        if h.ndim != 2 or h.shape[1] != self.means_.shape[1]:
+            raise ModelOutputError(f"hidden features of shape {h.shape} do not match the {self.means_.shape[1]} "
+                                   "features the check was calibrated on")
+        d = h - self.means_[np.asarray(labels, np.int64)]
         return -np.einsum("ij,jk,ik->i", d, self.precision_, d)
 
     def to_arrays(self) -> dict:
@@ -113,6 +117,8 @@ class ClassFeatureNull:
         """The inverse of `to_arrays`, refusing arrays whose shapes do not fit together."""
         means = np.asarray(arrays["activation_means"], np.float64)
         precision = np.asarray(arrays["activation_precision"], np.float64)
+        if not (np.isfinite(means).all() and np.isfinite(precision).all()):
+            raise ValueError("activation arrays hold NaN or infinite values")
         if means.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]):
             raise ValueError(f"activation arrays do not fit together: means {means.shape}, precision {precision.shape}")
         null = cls(float(np.asarray(arrays["activation_ridge"])))

@@ -13,7 +13,11 @@ answers it reads (all oriented so that low = trojan-like; see `evidence`):
                   the reference classifier's: a trigger hijacks the served model only, so a stamped
                   input is answered one way by the model and another by a clean reference, while
                   a clean input is answered alike (beyond the paper: a purify-and-compare check in
-                  which the "purifier" is a clean model of the same task).
+                  which the "purifier" is a clean model of the same task);
+- ``activation``  minus the Mahalanobis distance of the served model's own last hidden features from
+                  the clean mean of the class it answers (`activations`; white-box, read from the same
+                  call that answers x): a trigger drives those features where clean images of its
+                  target class never go.
 
 Combination (a one-class test on benign statistics): each statistic becomes a one-sided empirical
 p-value against the benign calibration images, p_s(x) = (#{benign <= s(x)} + 1) / (n + 1), and the
@@ -37,7 +41,7 @@ import numpy as np
 
 from .evidence import copy_statistics, js_bits
 
-STATISTICS = ("entropy", "dispersion", "reference")
+STATISTICS = ("entropy", "dispersion", "reference", "activation")
 DEFAULT_STATISTICS = ("entropy", "reference")  # dispersion: little gain, a draw-sensitive low tail (docs/experiments.md)
 DEFAULT_STAGES = (1, 3)  # copies asked before each early-stopping decision
 STAGE_QUANTILE, STAGE_MARGIN = 0.9, 1.0  # stage bound: this quantile of the flagged images' partial min-p, times margin
@@ -98,9 +102,10 @@ def check_weights(weights, statistics) -> dict | None:
     return weights
 
 
-def statistics_at(p_self, p_copies, p_ref, names) -> dict:
-    """The chosen statistics from the model's answers on x (n, K), its copies (n, k, K) and the reference's (n, K)."""
-    out = {}
+def statistics_at(p_self, p_copies, p_ref, names, activation=None) -> dict:
+    """The chosen statistics from the model's answers on x (n, K), its copies (n, k, K) and the reference's (n, K);
+    `activation` (n,) is the activation statistic, read once per input (`ClassFeatureNull.statistic`)."""
+    out = {} if activation is None else {"activation": np.asarray(activation, np.float64)}
     if "entropy" in names or "dispersion" in names:
         st = copy_statistics(p_self, p_copies)
         out.update({k: st[k] for k in ("entropy", "dispersion") if k in names})

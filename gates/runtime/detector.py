@@ -11,7 +11,10 @@ the rest is the STRIP bank and the benign calibration set. The reference is by d
 *student* distilled from the served model's probabilities on that share (`student`: it agrees
 with the model on clean inputs and ignores overlay-shaped content, so a trigger is answered
 differently); ``reference_training="labels"`` trains it on the held-out labels instead (the
-check's first design, a small CNN as the scan's reference models). All model answers go through `ModelOracle`s; the rows of every call are
+check's first design, a small CNN as the scan's reference models). With the ``activation`` statistic the
+same share fits the class means and covariance of the model's last hidden features (`activations`); the
+input's own call then returns its features with its answer (`ModelOracle.proba_and_hidden`), so the
+statistic costs no model call. All model answers go through `ModelOracle`s; the rows of every call are
 shuffled (the row order tells a batch-aware model nothing).
 """
 from __future__ import annotations
@@ -26,9 +29,10 @@ from ..detector_base import SCORE_DIRECTION, RuntimeDetector
 from ..errors import ArtifactIntegrityError
 from ..hashing import sha256_bytes, sha256_file
 from ..artifact_files import content_sha256, load_bank, utc_now, versions
+from .activations import ClassFeatureNull
 from .check import DEFAULT_STAGES, DEFAULT_STATISTICS, STATISTICS, Calibration, calibrate, check_weights, statistics_at
 
-CHECK_FILE, BANK_FILE, REFERENCE_FILE = "check.json", "bank.npy", "reference.onnx"
+CHECK_FILE, BANK_FILE, REFERENCE_FILE, ACTIVATION_FILE = "check.json", "bank.npy", "reference.onnx", "activation.npz"
 FORMAT = "trojan-gate/runtime-check"
 FORMAT_VERSION = 2  # 2: scores higher for more trojan-like inputs (s = -min p); version 1 scored min p
 REFERENCE_TRAINING = ("student", "labels")
@@ -49,8 +53,8 @@ class RuntimeCheck(RuntimeDetector):
     model : ModelOracle of the served model
     n_perturbations : N, the most superimposed copies per input
     blend : superimposition rule (STRIP's; default max)
-    statistics : which evidence to combine (subset of "entropy", "dispersion", "reference"; default
-        entropy and reference)
+    statistics : which evidence to combine (subset of "entropy", "dispersion", "reference", "activation";
+        default `check.DEFAULT_STATISTICS`)
     stages : copies asked before each early-stopping decision (empty: always N)
     reference_fraction : share of the held-out set that trains the reference classifier
     reference_training : "student" (distilled from the model's answers, no labels needed) or "labels"
@@ -58,7 +62,10 @@ class RuntimeCheck(RuntimeDetector):
     weights : {statistic: weight}, the share of the FRR budget each statistic gets in the min-p test
         (None: equal shares; see `check.weighted_min`)
     reference : an already trained reference classifier (ONNX bytes) to use instead of training one;
-        then the whole held-out set calibrates, and the reference must not have seen it
+        then the whole held-out set calibrates (unless an activation null must be fitted), and the
+        reference must not have seen it
+    activation_null : an already fitted `ClassFeatureNull` of this model's hidden features, fitted on
+        images the check does not calibrate on (like `reference`)
     seed : seeds the split, the reference's training and the draws
     """
 
@@ -66,8 +73,8 @@ class RuntimeCheck(RuntimeDetector):
 
     def __init__(self, model, n_perturbations: int = 10, blend: str = DEFAULT_BLEND, statistics=DEFAULT_STATISTICS,
                  stages=DEFAULT_STAGES, reference_fraction: float = 0.5, reference_training: str = "student",
-                 reference_epochs: int | None = None, reference=None, weights=None, seed: int = 0,
-                 progress: bool = True):
+                 reference_epochs: int | None = None, reference=None, activation_null=None, weights=None,
+                 seed: int = 0, progress: bool = True):
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown:
             raise ValueError(f"unknown statistic(s) {unknown}; choose from {STATISTICS}")
@@ -82,6 +89,7 @@ class RuntimeCheck(RuntimeDetector):
         self.reference_training = reference_training
         self.reference_epochs = None if reference_epochs is None else int(reference_epochs)
         self.reference = reference
+        self.activation_null = activation_null
         self.weights = check_weights(weights, self.statistics)
         self.seed = int(seed)
         self.progress = progress
@@ -110,13 +118,23 @@ class RuntimeCheck(RuntimeDetector):
         return None if values is None else -leave_one_out_min_p(values[self.n_perturbations], self.weights)
 
     # -- answers ------------------------------------------------------------------------
+    def _self_answers(self, x):
+        """(p_self (n, K), activation statistic (n,)) from one counted call on x with the hidden output, or
+        (None, None) without the activation statistic (then x is asked with its copies)."""
+        if "activation" not in self.statistics:
+            return None, None
+        p_self, h = self.model.proba_and_hidden(x)
+        return p_self, self.activation_null_.statistic(h, p_self.argmax(axis=1))
+
     def _stage_statistics(self, x, exclude=None) -> dict:
         """{stage: {statistic: (n,)}} for every stage and N, asking every copy (calibration)."""
         idx = self.copies_.draw_indices(x, exclude)
-        p_self, p_copies = self.copies_.ask(self.model, x, idx, self._order)
+        p_self, act = self._self_answers(x)
+        p_first, p_copies = self.copies_.ask(self.model, x, idx, self._order, with_self=p_self is None)
+        p_self = p_first if p_self is None else p_self
         big_n = self.n_perturbations
         p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
-        return {s: statistics_at(p_self, p_copies[:, :s], p_ref, self.statistics) for s in (*self.stages, big_n)}
+        return {s: statistics_at(p_self, p_copies[:, :s], p_ref, self.statistics, act) for s in (*self.stages, big_n)}
 
     # -- estimator ----------------------------------------------------------------------
     def fit(self, heldout_x, heldout_y=None) -> "RuntimeCheck":
@@ -134,7 +152,8 @@ class RuntimeCheck(RuntimeDetector):
         y = np.zeros(len(x), np.int64) if heldout_y is None else np.asarray(heldout_y).reshape(-1)
         perm = np.random.default_rng([self.seed, 3]).permutation(len(x))
         train_ref = "reference" in self.statistics and self.reference is None
-        n_ref = int(round(self.reference_fraction * len(x))) if train_ref else 0
+        fit_null = "activation" in self.statistics and self.activation_null is None
+        n_ref = int(round(self.reference_fraction * len(x))) if train_ref or fit_null else 0
         ref_idx, cal_idx = perm[:n_ref], perm[n_ref:]
         if len(cal_idx) < max(50, self.n_perturbations + 1):
             raise ValueError(f"{len(cal_idx)} calibration images are too few; give a larger held-out set")
@@ -142,15 +161,21 @@ class RuntimeCheck(RuntimeDetector):
         if "reference" in self.statistics and not train_ref:
             self.reference_bytes_ = bytes(self.reference)
             self.reference_ = ModelOracle(self.reference_bytes_)
-        if n_ref and self.reference_training == "student":
+        if train_ref and self.reference_training == "student":
             self.reference_bytes_ = distil_student(self.model, x[ref_idx], epochs=self.reference_epochs or 60,
                                                    seed=self.seed)
             self.reference_ = ModelOracle(self.reference_bytes_)
-        elif n_ref:
+        elif train_ref:
             self.reference_bytes_, self.reference_train_accuracy_ = train_reference(
                 Dataset(x[ref_idx], y[ref_idx].astype(np.int64)), self.model.n_classes,
                 epochs=self.reference_epochs or 40, seed=self.seed)
             self.reference_ = ModelOracle(self.reference_bytes_)
+        if "activation" in self.statistics:
+            self.activation_null_ = self.activation_null
+            if fit_null:  # the model's features on the reference share, under its own labels
+                with self.model.phase("check-fit"):
+                    p_fit, h_fit = self.model.proba_and_hidden(x[ref_idx])
+                self.activation_null_ = ClassFeatureNull().fit(h_fit, p_fit.argmax(axis=1), self.model.n_classes)
         _attach_bank(self, np.ascontiguousarray(x[cal_idx]))
         self.model_sha256_ = self.model.sha256
         self.created_at_ = utc_now()
@@ -188,6 +213,7 @@ class RuntimeCheck(RuntimeDetector):
         n, big_n, cal = len(x), self.n_perturbations, self.calibration_
         idx = self.copies_.draw_indices(x)  # copies are built stage by stage, only for inputs still asked
         p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
+        p_known, act = self._self_answers(x)  # with the activation statistic, x's own call returns its features
         answers = {}
         score = np.ones(n)
         used = np.zeros(n, dtype=np.int64)
@@ -198,15 +224,17 @@ class RuntimeCheck(RuntimeDetector):
             for stage in (*(self.stages if adaptive else ()), big_n):
                 first = asked == 0
                 xs = x if first else x[live]  # every input is live at the first stage
-                p_self, p_copies = self.copies_.ask(self.model, xs, idx[live, asked:stage], self._order, with_self=first)
+                p_self, p_copies = self.copies_.ask(self.model, xs, idx[live, asked:stage], self._order,
+                                                    with_self=first and p_known is None)
                 if first:
+                    p_self = p_self if p_known is None else p_known
                     answers["self"], answers["copies"] = p_self, p_copies
                     proba[:] = p_self
                 else:
                     answers["copies"] = np.concatenate([answers["copies"], p_copies], axis=1)
                 asked, used[live] = stage, stage
-                values = statistics_at(answers["self"], answers["copies"],
-                                       None if p_ref is None else p_ref[live], self.statistics)
+                values = statistics_at(answers["self"], answers["copies"], None if p_ref is None else p_ref[live],
+                                       self.statistics, None if act is None else act[live])
                 partial = cal.combined(stage, values)
                 score[live] = partial
                 if stage == big_n:
@@ -241,7 +269,8 @@ class RuntimeCheck(RuntimeDetector):
 
     # -- artifact -----------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """check.json (everything the decision uses) + bank.npy + reference.onnx, hashed like STRIP's artifact."""
+        """check.json (everything the decision uses) + bank.npy + reference.onnx + activation.npz (the class
+        means and precision of the hidden features, plain arrays), hashed like STRIP's artifact."""
         self.check_threshold()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -256,6 +285,10 @@ class RuntimeCheck(RuntimeDetector):
         if self.reference_bytes_ is not None:
             (directory / REFERENCE_FILE).write_bytes(self.reference_bytes_)
             doc["reference_sha256"] = sha256_bytes(self.reference_bytes_)
+        if "activation" in self.statistics:
+            with (directory / ACTIVATION_FILE).open("wb") as f:
+                np.savez(f, **self.activation_null_.to_arrays())
+            doc["activation_sha256"] = sha256_file(directory / ACTIVATION_FILE)
         doc["integrity"] = {"content_sha256": content_sha256(doc)}
         (directory / CHECK_FILE).write_text(json.dumps(doc, sort_keys=True))
         return directory
@@ -285,6 +318,8 @@ class RuntimeCheck(RuntimeDetector):
                   (intact(BANK_FILE, doc.get("bank_sha256")), "bank.npy is missing or was modified")]
         if "reference" in (doc.get("statistics") or ()):
             checks.append((intact(REFERENCE_FILE, doc.get("reference_sha256")), "reference.onnx was modified"))
+        if "activation" in (doc.get("statistics") or ()):
+            checks.append((intact(ACTIVATION_FILE, doc.get("activation_sha256")), f"{ACTIVATION_FILE} was modified"))
         for ok, why in checks:
             if not ok:
                 raise ArtifactIntegrityError(f"runtime check artifact refused: {why}")
@@ -309,5 +344,20 @@ class RuntimeCheck(RuntimeDetector):
         if "reference" in det.statistics:
             det.reference_bytes_ = (directory / REFERENCE_FILE).read_bytes()
             det.reference_ = ModelOracle(det.reference_bytes_)
+        if "activation" in det.statistics:
+            det.activation_null_ = _load_activation_null(directory / ACTIVATION_FILE, model.n_classes)
         det.threshold_ = -det.calibration_.threshold
         return det
+
+
+def _load_activation_null(path: Path, n_classes: int) -> ClassFeatureNull:
+    """The saved class means and precision (plain arrays, no pickles), refused unless one mean per class."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            null = ClassFeatureNull.from_arrays({k: arrays[k] for k in arrays.files})
+    except (OSError, KeyError, ValueError) as e:
+        raise ArtifactIntegrityError(f"runtime check artifact refused: {ACTIVATION_FILE} is unreadable: {e}") from e
+    if null.means_.shape[0] != n_classes:
+        raise ArtifactIntegrityError(f"runtime check artifact refused: {ACTIVATION_FILE} has {null.means_.shape[0]} "
+                                     f"class means for a model of {n_classes} classes")
+    return null

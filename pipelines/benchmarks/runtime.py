@@ -11,7 +11,11 @@ Per detector: measured FRR on clean inputs, FAR on stamped inputs the trojan rea
   from the model (`gates.runtime.student`), min-p combined, adaptive N; `check, full N` without
   early stopping;
 - `check (labels)` the check's first design: its reference trained on the held-out labels;
-- each statistic alone (`entropy`; `reference`, the student disagreement).
+- each statistic alone (`entropy`; `reference`, the student disagreement; `activation`, the model's
+  own hidden features against their clean class means, fitted on the half that distils the student).
+
+`--statistics` sets the check's evidence (default the product's, `check.DEFAULT_STATISTICS`); the
+labels reference check uses the same statistics with its reference swapped.
 
 Beside the rates: the student's agreement with the model on clean inputs and its own attack success
 on the stamped inputs (what it inherited). Every (model, seed, settings) result is cached in
@@ -32,8 +36,8 @@ from .timing import interleaved_medians
 from .zoo import RUNTIME_MODELS
 
 HELP = "the run-time check (entropy + distilled-student disagreement, adaptive N) against STRIP, per trigger kind"
-DETECTORS = ("STRIP", "check", "check, full N", "check (labels)", "entropy", "reference")
-RESULT_FORMAT = 1
+DETECTORS = ("STRIP", "check", "check, full N", "check (labels)", "entropy", "reference", "activation")
+RESULT_FORMAT = 2  # 2: the check's statistics in the key; the activation statistic alone
 
 
 def default_vendor_models() -> list:
@@ -58,6 +62,8 @@ def add_arguments(p):
     p.add_argument("--zoo-dir", default=str(cache / "vendor-zoo"), help="vendor: cache of the trained test zoo")
     p.add_argument("--n-eval", type=int, default=2000, help="clean and stamped evaluation inputs (each)")
     p.add_argument("--frr", type=float, default=0.01)
+    p.add_argument("--statistics", default=None, metavar="entropy,reference,...",
+                   help="the check's statistics (default: the product's)")
     p.add_argument("--weights", default=None, metavar="entropy=W,reference=W",
                    help="the check's FRR budget split (default: equal shares, the plain min-p test)")
     p.add_argument("--seed", type=int, default=0, help="split and detector seed (and lab training seed)")
@@ -74,11 +80,14 @@ def _rates(flags_clean, flags_troj) -> tuple[float, float]:
 def evaluate(subject, labels_reference: bytes, args) -> dict:
     """Every detector's FRR / FAR / calls on one subject (see the module doc)."""
     from trojan_gate.gates import ModelOracle, Strip
+    from trojan_gate.gates.runtime.activations import ClassFeatureNull
     from trojan_gate.gates.runtime.detector import RuntimeCheck
     from trojan_gate.gates.runtime.student import distil_student
 
     oracle = ModelOracle(subject.onnx)
     (ref_x, _), (cal_x, cal_y) = subject.halves()
+    p_ref, h_ref = oracle.proba_and_hidden(ref_x)
+    null = ClassFeatureNull().fit(h_ref, p_ref.argmax(axis=1), oracle.n_classes)
     x_clean = subject.clean_x
     effective = np.isin(oracle.predict(subject.stamped_x), subject.targets)
     x_eff = subject.stamped_x[effective]
@@ -94,11 +103,12 @@ def evaluate(subject, labels_reference: bytes, args) -> dict:
     strip = Strip(oracle, n_perturbations=10, seed=args.seed, progress=False).fit(subject.held_x).infer_threshold(args.frr)
     out["STRIP"] = (*_rates(strip.score(x_clean) >= strip.threshold_, strip.score(x_eff) >= strip.threshold_), 11.0, 11.0)
     weights = parse_weights(getattr(args, "weights", None))
-    runs = [("check", ("entropy", "reference"), student), ("check (labels)", ("entropy", "reference"), labels_reference),
-            ("entropy", ("entropy",), None), ("reference", ("reference",), student)]
+    stats = check_statistics(args)
+    runs = [("check", stats, student), ("check (labels)", stats, labels_reference),
+            ("entropy", ("entropy",), None), ("reference", ("reference",), student), ("activation", ("activation",), None)]
     for name, stats, reference in runs:
         rc = RuntimeCheck(oracle, statistics=stats, seed=args.seed, reference=reference, progress=False,
-                          weights=weights if name == "check" else None)
+                          activation_null=null, weights=weights if name.startswith("check") else None)
         rc.fit(cal_x, cal_y).infer_threshold(args.frr)
         modes = (("", True), (", full N", False)) if name in ("check", "check (labels)") else (("", False),)
         for suffix, adaptive in modes:
@@ -133,6 +143,14 @@ def throughput(subject, args, repeats: int = 10) -> dict:
     return {"speed": speed, "calls": calls}
 
 
+def check_statistics(args) -> tuple:
+    """The check's statistics: --statistics, or the product's default."""
+    from trojan_gate.gates.runtime.check import DEFAULT_STATISTICS
+
+    text = getattr(args, "statistics", None)
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else tuple(DEFAULT_STATISTICS)
+
+
 def parse_weights(text: str | None) -> dict | None:
     """'entropy=0.1,reference=0.9' -> {"entropy": 0.1, "reference": 0.9}; None stays None."""
     if not text:
@@ -148,6 +166,7 @@ def _key(subject, args) -> str:
 
     return json.dumps({"format": RESULT_FORMAT, "zoo": args.zoo, "model": sha256_bytes(subject.onnx)[:16],
                        "seed": args.seed, "frr": args.frr, "n_eval": args.n_eval, "n_heldout": len(subject.held_x),
+                       "statistics": list(check_statistics(args)),
                        **({"weights": parse_weights(args.weights)} if getattr(args, "weights", None) else {})}, sort_keys=True)
 
 
@@ -187,10 +206,14 @@ def run(args) -> int:
 def command(args) -> str:
     if args.zoo == "vendor":
         models = "" if args.models == ",".join(default_vendor_models()) else f" --models {args.models}"
-        weights = f" --weights {args.weights}" if getattr(args, "weights", None) else ""
-        return f"trojan-gate benchmark strip --zoo vendor{models}{weights} --seed {args.seed}"
+        return f"trojan-gate benchmark strip --zoo vendor{models}{_check_options(args)} --seed {args.seed}"
     return (f"trojan-gate benchmark strip --triggers {args.triggers} --archs {args.archs} --epochs {args.epochs} "
-            f"--heldout {args.heldout} --seed {args.seed}")
+            f"--heldout {args.heldout}{_check_options(args)} --seed {args.seed}")
+
+
+def _check_options(args) -> str:
+    stats = f" --statistics {args.statistics}" if getattr(args, "statistics", None) else ""
+    return stats + (f" --weights {args.weights}" if getattr(args, "weights", None) else "")
 
 
 def markdown(rows, speed, args) -> str:
