@@ -118,3 +118,25 @@ def test_features_of_another_width_and_models_without_a_dense_layer_are_refused(
     oracle = ModelOracle(path)
     with pytest.raises(ModelLoadError, match="no Gemm or MatMul"):
         oracle.proba_and_hidden(np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_a_model_without_a_dense_layer_gets_the_check_without_activations_and_says_so(digits, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from trojan_gate.gates.data import Dataset
+    from trojan_gate.gates.runtime import calibrate_check
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
+                               helper.make_node("Softmax", ["m"], ["y"], axis=1)], "g", [x], [y])
+    path = tmp_path / "no-dense.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    oracle = ModelOracle(path)
+    _, test = digits
+    heldout = Dataset(test.x[:400], test.y[:400] % 8)
+    det = calibrate_check(oracle, heldout, statistics=("entropy", "activation"), frr=0.05)
+    assert det.statistics == ("entropy",) and det.describe()["activation"].startswith("not used: the model has no Gemm")
+    with pytest.raises(ModelLoadError, match="no Gemm or MatMul"):
+        calibrate_check(oracle, heldout, statistics=("activation",), frr=0.05)

@@ -73,9 +73,31 @@ def calibrate_check(oracle, heldout, kind: str = DEFAULT_KIND, frr: float = 0.01
         return calibrate_strip(oracle, heldout, frr=frr, n_perturbations=n_perturbations, blend=blend, seed=seed,
                                min_per_class=min_per_class)
     validate_heldout(heldout.x, heldout.y, oracle.input_shape, oracle.n_classes, min_per_class=min_per_class)
+    statistics, without = usable_statistics(oracle, statistics)
     det = RuntimeCheck(oracle, n_perturbations=n_perturbations, blend=blend or DEFAULT_BLEND, statistics=statistics,
                        stages=stages, seed=seed, progress=False)
+    if without:
+        det.extra["activation"] = without
     return det.fit(heldout.x, heldout.y).infer_threshold(frr)
+
+
+def usable_statistics(oracle, statistics) -> tuple[tuple, str | None]:
+    """(statistics, None), or without "activation" and the reason where the model has no last dense layer whose
+    input can be read (`activations.hidden_output_graph`): the check then runs on the rest and says so."""
+    from ..errors import ModelLoadError
+    from .activations import hidden_output_graph
+
+    statistics = tuple(statistics)
+    if "activation" not in statistics:
+        return statistics, None
+    try:
+        hidden_output_graph(oracle.model_bytes)
+    except ModelLoadError as e:
+        rest = tuple(s for s in statistics if s != "activation")
+        if not rest:
+            raise
+        return rest, f"not used: {e}"
+    return statistics, None
 
 
 def describe(det) -> dict:

@@ -265,7 +265,8 @@ class RuntimeCheck(RuntimeDetector):
                 "n_calibration": int(len(self.bank_)), "score_direction": SCORE_DIRECTION,
                 "statistics": list(self.statistics), "stages": list(self.stages), "realised_frr": cal.realised_frr,
                 "reference_training": self.reference_training if "reference" in self.statistics else None,
-                "weights": self.weights, "frr_interval": list(cal.frr_interval), "stage_bounds": {str(k): v for k, v in cal.stage_bounds.items()}}
+                "weights": self.weights, "frr_interval": list(cal.frr_interval), "stage_bounds": {str(k): v for k, v in cal.stage_bounds.items()},
+                **({"activation": self.extra["activation"]} if "activation" in self.extra else {})}
 
     # -- artifact -----------------------------------------------------------------------
     def save(self, directory) -> Path:
