@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from trojan_gate.gates.runtime.check import DEFAULT_STATISTICS
+
 from . import keys
 
 HELP = "calibrate the run-time check (file → artifact dir; models:/NAME/VERSION → attached + guarded model)"
@@ -20,7 +22,7 @@ def add_arguments(p):
     p.add_argument("--heldout", required=True, help="held-out labelled data: .npz (x, y) or an image folder")
     p.add_argument("--check", choices=("runtime", "strip"), default="runtime",
                    help="runtime: STRIP's entropy + reference disagreement (default); strip: the paper's test")
-    p.add_argument("--statistics", default="entropy,reference",
+    p.add_argument("--statistics", default=",".join(DEFAULT_STATISTICS),
                    help="run-time check statistics, comma-separated from entropy, dispersion, reference, activation")
     p.add_argument("--frr", type=float, default=0.01, help="preset false rejection rate (default 0.01)")
     p.add_argument("--n", type=int, default=10, help="perturbations per input N (default 10)")

@@ -137,8 +137,12 @@ def test_the_run_time_benchmark_measures_every_detector_and_the_students_inherit
     for d in DETECTORS:
         frr, far, calls_clean, calls_stamped = r[d]
         assert 0.0 <= frr <= 1.0 and 0.0 <= far <= 1.0 and 1.0 <= calls_clean <= 11.0
-    assert r["check, full N"][2] == 11.0 and r["check"][2] < 11.0  # adaptive N asks fewer copies of clean inputs
-    assert r["check"][1] <= 0.1, r["check"]  # the digits patch is caught
+    assert r["check"][2] == r["check, full N"][2] == 1.0  # the default check asks no copies: one call per input
+    assert r["entropy"][2] == 11.0  # STRIP's entropy: the input and its N = 10 copies
+    # the digits patch is caught: 83% at FRR 8.7% measured, from 150 reference and 150 calibration images (the
+    # features' class means rest on 15 images per class here; the vendor-like zoo fits them on 2,500)
+    assert r["check"][1] <= 0.25 and r["check"][0] <= 0.15, r["check"]
+    assert r["check (labels)"][1] <= 0.25 and r["activation"][1] <= 0.35, (r["check (labels)"], r["activation"])
     assert 0.0 <= r["student_asr"] <= 1.0 and r["student_agreement"] >= 0.8
     text = markdown([r], None, args)
     assert "| patch | small | digits-patch |" in text and "student: agreement / ASR" in text

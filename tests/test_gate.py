@@ -44,7 +44,7 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     assert {"report/trojan_report.html", "report/trojan_report.json"} <= files
     # the run-time check beyond STRIP by default, at the measured best (rule max, N = 10); the estimated
     # FAR is reported, never used to pick
-    assert tags["trojan_gate.check.kind"] == "runtime" and tags["trojan_gate.check.rule"] == "min-p(entropy,reference)"
+    assert tags["trojan_gate.check.kind"] == "runtime" and tags["trojan_gate.check.rule"] == "min-p(reference,activation)"
     boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.check.artifact_uri"] + "/check.json"))
     assert (boundary["blend"], boundary["n_perturbations"], boundary["stages"]) == ("max", 10, [1, 3])
     assert "estimated_far" in boundary["extra"] and boundary["frr_interval"][0] <= boundary["realised_frr"]

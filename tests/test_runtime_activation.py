@@ -138,5 +138,25 @@ def test_a_model_without_a_dense_layer_gets_the_check_without_activations_and_sa
     heldout = Dataset(test.x[:400], test.y[:400] % 8)
     det = calibrate_check(oracle, heldout, statistics=("entropy", "activation"), frr=0.05)
     assert det.statistics == ("entropy",) and det.describe()["activation"].startswith("not used: the model has no Gemm")
+    det = calibrate_check(oracle, heldout, statistics=("reference", "activation"), frr=0.05)
+    assert det.statistics == ("entropy", "reference") and "entropy, reference decide instead" in det.describe()["activation"]
     with pytest.raises(ModelLoadError, match="no Gemm or MatMul"):
         calibrate_check(oracle, heldout, statistics=("activation",), frr=0.05)
+
+
+def test_the_default_check_asks_the_model_once_per_input(with_activation, digits_trojan):
+    from trojan_gate.gates.runtime.check import DEFAULT_STATISTICS
+
+    _, oracle, _, test = with_activation
+    det = RuntimeCheck(oracle, seed=0, progress=False).fit(test.x[:300], test.y[:300]).infer_threshold(0.05)
+    assert det.statistics == DEFAULT_STATISTICS == ("reference", "activation") and det.stages == ()
+    x = test.x[300:]
+    before = oracle.queries
+    out = det.predict(x)["data"]
+    assert (out["model_calls"] == 1).all() and oracle.queries - before == len(x)  # no superimposed copies
+    assert (out["reference_calls"] == 1).all() and np.array_equal(out["proba"], oracle.predict_proba(x))
+    stamped = digits_trojan.stamp(x[test.y[300:] != 3])
+    stamped = stamped[oracle.predict(stamped) == 3]
+    caught, false_alarms = det.predict(stamped)["data"]["is_trojaned"].mean(), out["is_trojaned"].mean()
+    assert caught >= 0.9 and false_alarms <= 0.15, (caught, false_alarms)
+    assert np.array_equal(det.predict(x, adaptive=False)["data"]["instance_score"], out["instance_score"])

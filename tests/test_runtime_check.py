@@ -54,8 +54,8 @@ def fitted(digits, digits_trojan, tmp_path_factory):
     _, test = digits
     model = digits_trojan.save(tmp_path_factory.mktemp("rc") / "m.onnx")
     oracle = ModelOracle(model)
-    det = RuntimeCheck(oracle, n_perturbations=10, seed=0, progress=False)
-    det.fit(test.x[:300], test.y[:300]).infer_threshold(0.05)
+    det = RuntimeCheck(oracle, n_perturbations=10, statistics=("entropy", "reference"), seed=0, progress=False)
+    det.fit(test.x[:300], test.y[:300]).infer_threshold(0.05)  # the copies' path: entropy beside the student
     return det, oracle, model, test
 
 
@@ -212,8 +212,8 @@ def test_weights_split_the_frr_budget_and_equal_weights_are_the_plain_min_p():
 
 def test_a_weighted_check_round_trips(fitted, tmp_path):
     det, oracle, model, test = fitted
-    w = RuntimeCheck(oracle, n_perturbations=10, reference=det.reference_bytes_, weights={"entropy": 0.1, "reference": 0.9},
-                     seed=0, progress=False).fit(test.x[150:300], test.y[150:300]).infer_threshold(0.05)
+    w = RuntimeCheck(oracle, n_perturbations=10, statistics=("entropy", "reference"), reference=det.reference_bytes_,
+                     weights={"entropy": 0.1, "reference": 0.9}, seed=0, progress=False).fit(test.x[150:300], test.y[150:300]).infer_threshold(0.05)
     again = RuntimeCheck.load(w.save(tmp_path / "w"), ModelOracle(model))
     assert again.weights == {"entropy": 0.1, "reference": 0.9} and again.describe()["weights"] == again.weights
     x = test.x[300:360]

@@ -83,7 +83,8 @@ def calibrate_check(oracle, heldout, kind: str = DEFAULT_KIND, frr: float = 0.01
 
 def usable_statistics(oracle, statistics) -> tuple[tuple, str | None]:
     """(statistics, None), or without "activation" and the reason where the model has no last dense layer whose
-    input can be read (`activations.hidden_output_graph`): the check then runs on the rest and says so."""
+    input can be read (`activations.hidden_output_graph`): the check then runs on the rest (with STRIP's entropy
+    where no copy statistic is left) and says so."""
     from ..errors import ModelLoadError
     from .activations import hidden_output_graph
 
@@ -96,7 +97,9 @@ def usable_statistics(oracle, statistics) -> tuple[tuple, str | None]:
         rest = tuple(s for s in statistics if s != "activation")
         if not rest:
             raise
-        return rest, f"not used: {e}"
+        if not {"entropy", "dispersion"} & set(rest):  # STRIP's entropy takes its place (the check's first design)
+            rest = ("entropy",) + rest
+        return rest, f"not used: {e}; {', '.join(rest)} decide instead"
     return statistics, None
 
 

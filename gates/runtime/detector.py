@@ -84,7 +84,8 @@ class RuntimeCheck(RuntimeDetector):
         self.n_perturbations = int(n_perturbations)
         self.blend = blend
         self.statistics = tuple(statistics)
-        self.stages = tuple(sorted(int(s) for s in stages if 0 < int(s) < int(n_perturbations)))
+        self.stages = tuple(sorted(int(s) for s in stages if 0 < int(s) < int(n_perturbations))) \
+            if self.asks_copies else ()
         self.reference_fraction = float(reference_fraction)
         self.reference_training = reference_training
         self.reference_epochs = None if reference_epochs is None else int(reference_epochs)
@@ -96,6 +97,12 @@ class RuntimeCheck(RuntimeDetector):
         self.threshold_ = None
         self.extra = {}  # notes recorded with the artifact (e.g. the gate's estimated FAR)
         self._order = np.random.default_rng()
+
+    @property
+    def asks_copies(self) -> bool:
+        """Whether a statistic reads superimposed copies (entropy, dispersion); without one the model is asked
+        once per input and N and the stages play no part."""
+        return bool({"entropy", "dispersion"} & set(self.statistics))
 
     @property
     def rule(self) -> str:
@@ -119,21 +126,23 @@ class RuntimeCheck(RuntimeDetector):
 
     # -- answers ------------------------------------------------------------------------
     def _self_answers(self, x):
-        """(p_self (n, K), activation statistic (n,)) from one counted call on x with the hidden output, or
-        (None, None) without the activation statistic (then x is asked with its copies)."""
-        if "activation" not in self.statistics:
-            return None, None
-        p_self, h = self.model.proba_and_hidden(x)
-        return p_self, self.activation_null_.statistic(h, p_self.argmax(axis=1))
+        """(p_self (n, K), activation statistic (n,) or None) from one counted call on x (with the hidden output
+        for the activation statistic), or (None, None) where x is asked together with its copies."""
+        if "activation" in self.statistics:
+            p_self, h = self.model.proba_and_hidden(x)
+            return p_self, self.activation_null_.statistic(h, p_self.argmax(axis=1))
+        return (None, None) if self.asks_copies else (self.model.predict_proba(x), None)
 
     def _stage_statistics(self, x, exclude=None) -> dict:
         """{stage: {statistic: (n,)}} for every stage and N, asking every copy (calibration)."""
-        idx = self.copies_.draw_indices(x, exclude)
+        big_n = self.n_perturbations
         p_self, act = self._self_answers(x)
+        p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
+        if not self.asks_copies:
+            return {big_n: statistics_at(p_self, None, p_ref, self.statistics, act)}
+        idx = self.copies_.draw_indices(x, exclude)
         p_first, p_copies = self.copies_.ask(self.model, x, idx, self._order, with_self=p_self is None)
         p_self = p_first if p_self is None else p_self
-        big_n = self.n_perturbations
-        p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
         return {s: statistics_at(p_self, p_copies[:, :s], p_ref, self.statistics, act) for s in (*self.stages, big_n)}
 
     # -- estimator ----------------------------------------------------------------------
@@ -211,9 +220,15 @@ class RuntimeCheck(RuntimeDetector):
         self.check_threshold()
         x = self.model.check_inputs(x)
         n, big_n, cal = len(x), self.n_perturbations, self.calibration_
-        idx = self.copies_.draw_indices(x)  # copies are built stage by stage, only for inputs still asked
         p_ref = self.reference_.predict_proba(x) if "reference" in self.statistics else None
-        p_known, act = self._self_answers(x)  # with the activation statistic, x's own call returns its features
+        with self.model.phase("check"):
+            p_known, act = self._self_answers(x)  # with the activation statistic, x's own call returns its features
+        if not self.asks_copies:  # one call per input: its answer (and features) and the reference's
+            values = statistics_at(p_known, None, p_ref, self.statistics, act)
+            return {"proba": p_known, "instance_score": -cal.combined(big_n, values),
+                    "model_calls": np.ones(n, dtype=np.int64),
+                    "reference_calls": np.full(n, int(p_ref is not None), dtype=np.int64)}
+        idx = self.copies_.draw_indices(x)  # copies are built stage by stage, only for inputs still asked
         answers = {}
         score = np.ones(n)
         used = np.zeros(n, dtype=np.int64)

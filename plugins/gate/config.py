@@ -23,9 +23,9 @@ A settings file in ModelScan's habit (`trojan-gate gate ... --config trojan-gate
     soup = 4                  # any Patcher parameter
 
     [check]
-    kind = "runtime"          # runtime (entropy + reference disagreement, gates.runtime) | strip (the paper)
-    statistics = ["entropy", "reference"]
-    stages = [1, 3]           # adaptive N: copies asked before each early accept (those >= N are ignored)
+    kind = "runtime"          # runtime (student disagreement + hidden features, gates.runtime) | strip (the paper)
+    statistics = ["reference", "activation"]  # add "entropy" for STRIP's copies beside them
+    stages = [1, 3]           # adaptive N with a copy statistic: copies asked before each early accept
     frr = 0.01
     n_perturbations = 10
     blend = "max"
