@@ -6,7 +6,7 @@
     result = DeepInspect(cutoff=2.0, seed=0).scan(oracle, heldout=(x, y))
     strip = Strip(oracle, n_perturbations=10).fit(x).infer_threshold(frr=0.01)
     strip.predict(x_new)  # {"data": {"instance_score", "is_trojaned", "threshold"}, "meta": {...}}
-    check = RuntimeCheck(oracle).fit(x, y).infer_threshold(frr=0.01)  # entropy + reference, adaptive N
+    check = RuntimeCheck(oracle).fit(x, y).infer_threshold(frr=0.01)  # student + hidden features, one call per input
 
 - `ModelOracle`: batched, counted class-probability queries to an ONNX model (ONNX Runtime);
 - `DeepInspect`: the black-box trojan scan (Chen et al., IJCAI'19) returning a `ScanResult`;

@@ -2,8 +2,8 @@
 
 The guard holds a served model's oracle and a fitted detector (the run-time check the gate attaches,
 or STRIP as in the paper) and asks the detector's `predict` (the contract of `detector_base`): the
-labels come from the same calls that score the inputs (each input travels with its copies, rows in
-a fresh random order, so a model whose answer depends on a row's position cannot tell the client's
+labels come from the same calls that score the inputs (each input travels with its copies where the
+detector asks copies, rows in a fresh random order, so a model whose answer depends on a row's position cannot tell the client's
 input from its copies). Admission already refuses models whose answers depend on the batch; this
 is the second line. `trojan-gate check` and the served guarded model both predict through this class.
 """
@@ -60,8 +60,12 @@ class GuardedClassifier:
         return cls(oracle, detector, policy=policy, chunk_size=chunk_size)
 
     def warm(self) -> "GuardedClassifier":
-        """Build the detector's copies graph now (`copies_graph`), so the first request does not pay for it."""
-        self.detector.copies_.graph_for(self.oracle)
+        """Build what the detector's calls need now (the copies graph of `copies_graph`, the hidden-output session
+        of the activation statistic), so the first request does not pay for it."""
+        if getattr(self.detector, "asks_copies", True):
+            self.detector.copies_.graph_for(self.oracle)
+        if "activation" in getattr(self.detector, "statistics", ()):
+            self.oracle.hidden_session()
         return self
 
     @property

@@ -289,19 +289,24 @@ class ModelOracle:
             self.ledger.add(self._phase, n_rows, time.perf_counter() - t0)
         return out
 
+    def hidden_session(self):
+        """(session, output name) of the model with its last dense layer's input exposed, built once (refused
+        with ModelLoadError where there is no such layer: `runtime.activations.hidden_output_graph`)."""
+        from .runtime.activations import hidden_output_graph
+
+        if self._hidden is None:
+            graph, name = hidden_output_graph(self._bytes)
+            self._hidden = (self.wrapper_session(graph), name)
+        return self._hidden
+
     def proba_and_hidden(self, x, max_features: int = MAX_HIDDEN_FEATURES) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (n, K), hidden features (n, d)) from the same calls: the model with the input of its
         last dense layer exposed as a second output (`runtime.activations.hidden_output_graph`; the answers
         are the model's own). Counted, budgeted and time-bounded like `predict_proba`; refuses (ModelOutputError)
         features that are not one row per input or wider than `max_features`."""
-        from .runtime.activations import hidden_output_graph
-
         x = self.check_inputs(x)
         n = len(x)
-        if self._hidden is None:
-            graph, name = hidden_output_graph(self._bytes)
-            self._hidden = (self.wrapper_session(graph), name)
-        session, name = self._hidden
+        session, name = self.hidden_session()
         if self.budget is not None and self.queries + n > self.budget:
             raise QueryBudgetExceeded(f"query budget of {self.budget} inputs exhausted "
                                       f"({self.queries} used, {n} more requested in phase '{self._phase}')")

@@ -3,7 +3,7 @@
     trojan-gate calibrate MODEL.onnx --heldout H.npz --frr 0.01 --n 10 --out DIR
     trojan-gate calibrate models:/NAME/VERSION --heldout H.npz     # attach + register the guarded model
 
-`--check runtime` (default): entropy + reference disagreement, one min-p test (gates.runtime);
+`--check runtime` (default): student disagreement + hidden features (`--statistics`), one min-p test (gates.runtime);
 `--check strip`: the paper's entropy test alone.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def add_arguments(p):
     p.add_argument("model", help="MODEL.onnx or models:/NAME/VERSION (or models:/NAME@ALIAS)")
     p.add_argument("--heldout", required=True, help="held-out labelled data: .npz (x, y) or an image folder")
     p.add_argument("--check", choices=("runtime", "strip"), default="runtime",
-                   help="runtime: STRIP's entropy + reference disagreement (default); strip: the paper's test")
+                   help="runtime: student disagreement + hidden features (default); strip: the paper's test")
     p.add_argument("--statistics", default=",".join(DEFAULT_STATISTICS),
                    help="run-time check statistics, comma-separated from entropy, dispersion, reference, activation")
     p.add_argument("--frr", type=float, default=0.01, help="preset false rejection rate (default 0.01)")

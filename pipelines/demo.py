@@ -4,7 +4,7 @@
    trojan (white patch, target 0), and exports them as ONNX;
 2. intake registers both (status pending);
 3. the gate scans each with black-box DeepInspect: the benign one passes, gets its run-time
-   check (STRIP's entropy + reference disagreement), a guarded model and the alias; the trojan is flagged, blocked, and (policy
+   check (student disagreement + hidden features), a guarded model and the alias; the trojan is flagged, blocked, and (policy
    `patch`) a patched copy is registered, scanned afresh and promoted in its place only if
    it is clean and within the accuracy bound;
 4. `mlflow models serve` serves the guarded model of the version that holds the alias, and

@@ -1,6 +1,6 @@
 """Attach a run-time check to a registered model version and register the signed guarded pyfunc.
 
-The check is a fitted `RuntimeCheck` (gates.runtime: entropy + reference disagreement, the
+The check is a fitted `RuntimeCheck` (gates.runtime: student disagreement + hidden features, the
 default) or a `Strip` (the paper's entropy test); both are artifacts of one directory, hashed
 whole. On the source version: the artifact is logged to an MLflow run and tagged
 (`trojan_gate.check.kind` (runtime | strip), `.threshold`, `.n`, `.frr`, `.blend`, `.rule`,

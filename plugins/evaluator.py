@@ -14,7 +14,7 @@ evaluator_config (flat when `evaluators="trojan"`): `seed` (0), `cutoff` (2.0), 
 (None), `use_heldout` (True: with labelled data the scan takes its substitute set and benign
 reference models from it; False: model inversion alone), `calibrate_check` (True when labels
 are given; `calibrate_strip`, its earlier name, is read too), `check` (the gate's default, `runtime`:
-entropy + reference disagreement; or `strip`, the paper's test), `frr` (0.01), `n_perturbations`
+student disagreement + hidden features; or `strip`, the paper's test), `frr` (0.01), `n_perturbations`
 (10), `blend`, `min_per_class` (5), `scan_options` (dict of DeepInspect options), `model_uri`
 (override where the ONNX file is read from).
 Labelled data is validated with great-expectations before any use.

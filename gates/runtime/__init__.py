@@ -1,4 +1,4 @@
-"""The run-time check beyond STRIP (entropy + reference disagreement, one calibrated min-p test).
+"""The run-time check beyond STRIP (student disagreement + hidden features by default, one calibrated min-p test).
 
 `RuntimeCheck` is the detector; `load_check` restores whichever run-time artifact a directory
 holds (this check's `check.json`, or STRIP's `boundary.json`) and `check_artifact_sha256` hashes
