@@ -105,7 +105,7 @@ class ClassFeatureNull:
             raise ModelOutputError(f"hidden features of shape {h.shape} do not match the {self.means_.shape[1]} "
                                    "features the check was calibrated on")
         d = h - self.means_[np.asarray(labels, np.int64)]
-        return -np.einsum("ij,jk,ik->i", d, self.precision_, d)
+        return -np.sum((d @ self.precision_) * d, axis=1)  # BLAS: about 5x faster than the einsum at batch 256
 
     def to_arrays(self) -> dict:
         """The fitted state as plain arrays (saved beside the check, no pickles)."""

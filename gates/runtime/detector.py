@@ -169,16 +169,16 @@ class RuntimeCheck(RuntimeDetector):
         self.reference_bytes_ = None
         if "reference" in self.statistics and not train_ref:
             self.reference_bytes_ = bytes(self.reference)
-            self.reference_ = ModelOracle(self.reference_bytes_)
+            self.reference_ = ModelOracle(self.reference_bytes_, spinning=False)
         if train_ref and self.reference_training == "student":
             self.reference_bytes_ = distil_student(self.model, x[ref_idx], epochs=self.reference_epochs or 60,
                                                    seed=self.seed)
-            self.reference_ = ModelOracle(self.reference_bytes_)
+            self.reference_ = ModelOracle(self.reference_bytes_, spinning=False)
         elif train_ref:
             self.reference_bytes_, self.reference_train_accuracy_ = train_reference(
                 Dataset(x[ref_idx], y[ref_idx].astype(np.int64)), self.model.n_classes,
                 epochs=self.reference_epochs or 40, seed=self.seed)
-            self.reference_ = ModelOracle(self.reference_bytes_)
+            self.reference_ = ModelOracle(self.reference_bytes_, spinning=False)
         if "activation" in self.statistics:
             self.activation_null_ = self.activation_null
             if fit_null:  # the model's features on the reference share, under its own labels
@@ -359,7 +359,7 @@ class RuntimeCheck(RuntimeDetector):
         det.reference_bytes_ = None
         if "reference" in det.statistics:
             det.reference_bytes_ = (directory / REFERENCE_FILE).read_bytes()
-            det.reference_ = ModelOracle(det.reference_bytes_)
+            det.reference_ = ModelOracle(det.reference_bytes_, spinning=False)
         if "activation" in det.statistics:
             det.activation_null_ = _load_activation_null(directory / ACTIVATION_FILE, model.n_classes)
         det.threshold_ = -det.calibration_.threshold

@@ -197,19 +197,24 @@ def trigger_sized_allocation(n: int = 64 * 1024**2) -> onnx.ModelProto:
     return _linear("extra", pre, inits)
 
 
-def slow_model(side: int = 1500, rounds: int = 40) -> onnx.ModelProto:
+def slow_model(side: int = 1500, rounds: int = 160) -> onnx.ModelProto:
     """A benign linear classifier that also multiplies a side x side matrix built from the input by
     itself `rounds` times (~rounds * 2 side^3 flops a call, seconds on 2 cores), adding nothing to
-    the answer: a call that runs as long as its author wants, passing every static rule."""
-    pre = [helper.make_node("ReduceMean", ["f"], ["level"], keepdims=0),
+    the answer: a call that runs as long as its author wants, passing every static rule. The matrix
+    is J / side scaled by the input's mean clipped to 1 (input-dependent, so nothing is folded at load),
+    which squares to itself: every product costs the same and none falls into slow denormal arithmetic,
+    so ONNX Runtime's terminate flag, read between nodes, is seen within one product (~25 ms)."""
+    pre = [helper.make_node("ReduceMean", ["f"], ["mean"], keepdims=0),
+           helper.make_node("Clip", ["mean", "one", "one"], ["level"]),
            helper.make_node("ConstantOfShape", ["side"], ["ones"],
-                            value=numpy_helper.from_array(np.array([1e-4], np.float32))),
+                            value=numpy_helper.from_array(np.array([1.0 / side], np.float32))),
            helper.make_node("Mul", ["ones", "level"], ["m0"])]
     for i in range(rounds):
         pre.append(helper.make_node("MatMul", [f"m{i}", f"m{i}"], [f"m{i + 1}"]))
     pre += [helper.make_node("ReduceSum", [f"m{rounds}"], ["total"], keepdims=0),
             helper.make_node("Mul", ["total", "nothing"], ["extra"])]
     inits = [numpy_helper.from_array(np.array([side, side], np.int64), "side"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
              numpy_helper.from_array(np.array(0.0, np.float32), "nothing")]
     return _linear("extra", pre, inits)
 
