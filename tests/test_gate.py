@@ -42,11 +42,12 @@ def test_benign_version_passes_gets_alias_strip_and_report(mlflow_store, tmp_pat
     assert run.data.metrics["instance_score"] <= 2.0 and "check_threshold" in run.data.metrics
     files = {f.path for f in MlflowClient().list_artifacts(out.run_id, "report")}
     assert {"report/trojan_report.html", "report/trojan_report.json"} <= files
-    # the run-time check beyond STRIP by default, at the measured best (rule max, N = 10); the estimated
-    # FAR is reported, never used to pick
+    # the run-time check beyond STRIP by default (student + hidden features: no copies, so no stages); the
+    # estimated FAR is reported, never used to pick
     assert tags["trojan_gate.check.kind"] == "runtime" and tags["trojan_gate.check.rule"] == "min-p(reference,activation)"
     boundary = json.loads(mlflow.artifacts.load_text(tags["trojan_gate.check.artifact_uri"] + "/check.json"))
-    assert (boundary["blend"], boundary["n_perturbations"], boundary["stages"]) == ("max", 10, [1, 3])
+    assert boundary["statistics"] == ["reference", "activation"] and boundary["stages"] == []
+    assert boundary["activation_sha256"] and boundary["reference_sha256"]
     assert "estimated_far" in boundary["extra"] and boundary["frr_interval"][0] <= boundary["realised_frr"]
     resolved = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_config.json"))
     assert resolved["patch"]["soup"] == 4 and resolved["scan"]["generator_steps"] == 300  # defaults filled in
