@@ -4,7 +4,9 @@ Trains the shadow pool on the held-out data alone (cached under `--cache`, so a 
 resumes), fits the query-tuned meta-classifier and sets the decision's threshold at the stated
 false-block rate on benign shadows it never trained on. `--register NAME` also logs the
 directory to MLflow and registers it as a version of NAME, found by every later gate whose
-model and held-out data match its task. Exit 0 done, 2 error.
+model and held-out data match its task. `--timeout S` stops the work after S seconds (exit 2, nothing
+written to `--out` or the registry); the cache keeps what was trained, so the same command resumes.
+Exit 0 done, 2 error.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(default_cache_dir() / "shadows"), help="shadow-model cache (resumable)")
     p.add_argument("--min-per-class", type=int, default=20, help="held-out images each class needs (default 20)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds before the calibration stops (exit 2); what was trained stays cached, so the same "
+                        "command resumes")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
@@ -42,9 +47,14 @@ def run(args) -> int:
     n_classes = int(y.max()) + 1 if y.size and np.issubdtype(y.dtype, np.integer) else 0
     validate_heldout(heldout.x, heldout.y, tuple(heldout.x.shape[1:]), max(n_classes, 2),
                      min_per_class=args.min_per_class)
+    import time
+
     families = tuple(f for f in args.families.split(",") if f)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     cal = ScanCalibration(n_shadows=args.shadows, false_block_rate=args.false_block_rate, families=families,
-                          seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout)
+                          seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout, deadline=deadline)
     save_calibration(cal, args.out)
     out = {"out": args.out, "threshold": cal.threshold_, "pool": cal.pool_, "power": cal.power_,
            "seconds": cal.seconds_}

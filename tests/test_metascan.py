@@ -204,3 +204,38 @@ def test_a_stopped_calibration_resumes_after_its_last_trained_meta_classifier(di
     sorted((tmp_path / "meta").glob("*.npz"))[0].write_bytes(b"not an npz")
     with pytest.raises(AssertionError, match="trained again"):
         ScanCalibration(**settings).fit(test)
+
+
+def test_a_calibration_past_its_deadline_stops_with_exit_2_writes_nothing_and_names_the_resume(digits, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """`calibrate-scan --timeout`: the deadline is checked between shadows and between meta-classifiers; a stopped
+    run writes no calibration, and its message says how much is cached and that the same command resumes."""
+    import time
+
+    import torch
+
+    from trojan_gate.gates.architectures import build_model
+    from trojan_gate.gates.errors import DeadlineExceeded
+    from trojan_gate.gates.metascan import ScanCalibration, calibration
+    from trojan_gate.gates.metascan.shadows import Shadow
+    from trojan_gate.pipelines.cli import main
+
+    _, test = digits
+    held, out, cache = tmp_path / "held.npz", tmp_path / "cal", tmp_path / "shadows"
+    np.savez_compressed(held, x=test.x, y=test.y)
+    args = ["calibrate-scan", "--heldout", str(held), "--out", str(out), "--shadows", "8", "--cache", str(cache),
+            "--no-progress"]
+    assert main(args + ["--timeout", "1e-9"]) == 2
+    err = capsys.readouterr().err
+    assert "0 of 8 shadow models" in err and "resume" in err
+    assert not out.exists() and not list(cache.glob("*.pt"))
+    assert main(args + ["--timeout", "0"]) == 2 and not out.exists()  # refused: not a positive number
+
+    torch.manual_seed(0)
+    pool = [Shadow({"arch": "small", "width": 8, "seed": i, "trojan": None}, build_model("small", (1, 8, 8), 10,
+                                                                                          width=8).eval(), 0.1, None, 0.0)
+            for i in range(8)]
+    monkeypatch.setattr(calibration, "build_pool", lambda *a, **k: (pool, {"kept": 8, "present": 8}))
+    cal = ScanCalibration(n_shadows=8, n_meta=2, epochs=1, cache_dir=cache, progress=False)
+    with pytest.raises(DeadlineExceeded, match="0 of 2 meta-classifiers"):
+        cal.fit(test, deadline=time.monotonic() - 1)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data import Dataset
-from ..errors import CalibrationMismatchError, TrojanGateError
+from ..errors import CalibrationMismatchError, DeadlineExceeded, TrojanGateError
 from .ensemble import MetaEnsemble
 from .meta import QueryMetaClassifier
 from .probes import StampProbeMeta
@@ -191,8 +191,11 @@ class ScanCalibration:
         return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
                 if name not in ("self", "cache_dir", "progress", "workers")}
 
-    def fit(self, heldout: Dataset) -> "ScanCalibration":
-        """Build the pool, train the meta-classifier on its fitting part, set the null and the threshold."""
+    def fit(self, heldout: Dataset, deadline: float | None = None) -> "ScanCalibration":
+        """Build the pool, train the meta-classifier on its fitting part, set the null and the threshold.
+
+        `deadline` (a time.monotonic() value) stops the work between shadows and between meta-classifiers
+        with DeadlineExceeded; what was trained is cached, so the same call resumes where it stopped."""
         if self.cache_dir is None:
             raise ValueError("ScanCalibration.fit needs a cache_dir for its shadow models")
         t0 = time.perf_counter()
@@ -205,7 +208,11 @@ class ScanCalibration:
         if not self.architectures or not set(self.architectures) <= set(ARCHITECTURES):
             raise ValueError(f"architectures must be names from {ARCHITECTURES}, not {self.architectures!r}")
         shadows, pool = build_pool(heldout, self.n_shadows, self.cache_dir, self.seed, self.families, self.attacks,
-                                   self.architectures, progress=self.progress, workers=self.workers)
+                                   self.architectures, progress=self.progress, workers=self.workers,
+                                   deadline=deadline)
+        if deadline is not None and pool["present"] < self.n_shadows:
+            raise DeadlineExceeded(f"the deadline passed with {pool['present']} of {self.n_shadows} shadow models "
+                                   f"trained and cached in {self.cache_dir}; run the calibration again to resume")
         t_pool = time.perf_counter() - t0
         fit, cal = _split(shadows, self.calibration_share, self.seed)
         models, labels, targets = [s.model for s in fit], [s.trojaned for s in fit], target_matrix(fit, n_classes)
@@ -215,6 +222,9 @@ class ScanCalibration:
                                                   "scale")}
         kind = QueryMetaClassifier if self.probes == "free" else StampProbeMeta
         for i in range(self.n_meta):
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"the deadline passed with {i} of {self.n_meta} meta-classifiers trained and "
+                                       f"cached in {self.cache_dir}; run the calibration again to resume")
             seed = self.seed + 1000 * i
             key = member_key(fit_keys, self.probes, settings, seed)
             member = load_member(self.cache_dir, key, kind, n_classes, self.hidden, self.scale)
