@@ -36,7 +36,13 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    import time
+
     import numpy as np
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout  # loading the data counts too
 
     from trojan_gate.gates.data import load_heldout
     from trojan_gate.gates.metascan import ScanCalibration, save_calibration
@@ -47,14 +53,10 @@ def run(args) -> int:
     n_classes = int(y.max()) + 1 if y.size and np.issubdtype(y.dtype, np.integer) else 0
     validate_heldout(heldout.x, heldout.y, tuple(heldout.x.shape[1:]), max(n_classes, 2),
                      min_per_class=args.min_per_class)
-    import time
-
     families = tuple(f for f in args.families.split(",") if f)
-    if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     cal = ScanCalibration(n_shadows=args.shadows, false_block_rate=args.false_block_rate, families=families,
-                          seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout, deadline=deadline)
+                          seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout,
+                                                                                                   deadline=deadline)
     save_calibration(cal, args.out)
     out = {"out": args.out, "threshold": cal.threshold_, "pool": cal.pool_, "power": cal.power_,
            "seconds": cal.seconds_}

@@ -232,9 +232,8 @@ def test_a_calibration_past_its_deadline_stops_with_exit_2_writes_nothing_and_na
     assert main(args + ["--timeout", "0"]) == 2 and not out.exists()  # refused: not a positive number
 
     torch.manual_seed(0)
-    pool = [Shadow({"arch": "small", "width": 8, "seed": i, "trojan": None}, build_model("small", (1, 8, 8), 10,
-                                                                                          width=8).eval(), 0.1, None, 0.0)
-            for i in range(8)]
+    pool = [Shadow({"arch": "small", "width": 8, "seed": i, "trojan": None},
+                   build_model("small", (1, 8, 8), 10, width=8).eval(), 0.1, None, 0.0) for i in range(8)]
     monkeypatch.setattr(calibration, "build_pool", lambda *a, **k: (pool, {"kept": 8, "present": 8}))
     cal = ScanCalibration(n_shadows=8, n_meta=2, epochs=1, cache_dir=cache, progress=False)
     with pytest.raises(DeadlineExceeded, match="0 of 2 meta-classifiers"):
