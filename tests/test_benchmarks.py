@@ -163,3 +163,23 @@ def test_the_detection_benchmark_refuses_lenet_in_the_shadow_pool_and_names_it(t
         with pytest.raises(ValueError, match="--architectures"):
             calibration_for(args, digits[1])
     assert not (tmp_path / "sh").exists() and not (tmp_path / "cal").exists()
+
+
+def test_the_detection_table_says_how_many_classes_a_flagged_trojan_has_flagged():
+    """'All targets among flagged' is met by flagging every class; the table puts the median number of classes
+    flagged per flagged trojan beside it (per seed, over the flagged trojaned models only)."""
+    from trojan_gate.pipelines.benchmarks.detection import summarise, tables
+
+    def row(model, targets, flagged, seed=0):
+        summary = {"name": model, "arch": "small", "family": "patch" if targets else "none", "recipe": "vendor",
+                   "targets": targets, "clean_accuracy": 0.9, "attack_success": 1.0 if targets else None}
+        return {"model": model, "decision": "calibrated", "seed": seed, "is_trojaned": bool(flagged), "score": 1.0,
+                "flagged": flagged, "seconds": 0.1, "summary": summary}
+
+    rows = [row("a", [3], list(range(10))), row("b", [3], [3]), row("c", [4], [2, 4, 6]), row("d", [5], []),
+            row("e", [], [])]
+    p = summarise(rows, "calibrated", [0])["per_seed"][0]
+    assert (p["flagged"], p["targets"], p["classes_flagged"]) == (3, 3, 3.0)
+    line = tables(rows, [0], ["calibrated"]).splitlines()[2]
+    assert line.startswith("| calibrated | all (small, 6-conv) | 0 |") and "| 3/4 (75%) | 3/4 (75%) | 3 |" in line
+    assert summarise([row("e", [], [])], "calibrated", [0])["per_seed"][0]["classes_flagged"] is None

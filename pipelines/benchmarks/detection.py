@@ -157,8 +157,10 @@ def summarise(rows: list, decision: str, seeds: list, select=lambda s: True) -> 
         tgt = [rs[m]["is_trojaned"] and set(rs[m]["summary"]["targets"]) <= set(rs[m]["flagged"])
                for m in trojan if m in rs]
         auc = roc_auc([rs[m]["score"] for m in benign if m in rs], [rs[m]["score"] for m in trojan if m in rs])
+        width = [len(rs[m]["flagged"]) for m in trojan if m in rs and rs[m]["is_trojaned"]]
         per_seed.append({"seed": seed, "false_blocks": int(sum(fb)), "benign": len(fb), "flagged": int(sum(hit)),
-                         "trojaned": len(hit), "targets": int(sum(tgt)), "auc": auc})
+                         "trojaned": len(hit), "targets": int(sum(tgt)), "auc": auc,
+                         "classes_flagged": float(np.median(width)) if width else None})
     stable = [len({(r["is_trojaned"], tuple(r["flagged"])) for r in by_model[m]}) == 1 for m in models]
     return {"per_seed": per_seed, "stable": int(sum(stable)), "models": len(models),
             "seconds_mean": float(np.mean([r["seconds"] for r in rows]))}
@@ -179,14 +181,18 @@ def tables(rows: list, seeds: list, decisions: list) -> str:
               ("unseen architecture (lenet)", lambda s: s["arch"] == "lenet"),
               ("unseen recipe (small, SGD step 256)", lambda s: not vendor(s))]
     lines = ["| decision | models | seed | ROC AUC | false blocks | trojaned flagged | all targets among flagged | "
-             "verdicts identical across seeds | s / scan |", "|---|---|---|---|---|---|---|---|---|"]
+             "classes flagged (median per flagged trojan) | verdicts identical across seeds | s / scan |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for decision in decisions:
         for label, select in groups:
             s = summarise(rows, decision, seeds, select)
             for p in s.get("per_seed", []):
+                width = "-" if p["classes_flagged"] is None else f"{p['classes_flagged']:g}"
                 lines.append(f"| {decision} | {label} | {p['seed']} | {p['auc']:.3f} | "
                              f"{_pct(p['false_blocks'], p['benign'])} | {_pct(p['flagged'], p['trojaned'])} | "
-                             f"{_pct(p['targets'], p['trojaned'])} | {_pct(s['stable'], s['models'])} | "
+                             f"{_pct(p['targets'], p['trojaned'])} | "
+                             f"{width} | "
+                             f"{_pct(s['stable'], s['models'])} | "
                              f"{s['seconds_mean']:.1f} |")
     lines += ["", "| model | arch | family | targets | clean acc | ASR | decision | seed | score | "
               "false-block prob. | flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
