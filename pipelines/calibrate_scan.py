@@ -25,6 +25,9 @@ def add_arguments(p):
     p.add_argument("--shadows", type=int, default=400, help="shadow models, half trojaned (default 400)")
     p.add_argument("--false-block-rate", type=float, default=0.05, help="benign models flagged at most (default 0.05)")
     p.add_argument("--families", default=",".join(FAMILIES), help="trigger families of the trojaned shadows")
+    p.add_argument("--margin-shadows", type=int, default=60,
+                   help="benign shadows whose reachable margins name a flagged model's targets (default 60; 0: the "
+                        "meta-classifier's class p-values do)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(default_cache_dir() / "shadows"), help="shadow-model cache (resumable)")
     p.add_argument("--min-per-class", type=int, default=20, help="held-out images each class needs (default 20)")
@@ -55,7 +58,7 @@ def run(args) -> int:
                      min_per_class=args.min_per_class)
     families = tuple(f for f in args.families.split(",") if f)
     cal = ScanCalibration(n_shadows=args.shadows, false_block_rate=args.false_block_rate, families=families,
-                          seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout,
+                          margin_shadows=args.margin_shadows, seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout,
                                                                                                    deadline=deadline)
     save_calibration(cal, args.out)
     out = {"out": args.out, "threshold": cal.threshold_, "pool": cal.pool_, "power": cal.power_,

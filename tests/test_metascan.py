@@ -188,7 +188,7 @@ def test_a_stopped_calibration_resumes_after_its_last_trained_meta_classifier(di
             for i in range(24)]
     monkeypatch.setattr(calibration, "build_pool", lambda *a, **k: (pool, {"kept": len(pool)}))
     settings = dict(n_shadows=24, calibration_share=0.5, false_block_rate=0.2, epochs=2, n_queries=2, n_images=10,
-                    n_meta=2, cache_dir=tmp_path, progress=False)
+                    n_meta=2, margin_shadows=0, cache_dir=tmp_path, progress=False)
     first = ScanCalibration(**settings).fit(test)
     assert len(list((tmp_path / "meta").glob("*.npz"))) == 2
 

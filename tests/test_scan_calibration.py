@@ -19,8 +19,8 @@ def digits_calibration(digits, tmp_path_factory):
     """A small calibration on the digits test split (the gate tests' held-out data): 48 shadows."""
     _, test = digits
     out = tmp_path_factory.mktemp("calibration")
-    cal = ScanCalibration(n_shadows=48, calibration_share=0.5, false_block_rate=0.1, epochs=20, n_queries=4,
-                          n_images=10, cache_dir=tmp_path_factory.mktemp("shadows"), progress=False).fit(test)
+    cal = ScanCalibration(n_shadows=48, calibration_share=0.5, false_block_rate=0.1, class_alpha=0.1, epochs=20,
+                          n_queries=4, n_images=10, margin_steps=60, cache_dir=tmp_path_factory.mktemp("shadows"), progress=False).fit(test)
     save_calibration(cal, out)
     return out
 
@@ -142,3 +142,21 @@ def test_scan_cli_decides_with_a_calibration_and_reports_the_paper_beside(tmp_pa
     np.savez_compressed(other, x=test.x[:-10], y=test.y[:-10])
     assert main(["scan", str(model), "--heldout", str(other), "--calibration", str(digits_calibration),
                  "--report", str(tmp_path / "r2.json")]) == 2  # refused by name, exit 2
+
+
+def test_the_margin_target_rule_points_at_the_planted_target_of_a_known_trojan(digits_calibration, digits,
+                                                                                 digits_trojan, digits_benign):
+    """The digits patch trojan (target 3): its reachable margin for 3 is the most unusual against benign shadows."""
+    cal = load_calibration(digits_calibration)
+    assert cal.margin_null_ is not None and cal.margin_mean_.shape == (10,)
+    assert len(cal.margin_null_) == cal.pool_["calibration_benign"]
+    z = {}
+    for name, model in (("benign", digits_benign), ("trojan", digits_trojan)):
+        oracle = ModelOracle(model.onnx_bytes)
+        probe = cal.margin_probe()
+        z[name] = cal.margin_z(probe.measure(oracle.predict_proba, oracle.input_shape, oracle.n_classes))
+        assert oracle.queries == probe.queries(10)
+    assert int(np.argmax(z["trojan"])) == 3
+    assert z["trojan"][3] > z["benign"].max() + 1.0
+    is_trojaned, flagged, _, _ = cal._decide(cal.threshold_ + 1.0, np.zeros(10), z["trojan"])
+    assert is_trojaned and 3 in flagged

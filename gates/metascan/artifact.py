@@ -1,7 +1,7 @@
 """A scan calibration on disk: `calibration.json` + `meta.npz`, written and verified.
 
 `meta.npz` holds every learned array (the queries, the meta-classifier's weights, the benign
-null scores), saved and read without pickles. `calibration.json` holds the task it belongs to
+null scores, the target rule's margin null when there is one), saved and read without pickles. `calibration.json` holds the task it belongs to
 (input shape, classes, held-out sha256), the decision's settings and threshold, the pool's
 summary and measured power, versions, the sha256 of `meta.npz` and its own content sha256, so
 an edited threshold or a swapped array is refused by name. `calibration_sha256(dir)` pins the
@@ -36,6 +36,10 @@ def save_calibration(calibration, directory) -> Path:
     arrays = {f"meta.{k}": np.asarray(v, np.float32) for k, v in calibration.meta_.state().items()}
     arrays["null"] = np.asarray(calibration.null_, np.float64)
     arrays["class_null"] = np.asarray(calibration.class_null_, np.float64)
+    if getattr(calibration, "margin_null_", None) is not None:  # the target rule's margins (see `margins`)
+        arrays["margin_mean"] = np.asarray(calibration.margin_mean_, np.float64)
+        arrays["margin_sd"] = np.asarray(calibration.margin_sd_, np.float64)
+        arrays["margin_null"] = np.asarray(calibration.margin_null_, np.float64)
     tmp = directory / (ARRAYS_FILE + ".part.npz")
     np.savez(tmp, **arrays)
     tmp.replace(directory / ARRAYS_FILE)
@@ -43,6 +47,8 @@ def save_calibration(calibration, directory) -> Path:
            "task": calibration.task_, "params": calibration.get_params(), "threshold": calibration.threshold_,
            "pool": calibration.pool_, "power": calibration.power_, "seconds": calibration.seconds_,
            "arrays_sha256": sha256_file(directory / ARRAYS_FILE)}
+    if getattr(calibration, "margin_null_", None) is not None:
+        doc["margin_threshold"] = float(calibration.margin_threshold_)
     doc["params"]["families"] = list(doc["params"]["families"])
     doc["params"]["attacks"] = list(doc["params"]["attacks"])
     doc["params"]["architectures"] = list(doc["params"]["architectures"])
@@ -84,6 +90,12 @@ def load_calibration(directory, expected_sha256: str | None = None):
         meta = MetaEnsemble.from_state({n[5:]: v for n, v in arrays.items() if n.startswith("meta.")}, kind,
                                        int(params["n_meta"]), k, int(params["hidden"]), float(params["scale"]))
         null, class_null = arrays["null"], arrays["class_null"]
+        has_margins = "margin_null" in arrays
+        if has_margins != ("margin_threshold" in doc):
+            raise ValueError("the margin arrays and the margin threshold must come together")
+        if has_margins and not (arrays["margin_mean"].shape == arrays["margin_sd"].shape == (k,)
+                                and arrays["margin_null"].ndim == 1 and (arrays["margin_sd"] > 0).all()):
+            raise ValueError("the margin null's shapes do not match the task")
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise ArtifactIntegrityError(f"scan calibration in {directory} is incomplete or malformed: {e}") from e
     if tuple(meta.queries_.shape[1:]) != tuple(task["input_shape"]) or class_null.shape != (len(null), k):
@@ -92,4 +104,10 @@ def load_calibration(directory, expected_sha256: str | None = None):
     cal.meta_, cal.null_, cal.class_null_ = meta, np.sort(null), class_null
     cal.threshold_, cal.task_, cal.pool_, cal.power_ = float(doc["threshold"]), task, doc["pool"], doc["power"]
     cal.seconds_, cal.sha256_, cal.document_ = doc.get("seconds", {}), actual, doc
+    cal.margin_mean_ = cal.margin_sd_ = cal.margin_null_ = cal.margin_threshold_ = None
+    if has_margins:
+        cal.margin_mean_, cal.margin_sd_ = arrays["margin_mean"], arrays["margin_sd"]
+        cal.margin_null_, cal.margin_threshold_ = np.sort(arrays["margin_null"]), float(doc["margin_threshold"])
+    elif "margin_shadows" not in params:
+        cal.margin_shadows = 0  # saved before the margin target rule: the class p-values name the targets
     return cal

@@ -11,10 +11,14 @@ is how often a benign model of this task scores as high (split-conformal p-value
 benign model exchangeable with the shadows). The model is flagged when p(s) <= alpha, the
 stated false-block rate (default 5%); equivalently when s exceeds `threshold_`, the
 (j + 1)-th largest benign score with j = floor(alpha (n + 1) - 1). Per class t the target
-score s_t has its own null (the same benign shadows' s_t) and p-value p_t; a flagged model's
-target classes are those with p_t <= `class_alpha`, and at least the class with the smallest
-p_t. The trojaned calibration shadows give the measured power (share flagged, share whose
-targets are all among the flagged) reported with the calibration.
+score s_t has its own null (the same benign shadows' s_t) and p-value p_t. A flagged model's
+target classes come from its reachable margins (see `margins`): z_k against `margin_shadows`
+benign fitting shadows, a class is a target when z_k exceeds the (1 - class_alpha) conformal
+threshold of max_k z_k over the benign calibration shadows, and the class with the largest z_k
+always is. Without margins (`margin_shadows=0`, or a calibration saved before them) the targets
+are the classes with p_t <= `class_alpha`, and at least the class with the smallest p_t. The
+trojaned calibration shadows give the measured power (share flagged, share whose targets are
+all among the flagged) reported with the calibration.
 
 The fitted calibration is matched to a model by input shape, number of classes and the
 held-out set's sha256 (`check_task`); each trained meta-classifier is cached beside the shadows (`member_cache`), so a
@@ -34,6 +38,7 @@ from ..errors import CalibrationMismatchError, DeadlineExceeded, TrojanGateError
 from .ensemble import MetaEnsemble
 from .meta import QueryMetaClassifier
 from .probes import StampProbeMeta
+from .margins import ReachableMargins, cached_margins, relative
 from .member_cache import load_member, member_key, save_member
 from .shadows import SHADOW_ARCHITECTURES, build_pool, heldout_sha256, shadow_key, split_heldout
 from .triggers import ATTACKS, FAMILIES
@@ -152,6 +157,11 @@ class ScanCalibration:
     hidden, epochs, lr, target_weight, scale : meta-classifier settings (see `probes` and `meta`).
     n_meta : int
         Meta-classifiers trained with their own seeds and probe images, scores averaged (see `ensemble`).
+    margin_shadows : int
+        Benign fitting shadows whose reachable margins give the target rule's per-class null (0: the
+        meta-classifier's class p-values name the targets).
+    margin_steps : int
+        NES steps of the margin search (see `margins`).
     seed : int
         Seed of the pool, the split and the meta-classifier.
     cache_dir : path
@@ -162,7 +172,8 @@ class ScanCalibration:
                  calibration_share: float = 0.3, families=FAMILIES, attacks=ATTACKS,
                  architectures=SHADOW_ARCHITECTURES, probes: str = "stamp", n_queries: int = 8, n_images: int = 20,
                  hidden: int = 32, epochs: int = 60, lr: float = 1e-2, target_weight: float = 1.0, scale: float = 3.0,
-                 n_meta: int = 3, seed: int = 0, cache_dir=None, progress: bool = True, workers: int | None = None):
+                 n_meta: int = 3, margin_shadows: int = 60, margin_steps: int = 150, seed: int = 0, cache_dir=None,
+                 progress: bool = True, workers: int | None = None):
         self.n_shadows = n_shadows
         self.false_block_rate = false_block_rate
         self.class_alpha = class_alpha
@@ -179,6 +190,8 @@ class ScanCalibration:
         self.target_weight = target_weight
         self.scale = scale
         self.n_meta = n_meta
+        self.margin_shadows = margin_shadows
+        self.margin_steps = margin_steps
         self.seed = seed
         self.cache_dir = cache_dir
         self.progress = progress
@@ -248,31 +261,76 @@ class ScanCalibration:
         self.null_ = np.sort(scores[benign])
         self.class_null_ = class_scores[benign]
         self.threshold_ = conformal_threshold(self.null_, self.false_block_rate)
+        self._fit_margins(fit, cal, scores, data_sha, in_shape, n_classes, deadline)
         self.task_ = {"input_shape": list(in_shape), "n_classes": n_classes, "heldout_sha256": heldout_sha256(heldout),
                       "heldout_images": int(len(heldout))}
         self.pool_ = {**pool, "fitting": len(fit), "calibration": len(cal), "calibration_benign": int(benign.sum())}
-        trojaned = [(s, scores[i], class_scores[i]) for i, s in enumerate(cal) if s.trojaned]
+        trojaned = [(s, scores[i], class_scores[i], self._shadow_z(s, scores[i], data_sha, in_shape, n_classes))
+                    for i, s in enumerate(cal) if s.trojaned]
         self.power_ = self._power(trojaned)
         self.seconds_ = {"pool": round(t_pool, 1), "total": round(time.perf_counter() - t0, 1)}
         return self
 
+    def margin_probe(self) -> ReachableMargins:
+        """The margin search this calibration uses (seeded by the calibration: no draw at scan time)."""
+        return ReachableMargins(steps=self.margin_steps, seed=self.seed)
+
+    def margin_z(self, r: np.ndarray) -> np.ndarray:
+        """z_k = (rho_k - mu_k) / s_k for reachable margins r (see `margins`)."""
+        return (relative(r) - self.margin_mean_) / self.margin_sd_
+
+    def _fit_margins(self, fit: list, cal: list, scores, data_sha: str, in_shape, n_classes: int, deadline) -> None:
+        """Per-class null of the benign fitting shadows' margins; threshold from the benign calibration shadows."""
+        self.margin_mean_ = self.margin_sd_ = self.margin_null_ = self.margin_threshold_ = None
+        if self.margin_shadows <= 0:
+            return
+        fit_benign = [s for s in fit if not s.trojaned][:self.margin_shadows]
+        cal_benign = [s for s in cal if not s.trojaned]
+        need = math.ceil(1 / self.class_alpha - 1 - 1e-9)
+        if len(fit_benign) < 2 or len(cal_benign) < need:
+            raise TrojanGateError(f"{len(fit_benign)} benign fitting and {len(cal_benign)} benign calibration shadows "
+                                  f"cannot give the margin target rule a null at class_alpha {self.class_alpha:g} (at "
+                                  f"least 2 and {need} are needed): train more shadows, raise class_alpha or set "
+                                  "margin_shadows=0")
+        rho = relative(np.array([self._margins(s, data_sha, in_shape, n_classes, deadline) for s in fit_benign]))
+        self.margin_mean_, self.margin_sd_ = rho.mean(axis=0), rho.std(axis=0, ddof=1) + 1e-6
+        z = np.array([self.margin_z(self._margins(s, data_sha, in_shape, n_classes, deadline)) for s in cal_benign])
+        self.margin_null_ = np.sort(z.max(axis=1))
+        self.margin_threshold_ = conformal_threshold(self.margin_null_, self.class_alpha)
+
+    def _margins(self, shadow, data_sha: str, in_shape, n_classes: int, deadline) -> np.ndarray:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"the deadline passed while measuring the shadows' margins (cached in "
+                                   f"{self.cache_dir}); run the calibration again to resume")
+        return cached_margins(self.cache_dir, shadow_key(shadow.spec, data_sha), self.margin_probe(), shadow.model,
+                              in_shape, n_classes)
+
+    def _shadow_z(self, shadow, score: float, data_sha: str, in_shape, n_classes: int):
+        """A trojaned calibration shadow's margin z, measured only where the decision flags it (the power's targets)."""
+        if self.margin_null_ is None or not score > self.threshold_:
+            return None
+        return self.margin_z(self._margins(shadow, data_sha, in_shape, n_classes, None))
+
     def _power(self, trojaned: list) -> dict:
         """Share of the trojaned calibration shadows flagged, and whose targets are all among the flagged."""
-        flagged = [self._decide(s, cs) for _, s, cs in trojaned]
-        hit = [f[0] and set(sh.targets) <= set(f[1]) for (sh, _, _), f in zip(trojaned, flagged)]
+        flagged = [self._decide(s, cs, z) for _, s, cs, z in trojaned]
+        hit = [f[0] and set(sh.targets) <= set(f[1]) for (sh, _, _, _), f in zip(trojaned, flagged)]
         by_family = {}
-        for (sh, _, _), f in zip(trojaned, flagged):
+        for (sh, _, _, _), f in zip(trojaned, flagged):
             by_family.setdefault(sh.family, []).append(f[0])
         return {"n": len(trojaned), "flagged": round(float(np.mean([f[0] for f in flagged])), 4) if flagged else None,
                 "targets_among_flagged": round(float(np.mean(hit)), 4) if hit else None,
                 "flagged_by_family": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_family.items())}}
 
-    def _decide(self, score: float, class_scores: np.ndarray) -> tuple[bool, list, float, np.ndarray]:
+    def _decide(self, score: float, class_scores: np.ndarray, margin_z=None) -> tuple[bool, list, float, np.ndarray]:
         p = float(conformal_p_value(self.null_, score))
         p_t = np.array([conformal_p_value(self.class_null_[:, t], class_scores[t]) for t in range(len(class_scores))])
         is_trojaned = bool(score > self.threshold_)
         flagged = []
-        if is_trojaned:
+        if is_trojaned and margin_z is not None:
+            flagged = sorted({int(np.argmax(margin_z))} | {int(t) for t in np.flatnonzero(
+                margin_z > self.margin_threshold_)})
+        elif is_trojaned:
             z = (class_scores - np.median(self.class_null_, 0)) / (self.class_null_.std(0) + 1e-9)
             best = int(np.lexsort((-z, p_t))[0])
             flagged = sorted({best} | {int(t) for t in np.flatnonzero(p_t <= self.class_alpha)})
@@ -299,8 +357,17 @@ class ScanCalibration:
         with oracle.phase("calibrated"):
             answers = oracle.predict_proba(self.meta_.queries_)
         score, class_scores = self.meta_.score_answers(answers[None])
-        is_trojaned, flagged, p, p_t = self._decide(float(score[0]), class_scores[0])
+        extra = {"benign_null": [round(float(v), 4) for v in self.null_]}
+        z = None
+        if score[0] > self.threshold_ and getattr(self, "margin_null_", None) is not None:
+            with oracle.phase("margins"):  # the target rule: only where the decision flags
+                r = self.margin_probe().measure(oracle.predict_proba, oracle.input_shape, oracle.n_classes)
+            z = self.margin_z(r)
+            extra.update(margin_z=[round(float(v), 4) for v in z], margins=[round(float(v), 4) for v in r],
+                         margin_threshold=round(float(self.margin_threshold_), 6),
+                         margin_p_value=round(float(conformal_p_value(self.margin_null_, z.max())), 6))
+        is_trojaned, flagged, p, p_t = self._decide(float(score[0]), class_scores[0], z)
+        extra["target_rule"] = "margins" if z is not None else "class p-values"
         return CalibratedVerdict(is_trojaned, float(score[0]), self.threshold_, p, flagged, class_scores[0].tolist(),
                                  p_t.tolist(), oracle.queries - q0, time.perf_counter() - t0,
-                                 getattr(self, "sha256_", None), extra={"benign_null": [round(float(v), 4)
-                                                                                        for v in self.null_]})
+                                 getattr(self, "sha256_", None), extra=extra)

@@ -126,7 +126,8 @@ def evaluate(args) -> list:
                     if decision == "calibrated":
                         v = cal.decide(oracle, heldout)
                         res = {"is_trojaned": v.is_trojaned, "score": v.instance_score, "flagged": v.flagged_classes,
-                               "false_block_probability": v.false_block_probability, "queries": v.queries}
+                               "false_block_probability": v.false_block_probability, "queries": v.queries,
+                               **{k: v.extra[k] for k in ("target_rule", "margin_z") if k in v.extra}}
                     else:
                         r = DeepInspect(seed=seed, progress=False).scan(oracle, heldout=paper_heldout)
                         res = {"is_trojaned": r.is_trojaned, "score": r.instance_score, "flagged": r.flagged_classes,
@@ -206,6 +207,13 @@ def tables(rows: list, seeds: list, decisions: list) -> str:
     return "\n".join(lines)
 
 
+def _target_rule(cal) -> str:
+    if getattr(cal, "margin_null_", None) is None:
+        return "the meta-classifier's class p-values"
+    return (f"reachable margins against {cal.margin_shadows} benign shadows (class threshold "
+            f"{cal.margin_threshold_:.2f})")
+
+
 def run(args) -> int:
     if args.threads:
         import torch
@@ -224,7 +232,8 @@ def run(args) -> int:
             f"{', '.join(cal.pool_['families'])}; architectures "
             f"{', '.join(cal.pool_.get('architectures', ['small', 'deep']))}), "
             f"threshold {cal.threshold_:.3f} at false-block rate "
-            f"{cal.false_block_rate:g}; power on the trojaned calibration shadows {cal.power_}. The calibrated "
+            f"{cal.false_block_rate:g}; power on the trojaned calibration shadows {cal.power_}. A flagged model's "
+            f"targets are named by {_target_rule(cal)}. The calibrated "
             "decision has no random draw at scan time: its rows repeat across scan seeds by construction.", "", ""]
     text = "\n".join(head) + tables(rows, seeds, decisions) + "\n"
     print(text)
