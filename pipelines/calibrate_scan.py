@@ -58,8 +58,8 @@ def run(args) -> int:
                      min_per_class=args.min_per_class)
     families = tuple(f for f in args.families.split(",") if f)
     cal = ScanCalibration(n_shadows=args.shadows, false_block_rate=args.false_block_rate, families=families,
-                          margin_shadows=args.margin_shadows, seed=args.seed, cache_dir=args.cache, progress=not args.no_progress).fit(heldout,
-                                                                                                   deadline=deadline)
+                          margin_shadows=args.margin_shadows, seed=args.seed, cache_dir=args.cache,
+                          progress=not args.no_progress).fit(heldout, deadline=deadline)
     save_calibration(cal, args.out)
     out = {"out": args.out, "threshold": cal.threshold_, "pool": cal.pool_, "power": cal.power_,
            "seconds": cal.seconds_}

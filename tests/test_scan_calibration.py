@@ -20,7 +20,8 @@ def digits_calibration(digits, tmp_path_factory):
     _, test = digits
     out = tmp_path_factory.mktemp("calibration")
     cal = ScanCalibration(n_shadows=48, calibration_share=0.5, false_block_rate=0.1, class_alpha=0.1, epochs=20,
-                          n_queries=4, n_images=10, margin_steps=60, cache_dir=tmp_path_factory.mktemp("shadows"), progress=False).fit(test)
+                          n_queries=4, n_images=10, margin_steps=60, cache_dir=tmp_path_factory.mktemp("shadows"),
+                          progress=False).fit(test)
     save_calibration(cal, out)
     return out
 

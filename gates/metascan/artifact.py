@@ -1,8 +1,8 @@
 """A scan calibration on disk: `calibration.json` + `meta.npz`, written and verified.
 
 `meta.npz` holds every learned array (the queries, the meta-classifier's weights, the benign
-null scores, the target rule's margin null when there is one), saved and read without pickles. `calibration.json` holds the task it belongs to
-(input shape, classes, held-out sha256), the decision's settings and threshold, the pool's
+null scores, the target rule's margin null when there is one), saved and read without pickles.
+`calibration.json` holds the task it belongs to (input shape, classes, held-out sha256), the decision's settings and threshold, the pool's
 summary and measured power, versions, the sha256 of `meta.npz` and its own content sha256, so
 an edited threshold or a swapped array is refused by name. `calibration_sha256(dir)` pins the
 whole directory (both files): it is the calibration's identity in reports and registry tags.
