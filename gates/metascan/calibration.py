@@ -292,9 +292,17 @@ class ScanCalibration:
                                   f"cannot give the margin target rule a null at class_alpha {self.class_alpha:g} (at "
                                   f"least 2 and {need} are needed): train more shadows, raise class_alpha or set "
                                   "margin_shadows=0")
-        rho = relative(np.array([self._margins(s, data_sha, in_shape, n_classes, deadline) for s in fit_benign]))
-        self.margin_mean_, self.margin_sd_ = rho.mean(axis=0), rho.std(axis=0, ddof=1) + 1e-6
-        z = np.array([self.margin_z(self._margins(s, data_sha, in_shape, n_classes, deadline)) for s in cal_benign])
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(fit_benign) + len(cal_benign), desc="shadow margins", disable=not self.progress) as bar:
+            def measured(s):
+                r = self._margins(s, data_sha, in_shape, n_classes, deadline)
+                bar.update(1)
+                return r
+
+            rho = relative(np.array([measured(s) for s in fit_benign]))
+            self.margin_mean_, self.margin_sd_ = rho.mean(axis=0), rho.std(axis=0, ddof=1) + 1e-6
+            z = np.array([self.margin_z(measured(s)) for s in cal_benign])
         self.margin_null_ = np.sort(z.max(axis=1))
         self.margin_threshold_ = conformal_threshold(self.margin_null_, self.class_alpha)
 
